@@ -1,0 +1,10 @@
+"""fipjax: continual learning along functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334)."""
+
+from fipjax import geometry, linalg, paths, tree
+from fipjax.geometry import (DISTANCES, Metric, bhattacharyya, euclidean, fisher_rao, functional_distance,
+                             kl_divergence, matrix_metric, path_length, pullback_metric, quadratic_distance,
+                             squared_euclidean)
+from fipjax.linalg import cg, lanczos_eigh
+from fipjax.paths import PathRecord, fip_penalty, geodesic_step, reference_outputs
+
+__version__ = "0.1.0"

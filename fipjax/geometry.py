@@ -1,0 +1,319 @@
+"""Pull-back metrics on weight space, functional distances, and path lengths.
+
+A network is any pure ``f(params, inputs) -> outputs`` with outputs ``[N, ...]`` (one row per input). An output
+metric ``M`` acts on output tangents; pulled back through ``f`` on reference inputs ``x_1..x_N`` it gives the
+weight-space metric ``G(θ) = Σ_n w_n J_nᵀ M_n J_n / Σ_n w_n`` with ``J_n = ∂f(θ, x_n)/∂θ``. Products with ``G`` use
+``jax.linearize`` and ``jax.linear_transpose``: J is never formed, except by :meth:`Metric.dense` for small models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fipjax import linalg
+from fipjax import tree as tu
+
+PyTree = Any
+Apply = Callable[[PyTree, PyTree], jax.Array]
+OutputMetric = Callable[[jax.Array, jax.Array], jax.Array]
+"""``(outputs z [B, K...], tangent u [B, K...]) -> M(z) u [B, K...]``: a metric on output space, per row."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output-space metrics.
+
+
+def euclidean(z: jax.Array, u: jax.Array) -> jax.Array:
+  """M = I: the squared-Euclidean distance between outputs."""
+  del z
+  return u
+
+
+def fisher_rao(z: jax.Array, u: jax.Array) -> jax.Array:
+  """Fisher–Rao metric of ``softmax(z)`` in logit coordinates: ``M = diag(p) − p pᵀ`` over the last axis.
+
+  It is the Hessian of cross-entropy in the logits, so the pull-back is the Gauss–Newton matrix (= the Fisher).
+  """
+  p = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1).astype(u.dtype)
+  pu = p * u
+  return pu - p * jnp.sum(pu, axis=-1, keepdims=True)
+
+
+def matrix_metric(metric_matrix: Callable[[jax.Array], jax.Array]) -> OutputMetric:
+  """An output metric from ``z [K] -> M(z) [K, K]`` (a user's own metric); rows of z are independent."""
+
+  def apply(z, u):
+    flat_z, flat_u = z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1])
+    mu = jax.vmap(lambda zi, ui: metric_matrix(zi) @ ui)(flat_z, flat_u)
+    return mu.reshape(u.shape)
+
+  return apply
+
+
+OUTPUT_METRICS: dict[str, OutputMetric] = {"euclidean": euclidean, "fisher_rao": fisher_rao}
+
+
+def get_output_metric(metric: str | OutputMetric) -> OutputMetric:
+  if callable(metric):
+    return metric
+  if metric not in OUTPUT_METRICS:
+    raise ValueError(f"unknown output metric {metric!r}; choose one of {sorted(OUTPUT_METRICS)} or pass a "
+                     "function (outputs, tangent) -> metric·tangent")
+  return OUTPUT_METRICS[metric]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The metric value: a matrix-free symmetric PSD operator on a parameter pytree space.
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """A symmetric positive semi-definite operator on pytrees shaped like ``like``.
+
+  Metrics compose: ``g1 + g2`` (several old tasks), ``c * g`` (scaling), ``g.damped(λ)`` (``+ λI``),
+  ``g.restrict(mask)`` (a parameter subset; the result acts on the selected leaves only). Every method is pure
+  and jit-able; build metrics inside the jitted function that uses them.
+
+  Attributes:
+    matvec: v ↦ G v, pytree to pytree.
+    like: a pytree of arrays (or ``jax.ShapeDtypeStruct``) that fixes the space's structure, shapes and dtypes.
+  """
+
+  matvec: Callable[[PyTree], PyTree]
+  like: PyTree
+
+  def __call__(self, v: PyTree) -> PyTree:
+    return self.matvec(v)
+
+  def inner(self, u: PyTree, v: PyTree) -> jax.Array:
+    """⟨u, G v⟩."""
+    return tu.tree_vdot(u, self.matvec(v))
+
+  def quad(self, v: PyTree) -> jax.Array:
+    """The quadratic form ``vᵀ G v``: to second order, the functional change caused by a step v."""
+    return self.inner(v, v)
+
+  def __add__(self, other: "Metric") -> "Metric":
+    tu.check_same_structure(self.like, other.like, "adding metrics")
+    return Metric(lambda v: tu.tree_add(self.matvec(v), other.matvec(v)), self.like)
+
+  def __mul__(self, c) -> "Metric":
+    return Metric(lambda v: tu.tree_scale(c, self.matvec(v)), self.like)
+
+  __rmul__ = __mul__
+
+  def damped(self, damping) -> "Metric":
+    """G + λI."""
+    return Metric(lambda v: tu.tree_axpy(damping, v, self.matvec(v)), self.like)
+
+  def restrict(self, mask: PyTree) -> "Metric":
+    """The metric on the parameters where the boolean pytree ``mask`` is True (others frozen at zero change).
+
+    Vectors of the restricted metric are ``tree.select(v, mask)``: masked-out leaves are ``optax.MaskedNode``.
+    """
+    tu.check_same_structure(self.like, mask, "restricting a metric (mask vs parameters)")
+    if not any(bool(m) for m in jax.tree.leaves(mask)):
+      raise ValueError("restricting a metric to an empty mask: no parameter is selected")
+    like = self.like
+    return Metric(lambda s: tu.select(self.matvec(tu.embed(s, mask, like)), mask), tu.select(like, mask))
+
+  @property
+  def dim(self) -> int:
+    return tu.tree_size(self.like)
+
+  @property
+  def dtype(self):
+    return jnp.result_type(*jax.tree.leaves(self.like))
+
+  def flat_matvec(self) -> Callable[[jax.Array], jax.Array]:
+    """The same operator on flat vectors of length :attr:`dim` (leaf order of ``like``)."""
+    like = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.like)
+    ravel, unravel = tu.ravel_fn(like)
+    return lambda v: ravel(self.matvec(unravel(v)))
+
+  def dense(self) -> jax.Array:
+    """The dense ``[dim, dim]`` matrix (small models and tests only)."""
+    return jax.vmap(self.flat_matvec())(jnp.eye(self.dim, dtype=self.dtype)).T
+
+  def trace(self, key: jax.Array, num_samples: int = 64) -> jax.Array:
+    """Hutchinson estimate ``E_z[zᵀ G z]`` with Rademacher z; samples run sequentially to bound memory."""
+    mv = self.flat_matvec()
+    signs = jax.random.rademacher(key, (num_samples, self.dim), dtype=self.dtype)
+    return jnp.mean(jax.lax.map(lambda z: jnp.vdot(z, mv(z)), signs))
+
+  def eigh(self, k: int, *, which: str = "largest", num_iters: int | None = None,
+           key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+    """k extreme eigenpairs by matrix-free Lanczos with full re-orthogonalisation.
+
+    The smallest eigenvalues' eigenvectors span the functionally invariant directions.
+
+    Returns:
+      (eigenvalues [k], eigenvectors: a pytree like ``like`` whose leaves have a leading axis k).
+    """
+    evals, evecs = linalg.lanczos_eigh(self.flat_matvec(), self.dim, k, which=which, num_iters=num_iters,
+                                       key=key, dtype=self.dtype)
+    _, unravel = tu.ravel_fn(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.like))
+    return evals, jax.vmap(unravel)(evecs)
+
+
+def _num_rows(inputs: PyTree) -> int:
+  sizes = {x.shape[0] for x in jax.tree.leaves(inputs)}
+  if len(sizes) != 1:
+    raise ValueError(f"reference inputs must share one leading (batch) axis; got leading sizes {sorted(sizes)}")
+  return sizes.pop()
+
+
+def _weighted(u: jax.Array, w: jax.Array) -> jax.Array:
+  return u * w.reshape(w.shape + (1,) * (u.ndim - 1)).astype(u.dtype)
+
+
+def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str | OutputMetric = "euclidean",
+                    *, weights: jax.Array | None = None, chunk_size: int | None = None) -> Metric:
+  """``G(θ) = Σ_n w_n J_nᵀ M(f(θ, x_n)) J_n / Σ_n w_n``, matrix-free.
+
+  Args:
+    f: ``f(params, inputs) -> outputs [N, ...]``, pure.
+    params: θ, the point where the metric is taken.
+    inputs: reference inputs, a pytree with leading axis N.
+    output_metric: 'euclidean', 'fisher_rao' or a function ``(z, u) -> M(z) u``.
+    weights: optional ``[N]`` non-negative weights (default: uniform).
+    chunk_size: None linearises all N inputs once (fast repeated products, memory ∝ N). An int processes
+      micro-batches of that size in a ``lax.scan`` inside every product (memory ∝ chunk_size, one primal pass per
+      product); N is padded with zero-weight rows to a multiple.
+  """
+  m = get_output_metric(output_metric)
+  n = _num_rows(inputs)
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
+  total = jnp.sum(w)
+
+  def chunk_product(x, wx, v):
+    z, lin = jax.linearize(lambda p: f(p, x), params)
+    (gv,) = jax.linear_transpose(lin, params)(_weighted(m(z, lin(v)), wx))
+    return gv
+
+  if chunk_size is None or chunk_size >= n:
+    z, lin = jax.linearize(lambda p: f(p, inputs), params)
+    transpose = jax.linear_transpose(lin, params)
+
+    def matvec(v):
+      (gv,) = transpose(_weighted(m(z, lin(v)), w))
+      return tu.tree_scale(1.0 / total, gv)
+
+    return Metric(matvec, params)
+
+  n_chunks = -(-n // chunk_size)
+  pad = n_chunks * chunk_size - n
+  pad_rows = lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+  chunks = jax.tree.map(lambda x: pad_rows(x).reshape((n_chunks, chunk_size) + x.shape[1:]), inputs)
+  w_chunks = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)]).reshape(n_chunks, chunk_size)
+
+  def matvec(v):
+    def step(acc, xw):
+      return tu.tree_add(acc, chunk_product(xw[0], xw[1], v)), None
+
+    acc, _ = jax.lax.scan(step, tu.tree_zeros_like(params), (chunks, w_chunks))
+    return tu.tree_scale(1.0 / total, acc)
+
+  return Metric(matvec, params)
+
+
+def jacobian_metric_dense(f: Apply, params: PyTree, inputs: PyTree,
+                          output_metric: str | OutputMetric = "euclidean") -> jax.Array:
+  """Reference ``(1/N) Σ Jᵀ M J`` from a materialised ``jax.jacfwd`` Jacobian — for tests on small models only."""
+  m = get_output_metric(output_metric)
+  ravel, unravel = tu.ravel_fn(params)
+  flat = ravel(params)
+  z = f(params, inputs)
+  jac = jax.jacfwd(lambda p: f(unravel(p), inputs))(flat)      # [N, K..., P]
+  n, p_dim = z.shape[0], flat.shape[0]
+  jac = jac.reshape(n, -1, p_dim)                                # [N, K, P]
+  mj = jax.vmap(lambda col: m(z, col.reshape(z.shape)).reshape(n, -1), in_axes=2, out_axes=2)(jac)
+  return jnp.einsum("nkp,nkq->pq", jac, mj) / n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distances between outputs, their second-order forms, and path lengths.
+
+
+def squared_euclidean(z: jax.Array, z_ref: jax.Array) -> jax.Array:
+  """‖z − z_ref‖² per row, ``[B, K] -> [B]``."""
+  d = (z - z_ref).reshape(z.shape[0], -1)
+  return jnp.sum(d * d, axis=-1)
+
+
+def kl_divergence(z: jax.Array, z_ref: jax.Array) -> jax.Array:
+  """KL(softmax(z_ref) ‖ softmax(z)) per row, ``[B, K] -> [B]``."""
+  log_p_ref = jax.nn.log_softmax(z_ref, axis=-1)
+  return jnp.sum(jnp.exp(log_p_ref) * (log_p_ref - jax.nn.log_softmax(z, axis=-1)), axis=-1)
+
+
+def bhattacharyya(z: jax.Array, z_ref: jax.Array) -> jax.Array:
+  """Bhattacharyya distance ``−log Σ_k √(p_k q_k)`` between ``softmax(z)`` and ``softmax(z_ref)``, per row.
+
+  Computed as ``−logsumexp((log p + log q)/2)``, stable for confident outputs.
+  """
+  return -jax.nn.logsumexp(0.5 * (jax.nn.log_softmax(z, axis=-1) + jax.nn.log_softmax(z_ref, axis=-1)), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distance:
+  """An output distance ``D(z, z_ref) [B]`` and its second-order form ``factor · dzᵀ M dz``."""
+  fn: Callable[[jax.Array, jax.Array], jax.Array]
+  output_metric: OutputMetric
+  factor: float
+
+
+DISTANCES: dict[str, Distance] = {
+    "squared_euclidean": Distance(squared_euclidean, euclidean, 1.0),
+    "kl": Distance(kl_divergence, fisher_rao, 0.5),
+    "bhattacharyya": Distance(bhattacharyya, fisher_rao, 0.125),
+}
+
+
+def get_distance(distance: str | Distance) -> Distance:
+  if isinstance(distance, Distance):
+    return distance
+  if distance not in DISTANCES:
+    raise ValueError(f"unknown distance {distance!r}; choose one of {sorted(DISTANCES)}")
+  return DISTANCES[distance]
+
+
+def functional_distance(f: Apply, params: PyTree, new_params: PyTree, inputs: PyTree,
+                        distance: str | Distance = "squared_euclidean") -> jax.Array:
+  """Exact mean output distance ``(1/N) Σ_n D(f(θ', x_n), f(θ, x_n))``."""
+  d = get_distance(distance)
+  return jnp.mean(d.fn(f(new_params, inputs), f(params, inputs)))
+
+
+def quadratic_distance(f: Apply, params: PyTree, step: PyTree, inputs: PyTree,
+                       distance: str | Distance = "squared_euclidean", **metric_kwargs) -> jax.Array:
+  """The second-order form of :func:`functional_distance` for ``θ' = θ + step``: ``factor · stepᵀ G step``."""
+  d = get_distance(distance)
+  return d.factor * pullback_metric(f, params, inputs, d.output_metric, **metric_kwargs).quad(step)
+
+
+def stack_path(path: PyTree | Sequence[PyTree]) -> PyTree:
+  """A path as one pytree with a leading step axis ``T`` (a list of pytrees is stacked)."""
+  if isinstance(path, (list, tuple)):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *path)
+  return path
+
+
+def path_length(f: Apply, path: PyTree | Sequence[PyTree], inputs: PyTree,
+                distance: str | Distance = "squared_euclidean") -> tuple[jax.Array, jax.Array]:
+  """(functional, Euclidean) length of a discrete path θ_0..θ_T.
+
+  Functional length ``Σ_t √D(θ_t, θ_{t+1})`` on ``inputs``; Euclidean length ``Σ_t ‖θ_{t+1} − θ_t‖``.
+  """
+  d = get_distance(distance)
+  stacked = stack_path(path)
+  outputs = jax.lax.map(lambda p: f(p, inputs), stacked)         # [T+1, N, K]
+  functional = jnp.sum(jnp.sqrt(jax.vmap(lambda a, b: jnp.mean(d.fn(b, a)))(outputs[:-1], outputs[1:])))
+  steps = jax.tree.map(lambda x: x[1:] - x[:-1], stacked)
+  euclid = jnp.sum(jax.vmap(tu.tree_norm)(steps))
+  return functional, euclid

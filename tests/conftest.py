@@ -1,0 +1,50 @@
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+@pytest.fixture
+def x64():
+  """Run the test body with float64 enabled (exact comparisons against dense references)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def init_mlp(key, sizes, dtype=jnp.float64):
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    key, k1, k2 = jax.random.split(key, 3)
+    params[f"layer_{i}"] = {"kernel": jax.random.normal(k1, (a, b), dtype) / jnp.sqrt(a),
+                            "bias": 0.1 * jax.random.normal(k2, (b,), dtype)}
+  return params
+
+
+def mlp(params, x):
+  """x [N, D] -> logits [N, K]."""
+  n = len(params)
+  for i in range(n):
+    x = x @ params[f"layer_{i}"]["kernel"] + params[f"layer_{i}"]["bias"]
+    if i < n - 1:
+      x = jnp.tanh(x)
+  return x
+
+
+def init_attention(key, d=4, k=3, dtype=jnp.float64):
+  ks = jax.random.split(key, 5)
+  w = lambda kk, shape: jax.random.normal(kk, shape, dtype) / jnp.sqrt(shape[0])
+  return {"q": w(ks[0], (d, d)), "k": w(ks[1], (d, d)), "v": w(ks[2], (d, d)),
+          "ln_scale": jnp.ones((d,), dtype) + 0.1 * jax.random.normal(ks[3], (d,), dtype),
+          "head": w(ks[4], (d, k))}
+
+
+def attention_block(params, x):
+  """x [N, T, D] -> logits [N, K]: one self-attention head, residual, layer norm, mean-pool, linear head."""
+  q, k, v = x @ params["q"], x @ params["k"], x @ params["v"]
+  a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(x.shape[-1]), axis=-1)
+  h = x + a @ v
+  h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6) * params["ln_scale"]
+  return h.mean(1) @ params["head"]

@@ -1,0 +1,110 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fipjax import geometry, linalg, paths
+from fipjax import tree as tu
+from conftest import init_mlp, mlp
+
+
+def _problem(dtype=jnp.float64):
+  params = init_mlp(jax.random.PRNGKey(0), (4, 8, 3), dtype)
+  x_old = jax.random.normal(jax.random.PRNGKey(1), (16, 4), dtype)
+  x_new = jax.random.normal(jax.random.PRNGKey(2), (16, 4), dtype) + 1.0
+  y_new = jnp.arange(16) % 3
+
+  def loss_new(p, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(mlp(p, x), y).mean()
+
+  return params, x_old, (x_new, y_new), loss_new
+
+
+def test_cg_solves_spd_system(x64):
+  a = jax.random.normal(jax.random.PRNGKey(0), (12, 12))
+  a = a @ a.T + 0.5 * jnp.eye(12)
+  b = {"u": jax.random.normal(jax.random.PRNGKey(1), (5,)), "v": jax.random.normal(jax.random.PRNGKey(2), (7,))}
+  ravel, unravel = tu.ravel_fn(b)
+  res = linalg.cg(lambda t: unravel(a @ ravel(t)), b, maxiter=100, tol=1e-10)
+  np.testing.assert_allclose(ravel(res.x), np.linalg.solve(a, ravel(b)), rtol=1e-8)
+  assert float(res.residual_norm) <= 1e-10 * float(tu.tree_norm(b))
+  # A fixed small budget stops at it; a warm start from the answer stops at once.
+  assert int(linalg.cg(lambda t: unravel(a @ ravel(t)), b, maxiter=3).iterations) == 3
+  assert int(linalg.cg(lambda t: unravel(a @ ravel(t)), b, res.x, maxiter=100, tol=1e-6).iterations) == 0
+
+
+def test_cg_on_damped_metric_matches_dense_solve(x64):
+  params, x_old, _, _ = _problem()
+  metric = geometry.pullback_metric(mlp, params, x_old, "fisher_rao").damped(1e-2)
+  b = jax.tree.map(jnp.ones_like, params)
+  res = linalg.cg(metric, b, maxiter=200, tol=1e-12)
+  ravel = tu.ravel_fn(params)[0]
+  np.testing.assert_allclose(ravel(res.x), np.linalg.solve(metric.dense(), ravel(b)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mask_second_layer", [False, True])
+def test_geodesic_step_lowers_new_loss_within_functional_bound(x64, mask_second_layer):
+  params, x_old, new_batch, loss_new = _problem()
+  mask = {"layer_0": {"bias": False, "kernel": False}, "layer_1": {"bias": True, "kernel": True}}
+  max_quad = 1e-4
+  step = jax.jit(lambda p: paths.geodesic_step(
+      mlp, loss_new, p, x_old, new_batch, beta=1.0, damping=1e-3, max_norm=0.05, max_quad=max_quad,
+      cg_iters=50, mask=mask if mask_second_layer else None))
+  new_params, info = step(params)
+  chex.assert_tree_all_finite(new_params)
+  assert float(loss_new(new_params, new_batch)) < float(loss_new(params, new_batch))
+  assert float(info.step_norm) <= 0.05 * (1 + 1e-9)
+  assert float(info.quad) <= max_quad * (1 + 1e-9)
+  exact = geometry.functional_distance(mlp, params, new_params, x_old, "kl")
+  assert float(exact) <= 0.5 * max_quad * 1.05   # KL ≈ ½ dθᵀGdθ
+  if mask_second_layer:
+    chex.assert_trees_all_equal(new_params["layer_0"], params["layer_0"])
+
+
+def test_geodesic_step_is_more_invariant_than_gradient_step(x64):
+  params, x_old, new_batch, loss_new = _problem()
+  fip, _ = paths.geodesic_step(mlp, loss_new, params, x_old, new_batch, damping=1e-4, max_norm=0.05, cg_iters=100)
+  grad = jax.grad(loss_new)(params, new_batch)
+  gd = tu.tree_axpy(-0.05 / tu.tree_norm(grad), grad, params)   # same Euclidean length
+  d_fip = geometry.functional_distance(mlp, params, fip, x_old, "kl")
+  d_gd = geometry.functional_distance(mlp, params, gd, x_old, "kl")
+  assert float(d_fip) < 0.25 * float(d_gd)
+
+
+def test_geodesic_direction_transform_matches_step(x64):
+  params, x_old, new_batch, loss_new = _problem()
+  kw = dict(damping=1e-2, max_norm=0.05, cg_iters=300, cg_tol=1e-13)   # converged, so jit/eager agree
+  tx = optax.chain(paths.geodesic_direction(mlp, **kw), optax.scale(-1.0))
+  state = tx.init(params)
+  grads = jax.grad(loss_new)(params, new_batch)
+  updates, state = jax.jit(tx.update)(grads, state, params, ref_inputs=x_old)
+  expected, _ = paths.geodesic_step(mlp, loss_new, params, x_old, new_batch, **kw)
+  chex.assert_trees_all_close(optax.apply_updates(params, updates), expected, rtol=1e-9)
+
+
+def test_penalty_uses_stored_reference_outputs(x64):
+  params, x_old, _, _ = _problem()
+  ref = paths.reference_outputs(mlp, params, x_old, batch_size=5)
+  chex.assert_trees_all_close(ref, mlp(params, x_old), rtol=1e-12)
+  penalty = paths.fip_penalty(mlp, "bhattacharyya", beta=8.0)
+  assert float(penalty(params, x_old, ref)) == pytest.approx(0.0, abs=1e-12)
+  grad = jax.grad(penalty)(params, x_old, ref)
+  chex.assert_trees_all_close(grad, tu.tree_zeros_like(params), atol=1e-12)
+  # Second order: the Bhattacharyya penalty is β/8 · dθᵀ G_FisherRao dθ at θ_ref.
+  ravel, unravel = tu.ravel_fn(params)
+  hess = jax.hessian(lambda v: penalty(unravel(v), x_old, ref))(ravel(params))
+  g = geometry.pullback_metric(mlp, params, x_old, "fisher_rao").dense()
+  chex.assert_trees_all_close(hess, 2 * (8.0 / 8) * g, rtol=1e-7, atol=1e-10)   # ∇²(β·D) = 2·β·factor·G
+
+
+def test_path_record_accumulates():
+  record = paths.PathRecord()
+  record.append(0, 1.0, 0.0, 0.5, 0.04)
+  record.append(1, 0.8, 0.01, 0.5, 0.09)
+  d = record.as_dict()
+  assert d["euclidean_length"] == [0.5, 1.0]
+  np.testing.assert_allclose(d["functional_length"], [0.2, 0.5])
+  assert len(record) == 2
