@@ -1,0 +1,233 @@
+"""BERT in Flax NNX, seen by the rest of fipjax as a pure ``apply(params, batch)`` over a plain parameter dict.
+
+Parameter names mirror Hugging Face's (``embeddings/word_embeddings/embedding``,
+``encoder/layer/0/attention/self/query/kernel``, ``pooler/dense/kernel``, ``heads/<task>/kernel``) so that
+checkpoint conversion (:mod:`fipjax.models.hub`) is a renaming plus kernel transposes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PyTree = Any
+
+_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_new": jax.nn.gelu,
+                "gelu_pytorch_tanh": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+    """From a Hugging Face ``config.json`` dict; unknown keys are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in names})
+    if cfg.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError(f"only absolute position embeddings are supported, got {d['position_embedding_type']!r}")
+    return cfg
+
+  @classmethod
+  def from_json(cls, path: str | pathlib.Path) -> "BertConfig":
+    return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+def _dense(cfg_in: int, cfg_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(cfg_in, cfg_out, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def _layer_norm(size: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    embed = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.word_embeddings = embed(cfg.vocab_size)
+    self.position_embeddings = embed(cfg.max_position_embeddings)
+    self.token_type_embeddings = embed(cfg.type_vocab_size)
+    self.LayerNorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+
+  def __call__(self, input_ids, token_type_ids, deterministic, rng):
+    positions = jnp.arange(input_ids.shape[-1])[None]
+    h = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(token_type_ids))
+    return self.dropout(self.LayerNorm(h), deterministic=deterministic, rngs=rng)
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_attention_heads
+    self.query = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.key = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.value = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+
+  def __call__(self, h, bias, deterministic, rng):
+    b, t, d = h.shape
+    split = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads)
+    q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d // self.num_heads)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(h.dtype)
+    probs = self.dropout(probs, deterministic=deterministic, rngs=rng)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+
+
+class Output(nnx.Module):
+  """Dense → dropout → residual → LayerNorm (HF's BertSelfOutput and BertOutput)."""
+
+  def __init__(self, d_in: int, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.dense = _dense(d_in, cfg.hidden_size, dtype, rngs)
+    self.LayerNorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+
+  def __call__(self, x, residual, deterministic, rng):
+    return self.LayerNorm(self.dropout(self.dense(x), deterministic=deterministic, rngs=rng) + residual)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.self = SelfAttention(cfg, dtype, rngs)
+    self.output = Output(cfg.hidden_size, cfg, dtype, rngs)
+
+
+class Intermediate(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.dense = _dense(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+    self.act = cfg.hidden_act
+
+  def __call__(self, h):
+    return _ACTIVATIONS[self.act](self.dense(h))
+
+
+class Layer(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.attention = Attention(cfg, dtype, rngs)
+    self.intermediate = Intermediate(cfg, dtype, rngs)
+    self.output = Output(cfg.intermediate_size, cfg, dtype, rngs)
+
+  def __call__(self, h, bias, deterministic, rng):
+    rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
+    a = self.attention.self(h, bias, deterministic, rngs[0])
+    h = self.attention.output(a, h, deterministic, rngs[1])
+    return self.output(self.intermediate(h), h, deterministic, rngs[2])
+
+
+class Encoder(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, remat: bool, rngs: nnx.Rngs):
+    self.layer = nnx.List([Layer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.remat = remat
+
+  def __call__(self, h, bias, deterministic, rng):
+    call = lambda layer, h, bias, rng: layer(h, bias, deterministic, rng)
+    if self.remat:
+      call = nnx.remat(call)
+    for i, layer in enumerate(self.layer):
+      h = call(layer, h, bias, None if rng is None else jax.random.fold_in(rng, i))
+    return h
+
+
+class Pooler(nnx.Module):
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.dense = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+
+  def __call__(self, h):
+    return jnp.tanh(self.dense(h[:, 0]))
+
+
+class BertModel(nnx.Module):
+  """BERT encoder + pooler: ``(input_ids, attention_mask, token_type_ids) -> (last_hidden [B,T,H], pooled [B,H])``.
+
+  Args:
+    cfg: architecture.
+    dtype: compute dtype (``jnp.bfloat16`` on GPU/TPU); parameters stay float32.
+    remat: rematerialise each encoder layer in the backward pass (less activation memory, ≈ one more forward).
+  """
+
+  def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+    self.embeddings = Embeddings(cfg, dtype, rngs)
+    self.encoder = Encoder(cfg, dtype, remat, rngs)
+    self.pooler = Pooler(cfg, dtype, rngs)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
+               rng: jax.Array | None = None):
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if not deterministic and rng is None:
+      raise ValueError("dropout needs an rng key: pass rng=... or deterministic=True")
+    rngs = [None, None] if rng is None else list(jax.random.split(rng))
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    h = self.embeddings(input_ids, token_type_ids, deterministic, rngs[0])
+    h = self.encoder(h, bias, deterministic, rngs[1])
+    return h, self.pooler(h)
+
+
+class BertClassifier(nnx.Module):
+  """BERT with classification heads on the pooled output.
+
+  ``heads`` maps a head name to its number of labels: ``{"shared": 7}`` (one head over the union of labels, the
+  authors' Yelp 0–4 + IMDB 5–6) or ``{"yelp": 5, "imdb": 2}`` (one head per task).
+  """
+
+  def __init__(self, cfg: BertConfig, heads: Mapping[str, int], *, dtype=jnp.float32, remat: bool = False,
+               classifier_dropout: float | None = None, rngs: nnx.Rngs):
+    self.bert = BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
+    self.heads = nnx.Dict({name: _dense(cfg.hidden_size, n, dtype, rngs) for name, n in heads.items()})
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
+               rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    rngs = [None, None] if rng is None else list(jax.random.split(rng))
+    _, pooled = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, rng=rngs[0])
+    pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs[1])
+    return {name: head(pooled).astype(jnp.float32) for name, head in self.heads.items()}
+
+
+def split_params(module: nnx.Module):
+  """(graphdef, plain nested-dict params) of an NNX module."""
+  graphdef, state = nnx.split(module, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def make_apply(graphdef):
+  """``apply(params, batch, *, deterministic=True, rng=None)``, pure over the plain params dict.
+
+  ``batch`` is a dict with ``input_ids`` and optionally ``attention_mask``/``token_type_ids`` (``[B, T]``).
+  """
+
+  def apply(params, batch: Mapping[str, jax.Array], *, deterministic: bool = True, rng=None):
+    model = nnx.merge(graphdef, params)
+    return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
+                 deterministic=deterministic, rng=rng)
+
+  return apply
+
+
+def param_count(params: PyTree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

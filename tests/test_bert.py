@@ -1,0 +1,173 @@
+"""Flax BERT against transformers' PyTorch BertModel, and strict checkpoint conversion."""
+
+import json
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fipjax.models import bert, hub
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu")
+
+
+def _torch_outputs(model, ids, mask):
+  model.eval()
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def _ours(model_dir, ids, mask, **kw):
+  graphdef, params, _, report = hub.load_bert(model_dir, **kw)
+  hidden, pooled = jax.jit(bert.make_apply(graphdef))(params, {"input_ids": jnp.asarray(ids),
+                                                               "attention_mask": jnp.asarray(mask)})
+  return np.asarray(hidden), np.asarray(pooled), report
+
+
+def _compare(theirs, ours, mask, atol):
+  (h_t, p_t), (h_o, p_o) = theirs, ours
+  valid = np.asarray(mask, bool)
+  np.testing.assert_allclose(h_o[valid], h_t[valid], atol=atol, rtol=0)  # padded positions are don't-care
+  np.testing.assert_allclose(p_o, p_t, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(**TINY))
+  path = tmp_path_factory.mktemp("tiny")
+  model.save_pretrained(path, safe_serialization=True)
+  return path, model
+
+
+def _ids_and_mask(seed=0, b=3, t=11, vocab=99):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, vocab, size=(b, t))
+  mask = np.ones((b, t), np.int64)
+  mask[1, 7:] = 0
+  mask[2, 4:] = 0
+  return ids * mask, mask
+
+
+def test_tiny_parity(tiny_dir):
+  path, model = tiny_dir
+  ids, mask = _ids_and_mask()
+  h, p, report = _ours(path, ids, mask)
+  _compare(_torch_outputs(model, ids, mask), (h, p), mask, atol=1e-5)
+  assert report.initialised == [] and report.dropped == []
+
+
+def test_old_format_checkpoint_with_prefix_gamma_beta_and_pretraining_heads(tiny_dir, tmp_path):
+  """bert-base-uncased's pytorch_model.bin layout: 'bert.' prefix, LayerNorm gamma/beta, cls.* heads."""
+  path, model = tiny_dir
+  state = {}
+  for k, v in model.state_dict().items():
+    k = "bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+    state[k] = v
+  state["cls.predictions.bias"] = torch.zeros(TINY["vocab_size"])
+  torch.save(state, tmp_path / "pytorch_model.bin")
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  ids, mask = _ids_and_mask(1)
+  h, p, report = _ours(tmp_path, ids, mask)
+  _compare(_torch_outputs(model, ids, mask), (h, p), mask, atol=1e-5)
+  assert report.weights_file == "pytorch_model.bin" and report.dropped == ["cls.predictions.bias"]
+
+
+def test_classifier_heads_are_fresh_and_reported(tiny_dir):
+  path, _ = tiny_dir
+  graphdef, params, _, report = hub.load_bert(path, {"yelp": 5, "imdb": 2})
+  assert report.initialised == ["heads/imdb/bias", "heads/imdb/kernel", "heads/yelp/bias", "heads/yelp/kernel"]
+  logits = bert.make_apply(graphdef)(params, {"input_ids": jnp.ones((2, 5), jnp.int32)})
+  chex.assert_shape(logits["yelp"], (2, 5))
+  chex.assert_shape(logits["imdb"], (2, 2))
+
+
+def test_strict_conversion_errors(tiny_dir, tmp_path):
+  path, model = tiny_dir
+  from safetensors.numpy import save_file
+  tensors, _ = hub.read_checkpoint(path)
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  extra = dict(tensors, **{"encoder.layer.0.surprise.weight": np.zeros((2, 2), np.float32)})
+  save_file(extra, str(tmp_path / "model.safetensors"))
+  with pytest.raises(hub.CheckpointError, match="unused checkpoint tensors.*surprise"):
+    hub.load_bert(tmp_path)
+  missing = {k: v for k, v in tensors.items() if "pooler" not in k}
+  save_file(missing, str(tmp_path / "model.safetensors"))
+  with pytest.raises(hub.CheckpointError, match="missing from the checkpoint.*pooler/dense"):
+    hub.load_bert(tmp_path)
+  cfg = json.loads((path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=38)))
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(hub.CheckpointError, match="shape mismatches"):
+    hub.load_bert(tmp_path)
+
+
+def test_missing_model_errors(tmp_path, monkeypatch):
+  with pytest.raises(hub.CheckpointError, match="does not exist"):
+    hub.resolve_model_dir("./no/such/dir")
+  with pytest.raises(hub.CheckpointError, match="not a model directory"):
+    hub.resolve_model_dir(tmp_path)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(hub.CheckpointError, match="(?s)could not get model .* local directory"):
+    hub.resolve_model_dir("some-org/some-model-that-is-not-cached")
+
+
+def _real_sentences():
+  rows = [json.loads(l) for l in (DATA / "yelp" / "test.jsonl").read_text().splitlines()[:3]]
+  return [r["text"] for r in rows] + ["Short one.", "The movie was wonderful, and the acting even better!"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+  return hub.packaged_minilm_dir()
+
+
+def test_minilm_parity_on_real_sentences(minilm):
+  tok = hub.load_tokenizer("minilm")
+  enc = tok(_real_sentences(), padding=True, truncation=True, max_length=64, return_tensors="np")
+  ids, mask = enc["input_ids"], enc["attention_mask"]
+  assert (mask == 0).any() and (mask == 1).all(axis=0).any()    # some rows padded, some not
+  theirs = _torch_outputs(transformers.BertModel.from_pretrained(str(minilm)), ids, mask)
+  h, p, report = _ours("minilm", ids, mask)
+  _compare(theirs, (h, p), mask, atol=1e-5)
+  assert report.dropped == ["embeddings.position_ids"]
+  # Padding does not change a sentence's representation.
+  single = tok(_real_sentences()[3:4], return_tensors="np")
+  h1, p1, _ = _ours("minilm", single["input_ids"], single["attention_mask"])
+  np.testing.assert_allclose(p1[0], p[3], atol=1e-5)
+
+
+def test_dropout_remat_and_bfloat16(tiny_dir):
+  path, _ = tiny_dir
+  ids, mask = _ids_and_mask()
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+  graphdef, params, _, _ = hub.load_bert(path, {"shared": 7})
+  apply = bert.make_apply(graphdef)
+  det = apply(params, batch)["shared"]
+  key = jax.random.PRNGKey(0)
+  a = apply(params, batch, deterministic=False, rng=key)["shared"]
+  b = apply(params, batch, deterministic=False, rng=key)["shared"]
+  c = apply(params, batch, deterministic=False, rng=jax.random.PRNGKey(1))["shared"]
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a, det) and not np.allclose(a, c)
+  with pytest.raises(ValueError, match="rng"):
+    apply(params, batch, deterministic=False)
+  graphdef_r, params_r, _, _ = hub.load_bert(path, {"shared": 7}, remat=True)
+  loss = lambda ap, p: jnp.sum(ap(p, batch)["shared"] ** 2)
+  g = jax.grad(lambda p: loss(apply, p))(params)
+  g_r = jax.grad(lambda p: loss(bert.make_apply(graphdef_r), p))(params_r)
+  chex.assert_trees_all_close(g, g_r, rtol=1e-5, atol=1e-7)
+  graphdef_h, params_h, _, _ = hub.load_bert(path, {"shared": 7}, dtype=jnp.bfloat16)
+  chex.assert_trees_all_equal_dtypes(params_h, params)     # float32 parameters
+  half = bert.make_apply(graphdef_h)(params_h, batch)["shared"]
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, det, atol=5e-2)
