@@ -48,3 +48,14 @@ def attention_block(params, x):
   h = x + a @ v
   h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6) * params["ln_scale"]
   return h.mean(1) @ params["head"]
+
+
+SHARED_DATA = __import__("pathlib").Path(os.environ.get(
+    "FIPJAX_DATA_DIR", __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+  if not (SHARED_DATA / "yelp" / "train.jsonl").exists():
+    pytest.fail(f"real data not found at {SHARED_DATA}; set FIPJAX_DATA_DIR to the folder holding yelp/ and imdb/")
+  return SHARED_DATA

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from fipjax.models import bert, hub
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=64, type_vocab_size=2, hidden_act="gelu")
 

@@ -1,0 +1,76 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fipjax import continual
+from fipjax import tree as tu
+from conftest import init_mlp, mlp
+
+
+def test_cl_metrics_definitions():
+  r = np.array([[0.9, 0.1, 0.2], [0.7, 0.8, 0.1], [0.6, 0.5, 0.9]])
+  assert continual.average_accuracy(r) == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+  assert continual.backward_transfer(r) == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)   # ÷ (T−1)
+  assert continual.forgetting(r) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+  two = np.array([[0.9, 0.2], [0.95, 0.9]])
+  assert continual.forgetting(two) == pytest.approx(-0.05)
+  assert continual.backward_transfer(two) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("empirical", [False, True])
+def test_diagonal_fisher_matches_explicit_per_example_loop(x64, empirical):
+  params = init_mlp(jax.random.PRNGKey(0), (3, 4, 3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+  y = jnp.array([0, 1, 2, 1, 0])
+  fisher = continual.diagonal_fisher(mlp, params, x, y if empirical else None, batch_size=2)
+  expected = tu.tree_zeros_like(params)
+  for n in range(5):
+    logp = lambda p, k: jax.nn.log_softmax(mlp(p, x[n:n + 1])[0])[k]
+    probs = jnp.exp(jax.nn.log_softmax(mlp(params, x[n:n + 1])[0]))
+    classes = [(int(y[n]), 1.0)] if empirical else [(k, probs[k]) for k in range(3)]
+    for k, w in classes:
+      g = jax.grad(logp)(params, k)
+      expected = tu.tree_add(expected, jax.tree.map(lambda a: w * a**2 / 5, g))
+  chex.assert_trees_all_close(fisher, expected, rtol=1e-10)
+
+
+def test_fit_trains_only_the_mask_and_is_deterministic():
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+  y = (x[:, 0] > 0).astype(jnp.int32)
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  mask_fn = lambda p: {"layer_0": {"bias": False, "kernel": False}, "layer_1": {"bias": True, "kernel": True}}
+  method = continual.naive(loss, optax.adamw(0.05, weight_decay=0.1), trainable=mask_fn)
+  batches = [{"new": (x, y)}] * 20
+  final, state, history = continual.fit(method, params, iter(batches), 20)
+  assert history[-1]["loss"] < history[0]["loss"]
+  chex.assert_trees_all_equal(final["layer_0"], params["layer_0"])     # frozen: bitwise, weight decay too
+  again, _, _ = continual.fit(method, params, iter(batches), 20)
+  chex.assert_trees_all_equal(final, again)
+  # Resume from a mid-run state gives the uninterrupted result.
+  seen = []
+  continual.fit(method, params, iter(batches), 8, callback=lambda s, row: seen.append(s))
+  resumed, _, _ = continual.fit(method, params, iter(batches[8:]), 20, state=seen[-1])
+  chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
+
+
+def test_methods_losses():
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  y = jnp.array([0, 1, 0, 1])
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  batch = {"new": (x, y), "replay": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x)}}
+  fip = continual.fip(loss, mlp, optax.sgd(0.1), beta=3.0)
+  value, metrics = fip.loss(params, batch)
+  assert float(metrics["fip_penalty"]) == pytest.approx(0.0, abs=1e-6) and fip.needs_replay
+  rep = continual.replay(loss, lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"])), optax.sgd(0.1))
+  value, metrics = rep.loss(params, batch)
+  assert float(value) == pytest.approx(2 * float(metrics["new_loss"]))
+  shifted = jax.tree.map(lambda a: a + 0.1, params)
+  fisher = jax.tree.map(jnp.ones_like, params)
+  ewc = continual.ewc(loss, optax.sgd(0.1), params, fisher, strength=2.0)
+  value, metrics = ewc.loss(shifted, batch)
+  assert float(metrics["ewc_penalty"]) == pytest.approx(0.5 * 2.0 * 0.01 * tu.tree_size(params), rel=1e-4)
