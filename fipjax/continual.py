@@ -24,14 +24,21 @@ from fipjax import tree as tu
 
 PyTree = Any
 Batch = dict[str, Any]
-TaskLoss = Callable[[PyTree, Any, jax.Array | None], jax.Array]
-"""``task_loss(model_params, task_batch, rng) -> scalar``: a task's training loss (cross-entropy)."""
+TaskLoss = Callable[[PyTree, Any, jax.Array | None], jax.Array | tuple[jax.Array, dict]]
+"""``task_loss(model_params, task_batch, rng) -> scalar`` or ``(scalar, metrics)``: a task's training loss."""
 OldApply = Callable[[PyTree, Any], jax.Array]
 """``f_old(model_params, old_inputs) -> old-task logits [N, K]`` (deterministic)."""
 
 
 def _identity(params):
   return params
+
+
+def _task(task_loss: TaskLoss, params, batch, rng, prefix: str) -> tuple[jax.Array, dict]:
+  """Call a task loss; returns (loss, metrics with keys prefixed) whether it returned metrics or not."""
+  out = task_loss(params, batch, rng)
+  loss, metrics = out if isinstance(out, tuple) else (out, {})
+  return loss, {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +75,7 @@ def naive(task_loss: TaskLoss, optimizer: optax.GradientTransformation, **kw) ->
   """Plain fine-tuning on the new task."""
 
   def loss(params, batch):
-    l = task_loss(params, batch["new"], batch.get("rng"))
-    return l, {"new_loss": l}
+    return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
   return Method("naive", loss, optimizer, **kw)
 
@@ -79,9 +85,9 @@ def replay(task_loss: TaskLoss, old_loss: TaskLoss, optimizer: optax.GradientTra
   """New-task loss + ``weight`` · old-task cross-entropy on the replay buffer (the fair baseline for FIP)."""
 
   def loss(params, batch):
-    new = task_loss(params, batch["new"], batch.get("rng"))
-    old = old_loss(params, batch["replay"], batch.get("rng"))
-    return new + weight * old, {"new_loss": new, "replay_loss": old}
+    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
+    old, old_metrics = _task(old_loss, params, batch["replay"], batch.get("rng"), "replay")
+    return new + weight * old, {**metrics, **old_metrics}
 
   return Method("replay", loss, optimizer, needs_replay=True, **kw)
 
@@ -92,9 +98,9 @@ def fip(task_loss: TaskLoss, f_old: OldApply, optimizer: optax.GradientTransform
   penalty = paths.fip_penalty(f_old, distance, beta)
 
   def loss(params, batch):
-    new = task_loss(params, batch["new"], batch.get("rng"))
+    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
     pen = penalty(params, batch["replay"]["inputs"], batch["replay"]["ref_outputs"])
-    return new + pen, {"new_loss": new, "fip_penalty": pen}
+    return new + pen, {**metrics, "fip_penalty": pen}
 
   return Method(name, loss, optimizer, needs_replay=True, **kw)
 
@@ -117,10 +123,10 @@ def ewc(task_loss: TaskLoss, optimizer: optax.GradientTransformation, anchor: Py
   """Elastic weight consolidation: new-task loss + (strength/2) Σ_i F_i (θ_i − θ*_i)²."""
 
   def loss(params, batch):
-    new = task_loss(params, batch["new"], batch.get("rng"))
+    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
     quad = jax.tree.map(lambda p, a, f: jnp.sum(f * (p - a) ** 2), params, anchor, fisher)
     pen = 0.5 * strength * sum(jax.tree.leaves(quad))
-    return new + pen, {"new_loss": new, "ewc_penalty": pen}
+    return new + pen, {**metrics, "ewc_penalty": pen}
 
   return Method("ewc", loss, optimizer, **kw)
 
@@ -179,6 +185,7 @@ def make_train_step(method: Method, mask: PyTree | None):
     model_fn = lambda t: method.to_model(t if mask is None else tu.merge(t, mask, frozen))
     updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
                                                  **method.extra_args(batch))
+    metrics = {**metrics, "step_length": tu.tree_norm(updates)}
     return optax.apply_updates(trainable, updates), opt_state, loss, metrics
 
   return jax.jit(step, donate_argnums=(0, 2))
@@ -265,3 +272,22 @@ class Timer:
 
   def __call__(self) -> float:
     return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How far the weights moved.
+
+
+def fractional_weight_change(final: PyTree, reference: PyTree) -> float:
+  """``‖θ_final − θ_ref‖_F / ‖θ_ref‖_F`` over every leaf."""
+  return float(tu.tree_norm(tu.tree_sub(final, reference)) / tu.tree_norm(reference))
+
+
+def weight_change_by_group(final: PyTree, reference: PyTree, group: Callable[[str], str]) -> dict[str, float]:
+  """Fractional weight change per group of leaves, ``group(path) -> name`` (e.g. one group per layer)."""
+  num, den = {}, {}
+  for (name, a), (_, b) in zip(tu.named_leaves(final), tu.named_leaves(reference)):
+    g = group(name)
+    num[g] = num.get(g, 0.0) + float(jnp.sum((a - b).astype(jnp.float32) ** 2))
+    den[g] = den.get(g, 0.0) + float(jnp.sum(b.astype(jnp.float32) ** 2))
+  return {g: float(np.sqrt(num[g] / den[g])) if den[g] > 0 else float("nan") for g in num}

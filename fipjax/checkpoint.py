@@ -1,0 +1,79 @@
+"""Orbax checkpoints of arbitrary pytrees (parameters, optimiser states with masked nodes), plus JSON metadata.
+
+A pytree is stored as its flat list of leaves; restoring needs a template with the same structure (the state a
+fresh run would build), which keeps optax's empty ``MaskedNode`` subtrees out of the file format.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_META = "meta.json"
+
+
+def save(path: str | pathlib.Path, tree: PyTree, meta: dict | None = None) -> None:
+  """Write ``tree`` (and ``meta``) to the directory ``path``; complete once ``meta.json`` exists."""
+  path = pathlib.Path(path).absolute()
+  if path.exists():
+    shutil.rmtree(path)
+  leaves = {f"{i:06d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / "tree", leaves)
+  checkpointer.wait_until_finished()
+  tmp = path / (_META + ".tmp")
+  tmp.write_text(json.dumps({"num_leaves": len(leaves), **(meta or {})}))
+  tmp.rename(path / _META)   # the marker of a complete checkpoint
+
+
+def is_complete(path: str | pathlib.Path) -> bool:
+  return (pathlib.Path(path) / _META).exists()
+
+
+def load_meta(path: str | pathlib.Path) -> dict:
+  return json.loads((pathlib.Path(path) / _META).read_text())
+
+
+def restore(path: str | pathlib.Path, template: PyTree) -> PyTree:
+  """The tree saved at ``path``, with the structure of ``template`` (dtypes and shapes checked)."""
+  path = pathlib.Path(path).absolute()
+  leaves, treedef = jax.tree.flatten(template)
+  stored = ocp.StandardCheckpointer().restore(path / "tree")
+  if len(stored) != len(leaves):
+    raise ValueError(f"checkpoint {path} holds {len(stored)} arrays, the model expects {len(leaves)}: was it "
+                     "written by a different configuration?")
+  restored = []
+  for i, like in enumerate(leaves):
+    x = stored[f"{i:06d}"]
+    if tuple(x.shape) != tuple(np.shape(like)):
+      raise ValueError(f"checkpoint {path}: array {i} has shape {x.shape}, expected {np.shape(like)}")
+    restored.append(jax.numpy.asarray(x, dtype=jax.numpy.asarray(like).dtype))
+  return jax.tree.unflatten(treedef, restored)
+
+
+def latest_step(directory: str | pathlib.Path) -> pathlib.Path | None:
+  """The complete ``step_<n>`` checkpoint with the largest n under ``directory``, or None."""
+  directory = pathlib.Path(directory)
+  if not directory.exists():
+    return None
+  steps = [p for p in directory.glob("step_*") if is_complete(p)]
+  return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def save_step(directory: str | pathlib.Path, step: int, tree: PyTree, meta: dict | None = None,
+              keep: int = 1) -> pathlib.Path:
+  """Save ``step_<step>`` under ``directory`` and delete older steps beyond the newest ``keep``."""
+  directory = pathlib.Path(directory)
+  path = directory / f"step_{step:08d}"
+  save(path, tree, {"step": step, **(meta or {})})
+  complete = sorted((p for p in directory.glob("step_*") if is_complete(p)), key=lambda p: int(p.name[5:]))
+  for old in complete[:-keep]:
+    shutil.rmtree(old, ignore_errors=True)
+  return path
