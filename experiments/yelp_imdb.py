@@ -520,6 +520,7 @@ def run_method(exp: Experiment, name: str, params_yelp, stage1_acc, replay, out:
       "train_time_s": train_time,
       "steps_per_s": steps / train_time,
       "final_loss": history[-1]["loss"] if history else None,
+      "loss_curve": [row["loss"] for row in history],
       "path": None if tracker is None else tracker.record.as_dict(),
   }
   done.parent.mkdir(parents=True, exist_ok=True)

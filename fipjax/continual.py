@@ -48,6 +48,9 @@ class Method:
   Attributes:
     name: method name for reports.
     loss: ``loss(model_params, batch) -> (scalar, metrics dict)``.
+    replay_loss: optional old-task term of the same signature, differentiated in a second pass after the first
+      backward pass has finished, so the replay batch adds time but not peak memory (the two terms' gradients
+      are summed).
     optimizer: an optax transformation (extra-args capable) over the trainable parameters.
     trainable: a function ``model_params -> boolean mask`` over the *train* parameters (after ``init``);
       None trains everything.
@@ -60,6 +63,7 @@ class Method:
   name: str
   loss: Callable[[PyTree, Batch], tuple[jax.Array, dict]]
   optimizer: optax.GradientTransformation
+  replay_loss: Callable[[PyTree, Batch], tuple[jax.Array, dict]] | None = None
   trainable: Callable[[PyTree], PyTree] | None = None
   init: Callable[[PyTree], PyTree] = _identity
   to_model: Callable[[PyTree], PyTree] = _identity
@@ -85,11 +89,13 @@ def replay(task_loss: TaskLoss, old_loss: TaskLoss, optimizer: optax.GradientTra
   """New-task loss + ``weight`` · old-task cross-entropy on the replay buffer (the fair baseline for FIP)."""
 
   def loss(params, batch):
-    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
-    old, old_metrics = _task(old_loss, params, batch["replay"], batch.get("rng"), "replay")
-    return new + weight * old, {**metrics, **old_metrics}
+    return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
-  return Method("replay", loss, optimizer, needs_replay=True, **kw)
+  def old_term(params, batch):
+    old, metrics = _task(old_loss, params, batch["replay"], batch.get("rng"), "replay")
+    return weight * old, metrics
+
+  return Method("replay", loss, optimizer, replay_loss=old_term, needs_replay=True, **kw)
 
 
 def fip(task_loss: TaskLoss, f_old: OldApply, optimizer: optax.GradientTransformation, *,
@@ -98,11 +104,13 @@ def fip(task_loss: TaskLoss, f_old: OldApply, optimizer: optax.GradientTransform
   penalty = paths.fip_penalty(f_old, distance, beta)
 
   def loss(params, batch):
-    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
-    pen = penalty(params, batch["replay"]["inputs"], batch["replay"]["ref_outputs"])
-    return new + pen, {**metrics, "fip_penalty": pen}
+    return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
-  return Method(name, loss, optimizer, needs_replay=True, **kw)
+  def penalty_term(params, batch):
+    pen = penalty(params, batch["replay"]["inputs"], batch["replay"]["ref_outputs"])
+    return pen, {"fip_penalty": pen}
+
+  return Method(name, loss, optimizer, replay_loss=penalty_term, needs_replay=True, **kw)
 
 
 def fip_geodesic(task_loss: TaskLoss, f_old: OldApply, *, learning_rate: float, damping: float = 1e-3,
@@ -173,22 +181,27 @@ class TrainState:
   opt_state: PyTree
 
 
-def make_train_step(method: Method, mask: PyTree | None):
-  """The jitted ``(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss, metrics)``."""
+def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True):
+  """The jitted ``(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss, metrics)``.
+
+  With ``donate`` the trainable parameters' and optimiser state's buffers are reused for the outputs.
+  """
 
   def step(trainable, frozen, opt_state, batch):
-    def loss_fn(t):
-      full = t if mask is None else tu.merge(t, mask, frozen)
-      return method.loss(method.to_model(full), batch)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     model_fn = lambda t: method.to_model(t if mask is None else tu.merge(t, mask, frozen))
+    value_and_grad = lambda fn, t: jax.value_and_grad(lambda u: fn(model_fn(u), batch), has_aux=True)(t)
+    (loss, metrics), grads = value_and_grad(method.loss, trainable)
+    if method.replay_loss is not None:
+      # The barrier orders the replay pass after the first backward: peak memory is the larger pass, not both.
+      after, grads = jax.lax.optimization_barrier((trainable, grads))
+      (replay_loss, replay_metrics), replay_grads = value_and_grad(method.replay_loss, after)
+      loss, metrics, grads = loss + replay_loss, {**metrics, **replay_metrics}, tu.tree_add(grads, replay_grads)
     updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
                                                  **method.extra_args(batch))
     metrics = {**metrics, "step_length": tu.tree_norm(updates)}
     return optax.apply_updates(trainable, updates), opt_state, loss, metrics
 
-  return jax.jit(step, donate_argnums=(0, 2))
+  return jax.jit(step, donate_argnums=(0, 2) if donate else ())
 
 
 def init_train_state(method: Method, model_params: PyTree) -> tuple[TrainState, PyTree | None]:

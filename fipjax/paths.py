@@ -169,11 +169,12 @@ def geodesic_direction(f: geometry.Apply, *, damping: float = 1e-3, max_norm: fl
     metric = geometry.pullback_metric(f_trained, params, ref_inputs, output_metric, chunk_size=chunk_size)
     sol = linalg.cg(metric.damped(damping), grads, state.solution, maxiter=cg_iters, tol=cg_tol)
     norm = tu.tree_norm(sol.x)
-    quad = metric.quad(sol.x)
     scale = jnp.ones((), norm.dtype)
+    quad = jnp.full((), jnp.nan, norm.dtype)   # costs one more G·v: only measured when it is bounded
     if max_norm is not None:
       scale = jnp.minimum(scale, max_norm / jnp.maximum(norm, 1e-30))
     if max_quad is not None:
+      quad = metric.quad(sol.x)
       scale = jnp.minimum(scale, jnp.sqrt(max_quad / jnp.maximum(quad, 1e-30)))
     info = GeodesicInfo(jnp.zeros((), norm.dtype), norm * scale, quad * scale**2, scale, sol.residual_norm,
                         sol.iterations, sol.x)

@@ -64,13 +64,30 @@ def test_methods_losses():
   loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
   batch = {"new": (x, y), "replay": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x)}}
   fip = continual.fip(loss, mlp, optax.sgd(0.1), beta=3.0)
-  value, metrics = fip.loss(params, batch)
+  value, metrics = fip.replay_loss(params, batch)
   assert float(metrics["fip_penalty"]) == pytest.approx(0.0, abs=1e-6) and fip.needs_replay
   rep = continual.replay(loss, lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"])), optax.sgd(0.1))
-  value, metrics = rep.loss(params, batch)
-  assert float(value) == pytest.approx(2 * float(metrics["new_loss"]))
+  new, _ = rep.loss(params, batch)
+  old, metrics = rep.replay_loss(params, batch)
+  assert float(old) == pytest.approx(float(new)) == pytest.approx(float(metrics["replay_loss"]))
   shifted = jax.tree.map(lambda a: a + 0.1, params)
   fisher = jax.tree.map(jnp.ones_like, params)
   ewc = continual.ewc(loss, optax.sgd(0.1), params, fisher, strength=2.0)
   value, metrics = ewc.loss(shifted, batch)
   assert float(metrics["ewc_penalty"]) == pytest.approx(0.5 * 2.0 * 0.01 * tu.tree_size(params), rel=1e-4)
+
+
+def test_two_pass_gradient_equals_one_pass_on_the_summed_loss():
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  y = jnp.array([0, 1, 0, 1])
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  ref = mlp(params, x) + 1.0
+  batch = {"new": (x, y), "replay": {"inputs": -x, "labels": y, "ref_outputs": ref}}
+  method = continual.fip(loss, mlp, optax.sgd(0.1), beta=3.0)
+  final, _, history = continual.fit(method, params, iter([batch]), 1)
+  penalty = lambda p: 3.0 * jnp.mean(continual.geometry.bhattacharyya(mlp(p, -x), ref))
+  total = lambda p: loss(p, (x, y)) + penalty(p)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(total)(params))
+  chex.assert_trees_all_close(final, expected, rtol=1e-6, atol=1e-7)
+  assert history[0]["loss"] == pytest.approx(float(total(params)), rel=1e-6)

@@ -1,0 +1,105 @@
+"""End to end: the Yelp→IMDB pipeline on a few hundred real examples with the packaged MiniLM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import yelp_imdb
+
+TINY = ["--preset", "cpu", "--n-train-yelp", "64", "--n-train-imdb", "64", "--n-test", "40", "--n-val", "20",
+        "--max-len", "32", "--batch-size", "8", "--replay-batch-size", "8", "--eval-batch-size", "20",
+        "--stage1-steps", "4", "--steps", "4", "--buffer-size", "32", "--ewc-samples", "4", "--probe-size", "16",
+        "--record-every", "2", "--checkpoint-every", "2", "--no-progress"]
+
+
+def _run(tmp, *extra, out="run", cache="cache"):
+  return yelp_imdb.main(TINY + ["--out", str(tmp / out), "--cache-dir", str(tmp / cache), *extra])
+
+
+@pytest.fixture(scope="module")
+def all_methods(tmp_path_factory, data_dir):
+  tmp = tmp_path_factory.mktemp("all")
+  assert _run(tmp, "--method", "all", "--data-dir", str(data_dir)) == 0
+  return tmp / "run"
+
+
+def test_every_method_reports(all_methods):
+  results = json.loads((all_methods / "results.json").read_text())
+  assert set(results) >= {"config", "seed", "versions", "timings", "methods"}
+  assert set(results["methods"]) == set(yelp_imdb.METHODS)
+  for name, m in results["methods"].items():
+    for stage in ("stage1", "stage2"):
+      assert set(m[stage]) == {"yelp", "imdb"} and all(0 <= v <= 1 for v in m[stage].values()), name
+    assert m["weight_change"] > 0, name
+    assert set(m["weight_change_by_layer"]) >= {"embeddings", "layer 0", "layer 5", "pooler", "heads"}
+    assert {"average_accuracy", "backward_transfer", "forgetting"} <= set(m)
+    assert np.isfinite(m["loss_curve"]).all() and len(m["loss_curve"]) == 4
+    assert m["task_agnostic"]["stage2"]["imdb"] is not None
+  assert results["methods"]["fip"]["path"]["step"] == [2, 4]
+  assert results["methods"]["naive"]["path"] is None
+  # Every method starts from the one stage-1 network.
+  assert len({json.dumps(m["stage1"]) for m in results["methods"].values()}) == 1
+  for f in ("report.md", "weight_change.png", "fip_path.png"):
+    assert (all_methods / f).stat().st_size > 0
+  assert "Table 1" in (all_methods / "report.md").read_text()
+
+
+def test_lora_changes_only_query_value_and_head(all_methods):
+  m = json.loads((all_methods / "results.json").read_text())["methods"]["lora"]
+  assert m["weight_change_by_layer"]["embeddings"] == 0.0 and m["weight_change_by_layer"]["pooler"] == 0.0
+  assert m["weight_change_by_layer"]["layer 0"] > 0 and m["weight_change_by_layer"]["heads"] > 0
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path, data_dir):
+  args = ("--method", "fip", "--data-dir", str(data_dir))
+  assert _run(tmp_path, *args, out="full", cache="cache_full") == 0
+  assert _run(tmp_path, *args, "--stop-after", "3", out="killed", cache="cache_killed") == 130  # in stage 1
+  assert _run(tmp_path, *args, "--stop-after", "3", out="killed", cache="cache_killed") == 130  # in stage 2
+  assert not (tmp_path / "killed" / "results.json").exists()
+  assert _run(tmp_path, *args, out="killed", cache="cache_killed") == 0
+  full = json.loads((tmp_path / "full" / "results.json").read_text())["methods"]["fip"]
+  resumed = json.loads((tmp_path / "killed" / "results.json").read_text())["methods"]["fip"]
+  for key in ("stage1", "stage2", "weight_change", "loss_curve", "path"):
+    assert resumed[key] == full[key], key
+  # Finished: the same command refuses to overwrite, and leaves the results as they were.
+  before = (tmp_path / "full" / "results.json").read_text()
+  assert _run(tmp_path, *args, out="full", cache="cache_full") == 2
+  assert (tmp_path / "full" / "results.json").read_text() == before
+
+
+def test_bad_input_exits_nonzero_with_a_clear_message(tmp_path, capsys, data_dir):
+  assert _run(tmp_path, "--method", "naive", "--data-dir", str(tmp_path / "missing")) == 2
+  assert "data directory" in capsys.readouterr().err
+  assert _run(tmp_path, "--method", "naive", "--data-dir", str(data_dir), "--model", str(tmp_path / "nope"),
+              out="run2") == 2
+  assert "does not exist" in capsys.readouterr().err
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("someone else's")
+  assert _run(tmp_path, "--method", "naive", "--data-dir", str(data_dir), out="other") == 2
+  assert "another run" in capsys.readouterr().err
+  assert (tmp_path / "other" / "notes.txt").read_text() == "someone else's"
+  with pytest.raises(SystemExit) as e:
+    yelp_imdb.main(["--method", "sgd"])
+  assert e.value.code == 2
+  with pytest.raises(SystemExit):
+    yelp_imdb.main(["--preset", "laptop"])
+
+
+@pytest.mark.slow
+def test_four_devices_give_the_same_losses(tmp_path, data_dir):
+  def run(devices, out):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "experiments.yelp_imdb", *TINY, "--method", "fip", "--data-dir", str(data_dir),
+           "--dropout", "false", "--out", str(tmp_path / out), "--cache-dir", str(tmp_path / f"cache{devices}")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"devices: {devices}" in done.stdout
+    return json.loads((tmp_path / out / "results.json").read_text())["methods"]["fip"]
+
+  one, four = run(1, "one"), run(4, "four")
+  np.testing.assert_allclose(four["loss_curve"], one["loss_curve"], rtol=2e-4)
+  assert four["stage2"] == one["stage2"]
