@@ -33,6 +33,26 @@ TARGETS = {"gv_over_grad_time": 1.3, "fip_overhead_time": 1.05, "fip_over_naive_
 TINY = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
+# Dense bf16 datasheet peaks (FLOP/s) for model-FLOPs utilisation; other devices report the measured matmul peak.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12}
+
+
+def training_flops(cfg: bert.BertConfig, batch: int, seq: int) -> float:
+  """Model FLOPs of one training step (forward + backward ≈ 3 × forward): 6·N·tokens for the dense layers plus
+  the attention score and mix products, 12·L·T·d per token."""
+  d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+  dense_params = layers * (4 * d * d + 2 * d * ff) + d * d
+  tokens = batch * seq
+  return 6.0 * dense_params * tokens + 12.0 * layers * seq * d * tokens
+
+
+def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  return 2.0 * n**3 / median_time(f, a, repeats=repeats)
+
+
 def median_time(fn, *args, repeats: int) -> float:
   jax.block_until_ready(fn(*args))          # warm-up: compile
   times = []
@@ -77,8 +97,9 @@ class Setup:
     return self.apply(params, inputs)["shared"]
 
   def task_loss(self, params, batch, rng=None):
-    return optax.softmax_cross_entropy_with_integer_labels(self.logits(params, batch["inputs"]),
-                                                           batch["labels"]).mean()
+    """Cross-entropy with dropout (as the PyTorch baseline in train mode) when the batch carries an rng."""
+    logits = self.apply(params, batch["inputs"], deterministic=rng is None, rng=rng)["shared"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
   def step(self, method: continual.Method):
     """(jitted step, its arguments) for one training step of ``method`` — the library's own step."""
@@ -91,6 +112,7 @@ class Setup:
 
   def time_step(self, method, batch, repeats) -> tuple[float, int]:
     step, *args = self.step(method)
+    batch = {**batch, "rng": jax.random.PRNGKey(0)}
     return median_time(step, *args, batch, repeats=repeats), peak_bytes(step, *args, batch)
 
 
@@ -183,6 +205,14 @@ def run(args) -> dict:
             "fip_over_naive_step_time": times["fip"] / times["naive"],
             "fip_over_naive_peak_memory": peaks["fip"] / peaks["naive"],
             "lorafip_over_lora_peak_memory": peaks["lora-fip"] / peaks["lora"]}
+  flops = training_flops(s.cfg, args.batch, args.seq)
+  kind = jax.devices()[0].device_kind
+  datasheet = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+  measured = matmul_peak(dtype)
+  result["naive_step_tflops"] = flops / times["naive"] / 1e12
+  result["mfu"] = None if datasheet is None else flops / times["naive"] / datasheet
+  result["fraction_of_measured_matmul_peak"] = flops / times["naive"] / measured
+  result["measured_matmul_tflops"] = measured / 1e12
   geodesic = {}
   for iters in args.cg_iters:
     m = continual.fip_geodesic(s.task_loss, s.logits, learning_rate=2e-5, cg_iters=iters)
@@ -213,6 +243,10 @@ def table(result: dict) -> str:
       target = TARGETS.get(key)
       mark = "" if target is None else ("  ok" if result[key] <= target else "  MISSED")
       rows.append(f"{key:36s} {result[key]:8.3f} {'' if target is None else f'≤ {target}':>8s}{mark}")
+  mfu = "n/a (no datasheet peak for this device)" if result["mfu"] is None else f"{result['mfu']:.3f}"
+  rows.append(f"naive step: {result['naive_step_tflops']:.3f} TFLOP/s model FLOPs; MFU {mfu}; "
+              f"{result['fraction_of_measured_matmul_peak']:.3f} of the measured matmul peak "
+              f"({result['measured_matmul_tflops']:.3f} TFLOP/s)")
   rows.append("geodesic step / naive step by CG iterations: " + ", ".join(
       f"{k}: {v:.2f}" for k, v in result["geodesic_over_naive_time_by_cg_iters"].items()))
   for k, v in result.get("scaling", {}).items():

@@ -103,3 +103,10 @@ def test_four_devices_give_the_same_losses(tmp_path, data_dir):
   one, four = run(1, "one"), run(4, "four")
   np.testing.assert_allclose(four["loss_curve"], one["loss_curve"], rtol=2e-4)
   assert four["stage2"] == one["stage2"]
+
+
+def test_per_task_heads(tmp_path, data_dir):
+  assert _run(tmp_path, "--method", "lora", "--heads", "per-task", "--data-dir", str(data_dir)) == 0
+  m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["lora"]
+  assert m["task_agnostic"]["stage2"]["yelp"] is None          # no shared label space to take an argmax over
+  assert 0 <= m["stage2"]["imdb"] <= 1
