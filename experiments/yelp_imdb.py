@@ -18,6 +18,7 @@ import hashlib
 import json
 import pathlib
 import platform
+import shutil
 import sys
 import time
 from typing import Any
@@ -207,13 +208,12 @@ class Experiment:
         if d.dropped:
           self.log(f"{d.source}: dropped {d.dropped} rows with empty text")
       # Validation rows come out of the training split, chosen before the training subsample.
-      shuffled = data.subsample(train, None if cfg.n_val is None else len(train.texts), cfg.seed)
-      order = np.random.default_rng([cfg.seed, 7]).permutation(len(shuffled.texts))
+      order = np.random.default_rng([cfg.seed, 7]).permutation(len(train.texts))
       val_idx, train_idx = order[:cfg.n_val], order[cfg.n_val:]
       pick = lambda d, idx: dataclasses.replace(d, texts=[d.texts[i] for i in idx], labels=d.labels[idx])
-      train_part = data.subsample(pick(shuffled, np.sort(train_idx)), n_train, cfg.seed)
+      train_part = data.subsample(pick(train, np.sort(train_idx)), n_train, cfg.seed)
       enc = lambda d: data.encode(d, self.tokenizer, cfg.max_len, self.offsets[task])
-      self.data[task] = {"train": enc(train_part), "val": enc(pick(shuffled, np.sort(val_idx))),
+      self.data[task] = {"train": enc(train_part), "val": enc(pick(train, np.sort(val_idx))),
                          "test": enc(data.subsample(test, cfg.n_test, cfg.seed))}
       self.log(f"{task}: {len(self.data[task]['train'])} train / {len(self.data[task]['val'])} val / "
                f"{len(self.data[task]['test'])} test rows, max_len {cfg.max_len}")
@@ -377,6 +377,7 @@ class Experiment:
     self.timings["stage1"] = time.perf_counter() - t0
     if path is not None:
       checkpoint.save(path / "final", params, {"history": history, "config": key})
+      shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return params, history
 
   def replay_buffer(self, params_yelp):
@@ -525,7 +526,6 @@ def run_method(exp: Experiment, name: str, params_yelp, stage1_acc, replay, out:
   }
   done.parent.mkdir(parents=True, exist_ok=True)
   _write_json(done, result)
-  import shutil
   shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
   exp.log(f"{name}: Yelp {result['stage1']['yelp']:.3f} → {result['stage2']['yelp']:.3f}, IMDB "
           f"{result['stage1']['imdb']:.3f} → {result['stage2']['imdb']:.3f}, weight change "
