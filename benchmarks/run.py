@@ -151,7 +151,7 @@ def torch_times(s: Setup, repeats: int, threads: int) -> dict[str, float]:
   model.train()
   frozen = copy.deepcopy(model).eval()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
-  t = lambda a: torch.as_tensor(np.asarray(a)).long()
+  t = lambda a: torch.tensor(np.array(a), dtype=torch.long)
   new_ids, new_mask, new_y = t(s.new["inputs"]["input_ids"]), t(s.new["inputs"]["attention_mask"]), t(s.new["labels"])
   rep_ids, rep_mask = t(s.replay["inputs"]["input_ids"]), t(s.replay["inputs"]["attention_mask"])
 

@@ -17,9 +17,9 @@ def summarize(results: list[dict]) -> str:
   methods = list(results[0]["methods"])
   seeds = [r["seed"] for r in results]
 
-  def cell(name, get):
+  def cell(name, get, digits=3):
     vals = np.array([get(r["methods"][name]) for r in results if name in r["methods"]], float)
-    return f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.3f}"
+    return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.{digits}f}"
 
   lines = [f"Seeds {seeds}; mean ± sample std over seeds.", "",
            "| method | Yelp after stage 1 | Yelp after stage 2 | Δ Yelp | IMDB after stage 1 | IMDB after stage 2 "
@@ -28,8 +28,13 @@ def summarize(results: list[dict]) -> str:
     lines.append("| " + " | ".join([
         name, cell(name, lambda m: m["stage1"]["yelp"]), cell(name, lambda m: m["stage2"]["yelp"]),
         cell(name, lambda m: m["stage2"]["yelp"] - m["stage1"]["yelp"]), cell(name, lambda m: m["stage1"]["imdb"]),
-        cell(name, lambda m: m["stage2"]["imdb"]), cell(name, lambda m: m["weight_change"]),
+        cell(name, lambda m: m["stage2"]["imdb"]), cell(name, lambda m: m["weight_change"], 4),
         cell(name, lambda m: m["forgetting"]), cell(name, lambda m: m["average_accuracy"])]) + " |")
+  if results[0]["config"]["heads"] == "shared":
+    lines += ["", "Task-agnostic test accuracy after stage 2 (argmax over all seven labels), Yelp / IMDB:", ""]
+    for name in methods:
+      lines.append(f"- {name}: {cell(name, lambda m: m['task_agnostic']['stage2']['yelp'])} / "
+                   f"{cell(name, lambda m: m['task_agnostic']['stage2']['imdb'])}")
   lines += ["", "Validation accuracy after stage 2 (Yelp / IMDB; the split used for tuning):", ""]
   for name in methods:
     lines.append(f"- {name}: {cell(name, lambda m: m['validation']['yelp'])} / "
