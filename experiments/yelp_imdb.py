@@ -176,8 +176,6 @@ class Experiment:
   """Model, data and methods for one configuration; methods share the stage-1 network."""
 
   def __init__(self, cfg: Config, *, progress: bool = True, cache_dir: pathlib.Path | None = None):
-
-
     self.cfg, self.progress, self.cache_dir = cfg, progress, cache_dir
     self.timings: dict[str, float] = {}
     if cfg.heads not in ("shared", "per-task"):
@@ -185,8 +183,11 @@ class Experiment:
     if cfg.distance not in ("bhattacharyya", "kl", "squared_euclidean"):
       raise UsageError(f"--distance must be bhattacharyya, kl or squared_euclidean, got {cfg.distance!r}")
     self.mesh = parallel.data_mesh()
-    for b in (cfg.batch_size, cfg.replay_batch_size, cfg.eval_batch_size):
-      parallel.check_batch_size(b, self.mesh)
+    try:
+      for b in (cfg.batch_size, cfg.replay_batch_size, cfg.eval_batch_size):
+        parallel.check_batch_size(b, self.mesh)
+    except ValueError as e:
+      raise UsageError(str(e)) from e
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(cfg.dtype)
     if dtype is None:
       raise UsageError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
@@ -234,7 +235,6 @@ class Experiment:
     return out["shared"] if self.cfg.heads == "shared" else out[task]
 
   def task_loss(self, task: str):
-
     def loss(params, batch, rng=None):
       logits = self.task_logits(params, batch["inputs"], task, rng if self.cfg.dropout else None)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
