@@ -267,30 +267,19 @@ class Experiment:
                                 start_step=start_step, buckets=self.train_buckets)
     step = start_step
     for b in stream:
-      batch = {"new": {"inputs": {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                       "labels": b["labels"]}}
+      batch = {"new": {"inputs": data.model_inputs(b), "labels": b["labels"]}}
       if replay is not None:
         r = replay.sample(step, cfg.replay_batch_size, cfg.max_len, self.train_buckets)
-        batch["replay"] = {"inputs": {"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]},
-                           "labels": r["labels"], "ref_outputs": r["ref_outputs"]}
+        batch["replay"] = {"inputs": data.model_inputs(r), "labels": r["labels"], "ref_outputs": r["ref_outputs"]}
       step += 1
       yield parallel.shard_batch(batch, self.mesh)
 
-  def logits_on(self, params, enc) -> "np.ndarray":
+  def logits_on(self, params, enc) -> dict[str, np.ndarray]:
     """Logits of every head on an encoded set, in its original order: {head: [N, K]}."""
-    order = np.argsort([len(x) for x in enc.ids], kind="stable")
-    chunks, kept = {}, []
-    for batch, n in data.eval_batches(enc, self.cfg.eval_batch_size, self.cfg.max_len):
-      inputs = parallel.shard_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                                    self.mesh)
-      for head, z in self._eval_fn(params, inputs).items():
-        chunks.setdefault(head, []).append(np.asarray(z)[:n])
     out = {}
-    for head, parts in chunks.items():
-      z = np.concatenate(parts)
-      restored = np.empty_like(z)
-      restored[order] = z
-      out[head] = restored
+    for batch, idx in data.eval_batches(enc, self.cfg.eval_batch_size, self.cfg.max_len):
+      for head, z in self._eval_fn(params, parallel.shard_batch(data.model_inputs(batch), self.mesh)).items():
+        out.setdefault(head, np.empty((len(enc), z.shape[-1]), np.float32))[idx] = np.asarray(z)[:len(idx)]
     return out
 
   def accuracy(self, params, task: str, split: str = "test") -> dict[str, float | None]:
@@ -416,7 +405,7 @@ class Experiment:
     if name == "ewc":
       n = min(cfg.ewc_samples, len(replay.enc))
       batch = data.collate(replay.enc, np.arange(n), cfg.max_len, self.train_buckets)
-      inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+      inputs = data.model_inputs(batch)
       t0 = time.perf_counter()
       yelp_logits = lambda p, x: self.task_logits(p, x, "yelp")[:, :5]
       fisher = continual.diagonal_fisher(yelp_logits, params_yelp, inputs, batch_size=4)
@@ -438,7 +427,7 @@ class PathTracker:
     self.exp = exp
     n = min(exp.cfg.probe_size, len(replay.enc))
     b = data.collate(replay.enc, np.arange(n), exp.cfg.max_len, exp.train_buckets)
-    self.inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    self.inputs = data.model_inputs(b)
     self.ref = replay.ref_outputs[:n]
     self.prev = self.ref
     self.dist = geometry.get_distance(exp.cfg.distance).fn

@@ -146,7 +146,7 @@ def diagonal_fisher(f_old: OldApply, params: PyTree, inputs: PyTree, labels: jax
   With ``labels`` it is the empirical Fisher (y the true label); without, the true Fisher with the expectation
   over y taken exactly (``Σ_y p(y|x) g_y²``). Never the square of a mini-batch-mean gradient.
   """
-  n = geometry._num_rows(inputs)
+  n = geometry.num_rows(inputs)
 
   def per_example(x, y):
     x1 = jax.tree.map(lambda a: a[None], x)

@@ -182,16 +182,19 @@ def train_batches(enc: Encoded, batch_size: int, seed: int, max_len: int, *, sta
 
 
 def eval_batches(enc: Encoded, batch_size: int, max_len: int,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-  """(batch, number of real rows) in order, sorted by length within the pass for fewer padded tokens; the last
-  batch is padded with repeats of its first row to keep the shape (count only the first ``n`` rows)."""
+                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """(batch, row indices) covering every row once, sorted by length for fewer padded tokens. The last batch is
+  padded with repeats of its first row to keep the shape: only its first ``len(indices)`` rows are real."""
   order = np.argsort([len(x) for x in enc.ids], kind="stable")
   for i in range(0, len(order), batch_size):
     idx = order[i:i + batch_size]
-    n = len(idx)
-    if n < batch_size:
-      idx = np.concatenate([idx, np.repeat(idx[:1], batch_size - n)])
-    yield collate(enc, idx, max_len, buckets), n
+    padded = np.concatenate([idx, np.repeat(idx[:1], batch_size - len(idx))])
+    yield collate(enc, padded, max_len, buckets), idx
+
+
+def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The arrays a BERT apply takes from a collated batch."""
+  return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 @dataclasses.dataclass

@@ -160,7 +160,8 @@ class Metric:
     return evals, jax.vmap(unravel)(evecs)
 
 
-def _num_rows(inputs: PyTree) -> int:
+def num_rows(inputs: PyTree) -> int:
+  """The shared leading (batch) size of a pytree of inputs; an error if the leaves disagree."""
   sizes = {x.shape[0] for x in jax.tree.leaves(inputs)}
   if len(sizes) != 1:
     raise ValueError(f"reference inputs must share one leading (batch) axis; got leading sizes {sorted(sizes)}")
@@ -186,7 +187,7 @@ def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str
       product); N is padded with zero-weight rows to a multiple.
   """
   m = get_output_metric(output_metric)
-  n = _num_rows(inputs)
+  n = num_rows(inputs)
   dtype = jnp.result_type(*jax.tree.leaves(params))
   w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
   total = jnp.sum(w)

@@ -82,7 +82,7 @@ def geodesic_step(f: geometry.Apply, loss_new: Callable[[PyTree, Any], jax.Array
 
 def reference_outputs(f: geometry.Apply, params: PyTree, inputs: PyTree, batch_size: int | None = None) -> jax.Array:
   """``f(θ_ref, x)`` for an old-task buffer, computed once (in micro-batches of ``batch_size``) and stored."""
-  n = geometry._num_rows(inputs)
+  n = geometry.num_rows(inputs)
   if batch_size is None or batch_size >= n:
     return jax.lax.stop_gradient(f(params, inputs))
   apply = jax.jit(f)
