@@ -1,6 +1,9 @@
 """Mean ± std over seeds of several ``results.json`` files of ``experiments.yelp_imdb``.
 
     python -m experiments.summarize runs/seed0/results.json runs/seed1/results.json runs/seed2/results.json
+
+Files of the same seed are merged method by method (a later file's method replaces an earlier one's), so methods
+run separately can join a table, provided they started from the same stage-1 network.
 """
 
 from __future__ import annotations
@@ -12,9 +15,38 @@ import sys
 
 import numpy as np
 
+# Configuration that determines the stage-1 network and the data (experiments.yelp_imdb.STAGE1_FIELDS and the rest
+# of the data setup).
+STAGE1_KEYS = ("model", "data_dir", "heads", "n_train_yelp", "n_train_imdb", "n_test", "n_val", "max_len",
+               "batch_size", "lr", "weight_decay", "stage1_epochs", "stage1_steps", "dropout", "dtype", "seed",
+               "buffer_size", "replay_batch_size", "steps", "epochs")
+
+
+def merge_by_seed(results: list[dict]) -> list[dict]:
+  """One result per seed, its methods the union of that seed's files.
+
+  Raises:
+    ValueError: files of one seed whose stage-1 networks differ (stage-1 accuracies or configuration).
+  """
+  by_seed: dict[int, dict] = {}
+  for r in results:
+    seed = r["seed"]
+    if seed not in by_seed:
+      by_seed[seed] = {**r, "methods": dict(r["methods"])}
+      continue
+    first = by_seed[seed]
+    stage1 = lambda res: {json.dumps(m["stage1"], sort_keys=True) for m in res["methods"].values()}
+    same_config = all(first["config"].get(k) == r["config"].get(k) for k in STAGE1_KEYS)
+    if not same_config or stage1(first) != stage1(r):
+      raise ValueError(f"seed {seed}: the files do not share one stage-1 network (configuration or stage-1 "
+                       "accuracies differ); summarise them separately")
+    first["methods"].update(r["methods"])
+  return list(by_seed.values())
+
 
 def summarize(results: list[dict]) -> str:
-  methods = list(results[0]["methods"])
+  results = merge_by_seed(results)
+  methods = list(dict.fromkeys(name for r in results for name in r["methods"]))
   seeds = [r["seed"] for r in results]
 
   def cell(name, get, digits=3):
@@ -50,7 +82,11 @@ def main(argv=None) -> int:
   if missing:
     print(f"error: no such results file: {', '.join(missing)}", file=sys.stderr)
     return 2
-  print(summarize([json.loads(r.read_text()) for r in args.results]))
+  try:
+    print(summarize([json.loads(r.read_text()) for r in args.results]))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

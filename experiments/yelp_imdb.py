@@ -33,7 +33,7 @@ from fipjax import checkpoint, continual, data, geometry, lora, parallel, paths
 from fipjax import tree as tu
 from fipjax.models import bert, hub
 
-METHODS = ("naive", "lora", "fip", "fip-geodesic", "ewc", "replay", "lora-fip")
+METHODS = ("naive", "lora", "fip", "fip-geodesic", "ewc", "replay", "lora-fip", "lora-fip-geodesic")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_DATA = REPO.parent / "shared" / "data"
 
@@ -71,6 +71,8 @@ class Config:
   geodesic_damping: float = 1e-2
   geodesic_cg_iters: int = 5
   geodesic_max_norm: float | None = None
+  lora_geodesic_lr: float = 1.0        # lora-fip-geodesic: with lr 1 the step is the CG direction cut to ‖dθ‖ ≤ ε
+  lora_geodesic_max_norm: float | None = 0.03
   record_every: int = 50
   probe_size: int = 64
   checkpoint_every: int = 500
@@ -384,7 +386,7 @@ class Experiment:
     cfg = self.cfg
     new_loss = self.task_loss("imdb")
     common = {"trainable": self.all_but_other_head("imdb")}
-    if name in ("lora", "lora-fip"):
+    if name.startswith("lora"):
       lcfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
       common = {"init": lambda p: lora.train_params(p, jax.random.PRNGKey(cfg.seed + 1), lcfg),
                 "to_model": lambda tp: lora.to_model(tp, lcfg),
@@ -395,10 +397,14 @@ class Experiment:
     if name in ("fip", "lora-fip"):
       return continual.fip(new_loss, self.f_old, self.adamw(cfg.lora_lr if name == "lora-fip" else cfg.lr),
                            distance=cfg.distance, beta=cfg.beta, name=name, **common)
-    if name == "fip-geodesic":
-      return continual.fip_geodesic(new_loss, self.f_old, learning_rate=cfg.geodesic_lr,
-                                    damping=cfg.geodesic_damping, cg_iters=cfg.geodesic_cg_iters,
-                                    max_norm=cfg.geodesic_max_norm, **common)
+    if name in ("fip-geodesic", "lora-fip-geodesic"):
+      # In LoRA's subspace G is pulled back to the adapter coordinates (and the new head) through the merge.
+      in_lora = name == "lora-fip-geodesic"
+      return continual.fip_geodesic(new_loss, self.f_old,
+                                    learning_rate=cfg.lora_geodesic_lr if in_lora else cfg.geodesic_lr,
+                                    max_norm=cfg.lora_geodesic_max_norm if in_lora else cfg.geodesic_max_norm,
+                                    damping=cfg.geodesic_damping, cg_iters=cfg.geodesic_cg_iters, name=name,
+                                    **common)
     if name == "replay":
       old = lambda p, b, rng=None: self.task_loss("yelp")(p, b, rng)
       return continual.replay(new_loss, old, self.adamw(cfg.lr), **common)
@@ -458,7 +464,7 @@ class PathTracker:
 
 
 
-FIP_METHODS = ("fip", "fip-geodesic", "lora-fip")
+FIP_METHODS = ("fip", "fip-geodesic", "lora-fip", "lora-fip-geodesic")
 
 
 def layer_group(path: str) -> str:
@@ -502,6 +508,7 @@ def run_method(exp: Experiment, name: str, params_yelp, stage1_acc, replay, out:
       "task_agnostic": {"stage1": {t: stage1_acc[t]["task_agnostic"] for t in ("yelp", "imdb")},
                         "stage2": {t: test[t]["task_agnostic"] for t in ("yelp", "imdb")}},
       "validation": {t: val[t]["task_aware"] for t in ("yelp", "imdb")},
+      "validation_task_agnostic": {t: val[t]["task_agnostic"] for t in ("yelp", "imdb")},
       "weight_change": continual.fractional_weight_change(final, params_yelp),
       "weight_change_by_layer": continual.weight_change_by_group(final, params_yelp, layer_group),
       "accuracy_matrix": r.tolist(),

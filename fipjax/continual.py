@@ -190,14 +190,18 @@ def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True)
   def step(trainable, frozen, opt_state, batch):
     model_fn = lambda t: method.to_model(t if mask is None else tu.merge(t, mask, frozen))
     value_and_grad = lambda fn, t: jax.value_and_grad(lambda u: fn(model_fn(u), batch), has_aux=True)(t)
-    (loss, metrics), grads = value_and_grad(method.loss, trainable)
+    # Named scopes label each pass in a profile (benchmarks/profile.py).
+    with jax.named_scope("new_task"):
+      (loss, metrics), grads = value_and_grad(method.loss, trainable)
     if method.replay_loss is not None:
       # The barrier orders the replay pass after the first backward: peak memory is the larger pass, not both.
       after, grads = jax.lax.optimization_barrier((trainable, grads))
-      (replay_loss, replay_metrics), replay_grads = value_and_grad(method.replay_loss, after)
+      with jax.named_scope("replay"):
+        (replay_loss, replay_metrics), replay_grads = value_and_grad(method.replay_loss, after)
       loss, metrics, grads = loss + replay_loss, {**metrics, **replay_metrics}, tu.tree_add(grads, replay_grads)
-    updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
-                                                 **method.extra_args(batch))
+    with jax.named_scope("update"):
+      updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
+                                                   **method.extra_args(batch))
     metrics = {**metrics, "step_length": tu.tree_norm(updates)}
     return optax.apply_updates(trainable, updates), opt_state, loss, metrics
 

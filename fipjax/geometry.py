@@ -197,10 +197,13 @@ def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str
     (gv,) = jax.linear_transpose(lin, params)(_weighted(m(z, lin(v)), wx))
     return gv
 
+  # Named scopes let a profile tell the one-off primal pass from the per-product JVP + transpose.
   if chunk_size is None or chunk_size >= n:
-    z, lin = jax.linearize(lambda p: f(p, inputs), params)
-    transpose = jax.linear_transpose(lin, params)
+    with jax.named_scope("metric_linearize"):
+      z, lin = jax.linearize(lambda p: f(p, inputs), params)
+      transpose = jax.linear_transpose(lin, params)
 
+    @jax.named_scope("metric_product")
     def matvec(v):
       (gv,) = transpose(_weighted(m(z, lin(v)), w))
       return tu.tree_scale(1.0 / total, gv)
@@ -213,6 +216,7 @@ def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str
   chunks = jax.tree.map(lambda x: pad_rows(x).reshape((n_chunks, chunk_size) + x.shape[1:]), inputs)
   w_chunks = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)]).reshape(n_chunks, chunk_size)
 
+  @jax.named_scope("metric_product")
   def matvec(v):
     def step(acc, xw):
       return tu.tree_add(acc, chunk_product(xw[0], xw[1], v)), None

@@ -3,10 +3,12 @@
 import json
 import math
 
+from benchmarks import profile
 from benchmarks import run as bench
 
 KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "fip_over_naive_peak_memory",
-        "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time", "ours_over_torch_step_time")
+        "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time", "ours_over_torch_step_time",
+        "gv_with_linearization_over_grad_time", "gv_over_grad_flops", "gv_with_linearization_over_grad_flops")
 
 
 def test_benchmark_json_has_every_ratio(tmp_path):
@@ -19,3 +21,29 @@ def test_benchmark_json_has_every_ratio(tmp_path):
   assert set(result["geodesic_over_naive_time_by_cg_iters"]) == {"1", "2"}
   assert set(result["config"]) >= {"model", "batch", "replay_batch", "seq", "dtype", "device", "threads"}
   assert "batch 2" in result["scaling"]
+  assert 0 < result["authors_frozen_forward_share"] < 1
+
+
+def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
+  out = tmp_path / "profile.json"
+  assert profile.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8", "--repeats", "1",
+                       "--json", str(out)]) == 0
+  steps = json.loads(out.read_text())["steps"]
+  assert set(steps["ours fip step"]["by_pass"]) >= {"new_task forward", "new_task backward", "replay forward",
+                                                    "replay backward", "optimizer"}
+  assert "replay forward" not in steps["ours naive step"]["by_pass"]
+  assert set(steps["ours G·v"]["by_pass"]) >= {"metric_linearize forward", "metric_product forward",
+                                               "metric_product backward"}
+  assert set(steps["torch authors' FIP step"]["by_pass"]) == set(bench.PASSES)
+  for name, step in steps.items():
+    assert step["by_category"]["matmul"] > 0, name
+    assert sum(step["by_category"].values()) > 0.2 * step["wall_s"], name
+
+
+def test_category_names_the_kind_of_work():
+  assert profile.category("dot_general") == profile.category("aten::addmm") == "matmul"
+  assert profile.category("add", "jit(step)/new_task/jvp(jit(_bernoulli))/jit(_uniform)/add") == "dropout RNG"
+  assert profile.category("aten::native_dropout") == "dropout RNG"
+  assert profile.category("erf") == profile.category("aten::gelu") == "transcendental"
+  assert profile.category("t") == "layout" and profile.category("tanh") == "transcendental"
+  assert profile.category("add") == profile.category("aten::add_") == "elementwise"

@@ -48,8 +48,9 @@ def test_every_method_reports(all_methods):
   assert "Table 1" in (all_methods / "report.md").read_text()
 
 
-def test_lora_changes_only_query_value_and_head(all_methods):
-  m = json.loads((all_methods / "results.json").read_text())["methods"]["lora"]
+@pytest.mark.parametrize("name", ["lora", "lora-fip", "lora-fip-geodesic"])
+def test_lora_methods_change_only_query_value_and_head(all_methods, name):
+  m = json.loads((all_methods / "results.json").read_text())["methods"][name]
   assert m["weight_change_by_layer"]["embeddings"] == 0.0 and m["weight_change_by_layer"]["pooler"] == 0.0
   assert m["weight_change_by_layer"]["layer 0"] > 0 and m["weight_change_by_layer"]["heads"] > 0
 

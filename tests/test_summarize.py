@@ -1,0 +1,39 @@
+"""experiments.summarize: mean ± std over seeds, and methods of one seed merged from several files."""
+
+import json
+
+import pytest
+
+from experiments import summarize
+
+
+def result(seed, methods, yelp_stage1=0.5, **config):
+  def method(yelp):
+    return {"stage1": {"yelp": yelp_stage1, "imdb": 0.4}, "stage2": {"yelp": yelp, "imdb": 0.7},
+            "weight_change": 0.01, "forgetting": yelp_stage1 - yelp, "average_accuracy": (yelp + 0.7) / 2,
+            "task_agnostic": {"stage2": {"yelp": yelp, "imdb": 0.7}}, "validation": {"yelp": yelp, "imdb": 0.7}}
+  return {"seed": seed, "config": {"heads": "shared", "model": "minilm", **config},
+          "methods": {name: method(yelp) for name, yelp in methods.items()}}
+
+
+def test_files_of_one_seed_merge_and_later_methods_replace_earlier():
+  merged = summarize.merge_by_seed([result(0, {"naive": 0.3, "fip-geodesic": 0.1}),
+                                    result(1, {"naive": 0.4, "fip-geodesic": 0.2}),
+                                    result(0, {"fip-geodesic": 0.45, "lora-fip-geodesic": 0.48})])
+  assert [r["seed"] for r in merged] == [0, 1]
+  assert merged[0]["methods"]["fip-geodesic"]["stage2"]["yelp"] == 0.45
+  assert set(merged[0]["methods"]) == {"naive", "fip-geodesic", "lora-fip-geodesic"}
+  text = summarize.summarize([result(0, {"naive": 0.3}), result(1, {"naive": 0.4}),
+                              result(0, {"lora-fip-geodesic": 0.48})])
+  assert "| naive | 0.500 ± 0.000 | 0.350 ± 0.071 |" in text
+  assert "| lora-fip-geodesic | 0.500 ± 0.000 | 0.480 ± 0.000 |" in text
+
+
+@pytest.mark.parametrize("other", [result(0, {"fip": 0.4}, yelp_stage1=0.6), result(0, {"fip": 0.4}, max_len=128)])
+def test_files_from_different_stage1_networks_are_refused(tmp_path, capsys, other):
+  paths = []
+  for i, r in enumerate([result(0, {"naive": 0.3}), other]):
+    paths.append(tmp_path / f"{i}.json")
+    paths[-1].write_text(json.dumps(r))
+  assert summarize.main([str(p) for p in paths]) == 2
+  assert "do not share one stage-1 network" in capsys.readouterr().err
