@@ -12,6 +12,7 @@ compiled step's ``memory_analysis().peak_memory_in_bytes`` where XLA reports it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -86,10 +87,28 @@ def peak_bytes(jitted, *args) -> int:
   return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
+class SpecError(ValueError):
+  """A model spec that names no model."""
+
+
+def random_config(spec: str) -> dict:
+  """``'random:L:H'`` → a randomly initialised BERT with L layers of width H (H/64 heads, 4H feed-forward), for
+  timing how cost grows with model size where no checkpoint of that size is at hand."""
+  try:
+    _, layers, hidden = spec.split(":")
+    layers, hidden = int(layers), int(hidden)
+  except ValueError:
+    raise SpecError(f"model spec {spec!r}: expected 'random:LAYERS:HIDDEN', e.g. 'random:12:768'") from None
+  if hidden % 64:
+    raise SpecError(f"model spec {spec!r}: the width must be a multiple of 64 (heads of 64)")
+  return dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+              intermediate_size=4 * hidden)
+
+
 class Setup:
   def __init__(self, model: str, batch: int, replay_batch: int, seq: int, dtype, seed: int = 0):
-    if model == "tiny":
-      cfg = bert.BertConfig(**TINY)
+    if model == "tiny" or model.startswith("random:"):
+      cfg = bert.BertConfig(**(TINY if model == "tiny" else random_config(model)))
       from flax import nnx
       graphdef, params = bert.split_params(bert.BertClassifier(cfg, {"shared": 7}, dtype=dtype, rngs=nnx.Rngs(0)))
       self.model_dir = None
@@ -187,7 +206,8 @@ def torch_steps(s: Setup, threads: int) -> dict:
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   if s.model_dir is None:
-    model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=7))
+    model = transformers.BertForSequenceClassification(
+        transformers.BertConfig(**dataclasses.asdict(s.cfg), num_labels=7))
   else:
     model = transformers.BertForSequenceClassification.from_pretrained(str(s.model_dir), num_labels=7)
   model.train()
@@ -226,6 +246,14 @@ def torch_steps(s: Setup, threads: int) -> dict:
     descend(ce + bd)
 
   return {"naive": naive, "fip": fip, "frozen_forward": frozen_probs}
+
+
+def cost_row(s: Setup, repeats: int) -> dict[str, float]:
+  """Seconds of G·v (metric formed, and with its linearisation), of a gradient and of a FIP step, for one setup."""
+  g = geometry_times(s, repeats)
+  fip_step = s.step_call(methods(s)["fip"], {"new": s.new, "replay": s.replay})[0]
+  return {"params": tu.tree_size(s.params), "gv_s": g["gv"], "gv_with_linearization_s": g["gv_with_linearization"],
+          "grad_s": g["grad"], "fip_step_s": interleaved_times({"fip": fip_step}, repeats)["fip"]}
 
 
 def run(args) -> dict:
@@ -273,15 +301,11 @@ def run(args) -> dict:
   geodesic = {k: t[k] / t["naive"] for k in geodesic_calls if k != "naive"}
   result["geodesic_over_naive_time_by_cg_iters"] = geodesic
   if args.sizes:
-    scaling = {}
-    for b in args.sizes:
-      sb = Setup(args.model, b, b, args.seq, dtype)
-      g = geometry_times(sb, args.repeats)
-      scaling[f"batch {b}"] = {"gv_s": g["gv"], "gv_with_linearization_s": g["gv_with_linearization"],
-                               "grad_s": g["grad"],
-                               "fip_step_s": interleaved_times({"fip": sb.step_call(
-                                   methods(sb)["fip"], {"new": sb.new, "replay": sb.replay})[0]}, args.repeats)["fip"]}
-    result["scaling"] = scaling
+    result["scaling"] = {f"batch {b}": cost_row(Setup(args.model, b, b, args.seq, dtype), args.repeats)
+                         for b in args.sizes}
+  if args.model_sizes:
+    result["model_scaling"] = {spec: cost_row(Setup(spec, args.batch, args.replay_batch, args.seq, dtype),
+                                              args.repeats) for spec in args.model_sizes}
   if not args.no_torch:
     tt = {k.removeprefix("torch_"): v for k, v in times.items() if k.startswith("torch_")}
     result["torch_times_s"] = tt
@@ -309,15 +333,17 @@ def table(result: dict) -> str:
               f"({result['measured_matmul_tflops']:.3f} TFLOP/s)")
   rows.append("geodesic step / naive step by CG iterations: " + ", ".join(
       f"{k}: {v:.2f}" for k, v in result["geodesic_over_naive_time_by_cg_iters"].items()))
-  for k, v in result.get("scaling", {}).items():
-    rows.append(f"{k}: " + ", ".join(f"{n} {x * 1e3:.1f} ms" for n, x in v.items()))
+  for k, v in {**result.get("scaling", {}), **result.get("model_scaling", {})}.items():
+    rows.append(f"{k}: {v['params'] / 1e6:.1f}M params, " + ", ".join(
+        f"{n} {x * 1e3:.1f} ms" for n, x in v.items() if n != "params"))
   return "\n".join(rows)
 
 
 def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
   """The options every benchmark command shares: model, batch sizes, sequence length, dtype, repeats, output."""
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="minilm", help="'tiny' (random 2-layer), 'minilm', a directory or hub id")
+  p.add_argument("--model", default="minilm",
+                 help="'tiny' (random 2-layer), 'random:L:H', 'minilm', a directory or hub id")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--replay-batch", type=int, default=16)
   p.add_argument("--seq", type=int, default=128)
@@ -329,11 +355,11 @@ def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
 
 
 def cli(p: argparse.ArgumentParser, run_fn, table_fn, argv) -> int:
-  """Parse, run, print the table, write the JSON; a model that cannot be loaded exits 2 with the reason."""
+  """Parse, run, print the table, write the JSON; a model that cannot be loaded or built exits 2 with the reason."""
   args = p.parse_args(argv)
   try:
     result = run_fn(args)
-  except hub.CheckpointError as e:
+  except (hub.CheckpointError, SpecError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(table_fn(result))
@@ -347,6 +373,8 @@ def main(argv=None) -> int:
   p = parser(__doc__, repeats=5)
   p.add_argument("--cg-iters", type=int, nargs="*", default=[1, 2, 4])
   p.add_argument("--sizes", type=int, nargs="*", default=[], help="batch sizes for the scaling table")
+  p.add_argument("--model-sizes", nargs="*", default=[], metavar="random:L:H",
+                 help="random BERTs of L layers, width H, for the model-size scaling table")
   return cli(p, run, table, argv)
 
 

@@ -71,7 +71,7 @@ class Config:
   geodesic_damping: float = 1e-2
   geodesic_cg_iters: int = 5
   geodesic_max_norm: float | None = None
-  lora_geodesic_lr: float = 1.0        # lora-fip-geodesic: with lr 1 the step is the CG direction cut to ‖dθ‖ ≤ ε
+  lora_geodesic_lr: float = 1.0        # lora-fip-geodesic: lr 1 and ε = 0.03, the CG direction cut to ‖dθ‖ ≤ ε
   lora_geodesic_max_norm: float | None = 0.03
   record_every: int = 50
   probe_size: int = 64

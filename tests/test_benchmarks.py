@@ -14,7 +14,7 @@ KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "f
 def test_benchmark_json_has_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
   assert bench.main(["--model", "tiny", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "2",
-                     "--cg-iters", "1", "2", "--sizes", "2", "--json", str(out)]) == 0
+                     "--cg-iters", "1", "2", "--sizes", "2", "--model-sizes", "random:1:64", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
@@ -22,6 +22,13 @@ def test_benchmark_json_has_every_ratio(tmp_path):
   assert set(result["config"]) >= {"model", "batch", "replay_batch", "seq", "dtype", "device", "threads"}
   assert "batch 2" in result["scaling"]
   assert 0 < result["authors_frozen_forward_share"] < 1
+  assert set(result["model_scaling"]["random:1:64"]) == {"params", "gv_s", "gv_with_linearization_s", "grad_s",
+                                                        "fip_step_s"}
+
+
+def test_bad_model_spec_exits_2(capsys):
+  assert bench.main(["--model", "random:two:64", "--no-torch"]) == 2
+  assert "random:LAYERS:HIDDEN" in capsys.readouterr().err
 
 
 def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
