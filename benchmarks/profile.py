@@ -69,18 +69,18 @@ def jax_pass(op_name: str) -> str:
   return scope + ("backward" if "transpose(" in op_name else "forward")
 
 
-def xla_profile(fn, args, repeats: int) -> dict:
-  """Seconds per call by pass and by category, from a profiler trace of ``repeats`` calls of the jitted ``fn``.
+def xla_profile(call, compiled, repeats: int) -> dict:
+  """Seconds per call by pass and by category, from a profiler trace of ``repeats`` runs of ``call`` (a
+  :func:`benchmarks.run.compiled_call` of the ``compiled`` program).
 
   Trace events are matched to HLO instructions by name (the CPU runtime's events; GPU events carry ``hlo_op``).
   """
-  hlo = fn.lower(*args).compile().as_text()
-  op_names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo, re.M))
-  jax.block_until_ready(fn(*args))
+  op_names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', compiled.as_text(), re.M))
+  call()
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir, create_perfetto_trace=True)
     for _ in range(repeats):
-      jax.block_until_ready(fn(*args))
+      call()
     jax.profiler.stop_trace()
     trace_file = next(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))
     events = json.load(gzip.open(trace_file))["traceEvents"]
@@ -119,24 +119,21 @@ def run(args) -> dict:
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   s = bench.Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
   methods = bench.methods(s)
-  steps = {}
-  for name, batch in (("naive", {"new": s.new}), ("fip", {"new": s.new, "replay": s.replay})):
-    step, *state = s.step(methods[name])
-    call = (*state, {**batch, "rng": jax.random.PRNGKey(0)})
-    steps[f"ours {name} step"] = (step, call)
-  steps["ours gradient"] = (jax.jit(jax.grad(lambda p: s.task_loss(p, s.new))), (s.params,))
+  steps = {f"ours {name} step": s.step_call(methods[name], batch)
+           for name, batch in (("naive", {"new": s.new}), ("fip", {"new": s.new, "replay": s.replay}))}
+  steps["ours gradient"] = bench.compiled_call(jax.jit(jax.grad(lambda p: s.task_loss(p, s.new))), s.params)
   gv = jax.jit(lambda p, v: geometry.pullback_metric(s.logits, p, s.new["inputs"], "fisher_rao")(v))
-  steps["ours G·v"] = (gv, (s.params, s.params))
+  steps["ours G·v"] = bench.compiled_call(gv, s.params, s.params)
   result = {"config": {"model": args.model, "batch": args.batch, "replay_batch": args.replay_batch,
                        "seq": args.seq, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
                        "repeats": args.repeats}, "steps": {}}
-  walls = {name: (lambda fn=fn, call=call: jax.block_until_ready(fn(*call))) for name, (fn, call) in steps.items()}
+  walls = {name: call for name, (call, _) in steps.items()}
   torch_steps = {} if args.no_torch else bench.torch_steps(s, os.cpu_count())
   labels = {"naive": "torch naive step", "fip": "torch authors' FIP step"}
   walls.update({labels[k]: torch_steps[k] for k in labels if k in torch_steps})
   walls = bench.interleaved_times(walls, args.repeats)
-  for name, (fn, call) in steps.items():
-    result["steps"][name] = {"wall_s": walls[name], **xla_profile(fn, call, args.repeats)}
+  for name, (call, compiled) in steps.items():
+    result["steps"][name] = {"wall_s": walls[name], **xla_profile(call, compiled, args.repeats)}
   for key, label in labels.items():
     if key in torch_steps:
       result["steps"][label] = {"wall_s": walls[label], **torch_profile(torch_steps[key], args.repeats)}

@@ -50,19 +50,15 @@ def training_flops(cfg: bert.BertConfig, batch: int, seq: int) -> float:
 
 
 def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  return 2.0 * n**3 / median_time(f, a, repeats=repeats)
+  call, _ = compiled_call(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype))
+  return 2.0 * n**3 / interleaved_times({"matmul": call}, repeats)["matmul"]
 
 
-def median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))          # warm-up: compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def compiled_call(jitted, *args):
+  """(zero-argument call that runs the program on ``args`` and waits for it, the compiled program), compiled once
+  so that its timings, memory and FLOP figures all come from the same executable."""
+  compiled = jitted.lower(*args).compile()
+  return lambda: jax.block_until_ready(compiled(*args)), compiled
 
 
 def interleaved_times(calls: dict, repeats: int) -> dict[str, float]:
@@ -79,8 +75,8 @@ def interleaved_times(calls: dict, repeats: int) -> dict[str, float]:
   return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def peak_bytes(jitted, *args) -> int:
-  stats = jitted.lower(*args).compile().memory_analysis()
+def peak_bytes(compiled) -> int:
+  stats = compiled.memory_analysis()
   peak = getattr(stats, "peak_memory_in_bytes", 0) if stats is not None else 0
   if peak:
     return int(peak)
@@ -145,10 +141,9 @@ class Setup:
     return step, trainable, frozen, state.opt_state
 
   def step_call(self, method, batch) -> tuple:
-    """(zero-argument call of one training step that waits for its result, the step's peak bytes)."""
+    """:func:`compiled_call` of one training step of ``method`` on ``batch`` (with a dropout key)."""
     step, *args = self.step(method)
-    batch = {**batch, "rng": jax.random.PRNGKey(0)}
-    return lambda: jax.block_until_ready(step(*args, batch)), peak_bytes(step, *args, batch)
+    return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
 
 
 def methods(s: Setup, beta: float = 8.0):
@@ -163,9 +158,9 @@ def methods(s: Setup, beta: float = 8.0):
           "lora-fip": continual.fip(s.task_loss, s.logits, adamw, beta=beta, **lora_kw)}
 
 
-def compiled_flops(jitted, *args) -> float:
-  """FLOPs of a jitted call by XLA's cost analysis of the compiled program."""
-  cost = jitted.lower(*args).compile().cost_analysis()
+def compiled_flops(compiled) -> float:
+  """FLOPs of a compiled program by XLA's cost analysis."""
+  cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
@@ -182,14 +177,13 @@ def geometry_times(s: Setup, repeats: int, batch=None, products: int = 5) -> dic
       return jax.lax.scan(lambda u, _: (metric(u), None), v, None, length=k, unroll=True)[0]
     return jax.jit(f)
 
-  gv_1, gv_k = gv_repeated(1), gv_repeated(products)
-  t = interleaved_times({"grad": lambda: jax.block_until_ready(grad(s.params)),
-                         "gv_1": lambda: jax.block_until_ready(gv_1(s.params, s.params)),
-                         "gv_k": lambda: jax.block_until_ready(gv_k(s.params, s.params))}, repeats)
-  f1, fk = compiled_flops(gv_1, s.params, s.params), compiled_flops(gv_k, s.params, s.params)
+  programs = {"grad": compiled_call(grad, s.params), "gv_1": compiled_call(gv_repeated(1), s.params, s.params),
+              "gv_k": compiled_call(gv_repeated(products), s.params, s.params)}
+  t = interleaved_times({k: call for k, (call, _) in programs.items()}, repeats)
+  flops = {k: compiled_flops(compiled) for k, (_, compiled) in programs.items()}
   return {"grad": t["grad"], "gv_with_linearization": t["gv_1"], "gv": (t["gv_k"] - t["gv_1"]) / (products - 1),
-          "grad_flops": compiled_flops(grad, s.params), "gv_with_linearization_flops": f1,
-          "gv_flops": (fk - f1) / (products - 1)}
+          "grad_flops": flops["grad"], "gv_with_linearization_flops": flops["gv_1"],
+          "gv_flops": (flops["gv_k"] - flops["gv_1"]) / (products - 1)}
 
 
 PASSES = ("new_task forward", "replay forward", "frozen forward", "backward", "optimizer")   # torch labels
@@ -269,8 +263,9 @@ def run(args) -> dict:
   for name, method, batch in (("naive", "naive", {"new": s.new}), ("naive_combined", "naive", {"new": s.combined}),
                               ("fip", "fip", fip_batch), ("lora", "lora", {"new": s.new}),
                               ("lora-fip", "lora-fip", fip_batch)):
-    calls[name], peaks[name] = s.step_call(ms[method], batch)
-  peaks.pop("naive_combined")
+    calls[name], compiled = s.step_call(ms[method], batch)
+    if name != "naive_combined":
+      peaks[name] = peak_bytes(compiled)
   if not args.no_torch:
     calls.update({f"torch_{k}": fn for k, fn in torch_steps(s, os.cpu_count()).items()})
   times = interleaved_times(calls, args.repeats)

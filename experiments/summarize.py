@@ -15,11 +15,10 @@ import sys
 
 import numpy as np
 
-# Configuration that determines the stage-1 network and the data (experiments.yelp_imdb.STAGE1_FIELDS and the rest
-# of the data setup).
-STAGE1_KEYS = ("model", "data_dir", "heads", "n_train_yelp", "n_train_imdb", "n_test", "n_val", "max_len",
-               "batch_size", "lr", "weight_decay", "stage1_epochs", "stage1_steps", "dropout", "dtype", "seed",
-               "buffer_size", "replay_batch_size", "steps", "epochs")
+from experiments.yelp_imdb import STAGE1_FIELDS
+
+# What files merged into one seed's row must share: the stage-1 network, and the stage-2 data and schedule.
+SHARED_KEYS = STAGE1_FIELDS + ("n_train_imdb", "n_test", "buffer_size", "replay_batch_size", "steps", "epochs")
 
 
 def merge_by_seed(results: list[dict]) -> list[dict]:
@@ -36,7 +35,7 @@ def merge_by_seed(results: list[dict]) -> list[dict]:
       continue
     first = by_seed[seed]
     stage1 = lambda res: {json.dumps(m["stage1"], sort_keys=True) for m in res["methods"].values()}
-    same_config = all(first["config"].get(k) == r["config"].get(k) for k in STAGE1_KEYS)
+    same_config = all(first["config"].get(k) == r["config"].get(k) for k in SHARED_KEYS)
     if not same_config or stage1(first) != stage1(r):
       raise ValueError(f"seed {seed}: the files do not share one stage-1 network (configuration or stage-1 "
                        "accuracies differ); summarise them separately")
