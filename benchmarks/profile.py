@@ -120,7 +120,7 @@ def run(args) -> dict:
   s = bench.Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
   methods = bench.methods(s)
   steps = {f"ours {name} step": s.step_call(methods[name], batch)
-           for name, batch in (("naive", {"new": s.new}), ("fip", {"new": s.new, "replay": s.replay}))}
+           for name, batch in (("naive", {"new": s.new}), ("fip", s.fip_batch))}
   steps["ours gradient"] = bench.compiled_call(jax.jit(jax.grad(lambda p: s.task_loss(p, s.new))), s.params)
   gv = jax.jit(lambda p, v: geometry.pullback_metric(s.logits, p, s.new["inputs"], "fisher_rao")(v))
   steps["ours G·v"] = bench.compiled_call(gv, s.params, s.params)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fipjax import continual, geometry, lora
+from fipjax import continual, geometry
 from fipjax import tree as tu
 from fipjax.models import bert, hub
 
@@ -122,6 +122,7 @@ class Setup:
     ref = self.logits(params, replay_inputs)
     self.replay = {"inputs": replay_inputs, "labels": jnp.asarray(rng.integers(0, 5, replay_batch), jnp.int32),
                    "ref_outputs": ref}
+    self.fip_batch = {"new": self.new, "replay": {"old": self.replay}}
 
   def logits(self, params, inputs):
     return self.apply(params, inputs)["shared"]
@@ -146,16 +147,14 @@ class Setup:
     return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
 
 
-def methods(s: Setup, beta: float = 8.0):
-  adamw = optax.adamw(2e-5, weight_decay=0.01)
-  lcfg = lora.LoraConfig()
-  lora_kw = {"init": lambda p: lora.train_params(p, jax.random.PRNGKey(1), lcfg),
-             "to_model": lambda tp: lora.to_model(tp, lcfg),
-             "trainable": lambda tp: lora.train_mask(tp, r"^heads/")}
-  return {"naive": continual.naive(s.task_loss, adamw),
-          "fip": continual.fip(s.task_loss, s.logits, adamw, beta=beta),
-          "lora": continual.naive(s.task_loss, adamw, **lora_kw),
-          "lora-fip": continual.fip(s.task_loss, s.logits, adamw, beta=beta, **lora_kw)}
+def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5) -> dict[str, continual.Method]:
+  """The benchmarked methods, built by the library's registry as the experiments build them (one old task,
+  ``"old"``: its batch is ``s.fip_batch["replay"]["old"]``)."""
+  old = continual.OldTask(s.logits, s.logits, s.task_loss, lambda n: s.replay["inputs"])
+  ctx = continual.StageContext(s.task_loss, {"old": old}, s.params, None, r"^heads/", seed=0)
+  hp = continual.MethodConfig(beta=beta, lora_lr=2e-5, geodesic_cg_iters=cg_iters)
+  optim = continual.OptimConfig(lr=2e-5, weight_decay=0.01)
+  return {name: continual.build(name, ctx, hp, optim) for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip")}
 
 
 def compiled_flops(compiled) -> float:
@@ -245,7 +244,7 @@ def torch_steps(s: Setup, threads: int) -> dict:
 def cost_row(s: Setup, repeats: int) -> dict[str, float]:
   """Seconds of G·v (metric formed, and with its linearisation), of a gradient and of a FIP step, for one setup."""
   g = geometry_times(s, repeats)
-  fip_step = s.step_call(methods(s)["fip"], {"new": s.new, "replay": s.replay})[0]
+  fip_step = s.step_call(methods(s)["fip"], s.fip_batch)[0]
   return {"params": tu.tree_size(s.params), "gv_s": g["gv"], "gv_with_linearization_s": g["gv_with_linearization"],
           "grad_s": g["grad"], "fip_step_s": interleaved_times({"fip": fip_step}, repeats)["fip"]}
 
@@ -258,7 +257,7 @@ def run(args) -> dict:
             "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "threads": os.cpu_count(),
             "repeats": args.repeats}
   ms = methods(s)
-  fip_batch = {"new": s.new, "replay": s.replay}
+  fip_batch = s.fip_batch
   calls, peaks = {}, {}
   for name, method, batch in (("naive", "naive", {"new": s.new}), ("naive_combined", "naive", {"new": s.combined}),
                               ("fip", "fip", fip_batch), ("lora", "lora", {"new": s.new}),
@@ -290,8 +289,7 @@ def run(args) -> dict:
   result["measured_matmul_tflops"] = measured / 1e12
   geodesic_calls = {"naive": calls["naive"]}
   for iters in args.cg_iters:
-    m = continual.fip_geodesic(s.task_loss, s.logits, learning_rate=2e-5, cg_iters=iters)
-    geodesic_calls[str(iters)] = s.step_call(m, fip_batch)[0]
+    geodesic_calls[str(iters)] = s.step_call(methods(s, cg_iters=iters)["fip-geodesic"], fip_batch)[0]
   t = interleaved_times(geodesic_calls, args.repeats)
   geodesic = {k: t[k] / t["naive"] for k in geodesic_calls if k != "naive"}
   result["geodesic_over_naive_time_by_cg_iters"] = geodesic

@@ -6,6 +6,7 @@ fresh run would build), which keeps optax's empty ``MaskedNode`` subtrees out of
 
 from __future__ import annotations
 
+import errno
 import json
 import pathlib
 import shutil
@@ -25,12 +26,30 @@ def save(path: str | pathlib.Path, tree: PyTree, meta: dict | None = None) -> No
   if path.exists():
     shutil.rmtree(path)
   leaves = {f"{i:06d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+  check_free_space(path.parent, sum(x.nbytes for x in leaves.values()))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "tree", leaves)
   checkpointer.wait_until_finished()
   tmp = path / (_META + ".tmp")
   tmp.write_text(json.dumps({"num_leaves": len(leaves), **(meta or {})}))
   tmp.rename(path / _META)   # the marker of a complete checkpoint
+
+
+def check_free_space(directory: pathlib.Path, nbytes: int) -> None:
+  """Raise ``OSError(ENOSPC)`` before writing ``nbytes`` (plus 10%) where the disk has less free: orbax's writer
+  threads would otherwise fail one by one, each with its own traceback."""
+  directory = pathlib.Path(directory)
+  while not directory.exists():
+    directory = directory.parent
+  free = shutil.disk_usage(directory).free
+  if free < 1.1 * nbytes + (1 << 20):
+    raise OSError(errno.ENOSPC, f"No space left on device: a checkpoint of {nbytes / 2**20:.1f} MiB does not fit "
+                  f"in the {free / 2**20:.1f} MiB free", str(directory))
+
+
+def remove(path: str | pathlib.Path) -> None:
+  """Delete a checkpoint directory, whole."""
+  shutil.rmtree(path, ignore_errors=True)
 
 
 def is_complete(path: str | pathlib.Path) -> bool:

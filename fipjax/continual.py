@@ -11,15 +11,19 @@ where ``replay`` is present for methods that use an old-task buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fipjax import geometry, paths
+from fipjax import config as cf
+from fipjax import geometry, lora, paths
 from fipjax import tree as tu
 
 PyTree = Any
@@ -28,6 +32,15 @@ TaskLoss = Callable[[PyTree, Any, jax.Array | None], jax.Array | tuple[jax.Array
 """``task_loss(model_params, task_batch, rng) -> scalar`` or ``(scalar, metrics)``: a task's training loss."""
 OldApply = Callable[[PyTree, Any], jax.Array]
 """``f_old(model_params, old_inputs) -> old-task logits [N, K]`` (deterministic)."""
+Old = OldApply | Mapping[str, OldApply]
+"""One old task (``batch["replay"]`` is its batch) or several by name (``batch["replay"][name]``)."""
+
+
+def per_old_task(old: Old | Mapping, replay: dict) -> list[tuple[Any, dict]]:
+  """[(old task's function, its replay batch)] for one old task or a mapping of several."""
+  if not isinstance(old, Mapping):
+    return [(old, replay)]
+  return [(fn, replay[name]) for name, fn in old.items()]
 
 
 def _identity(params):
@@ -84,36 +97,40 @@ def naive(task_loss: TaskLoss, optimizer: optax.GradientTransformation, **kw) ->
   return Method("naive", loss, optimizer, **kw)
 
 
-def replay(task_loss: TaskLoss, old_loss: TaskLoss, optimizer: optax.GradientTransformation,
-           weight: float = 1.0, **kw) -> Method:
-  """New-task loss + ``weight`` · old-task cross-entropy on the replay buffer (the fair baseline for FIP)."""
+def replay(task_loss: TaskLoss, old_loss: TaskLoss | Mapping[str, TaskLoss],
+           optimizer: optax.GradientTransformation, weight: float = 1.0, **kw) -> Method:
+  """New-task loss + ``weight`` · old-task cross-entropy on the replay buffer (the fair baseline for FIP);
+  with several old tasks, the mean of their terms."""
 
   def loss(params, batch):
     return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
   def old_term(params, batch):
-    old, metrics = _task(old_loss, params, batch["replay"], batch.get("rng"), "replay")
-    return weight * old, metrics
+    terms = [_task(fn, params, b, batch.get("rng"), "replay") for fn, b in per_old_task(old_loss, batch["replay"])]
+    old = sum(t for t, _ in terms) / len(terms)
+    return weight * old, {**terms[0][1], "replay_loss": old}
 
   return Method("replay", loss, optimizer, replay_loss=old_term, needs_replay=True, **kw)
 
 
-def fip(task_loss: TaskLoss, f_old: OldApply, optimizer: optax.GradientTransformation, *,
+def fip(task_loss: TaskLoss, f_old: Old, optimizer: optax.GradientTransformation, *,
         distance: str = "bhattacharyya", beta: float = 1.0, name: str = "fip", **kw) -> Method:
-  """FIP, penalty form: new-task loss + β · mean D(f_old(θ, x_buffer), z_ref) with stored reference outputs."""
-  penalty = paths.fip_penalty(f_old, distance, beta)
+  """FIP, penalty form: new-task loss + β · mean D(f_old(θ, x_buffer), z_ref) with stored reference outputs
+  (with several old tasks, the mean of their penalties)."""
 
   def loss(params, batch):
     return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
   def penalty_term(params, batch):
-    pen = penalty(params, batch["replay"]["inputs"], batch["replay"]["ref_outputs"])
+    pens = [paths.fip_penalty(fn, distance, beta)(params, b["inputs"], b["ref_outputs"])
+            for fn, b in per_old_task(f_old, batch["replay"])]
+    pen = sum(pens) / len(pens)
     return pen, {"fip_penalty": pen}
 
   return Method(name, loss, optimizer, replay_loss=penalty_term, needs_replay=True, **kw)
 
 
-def fip_geodesic(task_loss: TaskLoss, f_old: OldApply, *, learning_rate: float, damping: float = 1e-3,
+def fip_geodesic(task_loss: TaskLoss, f_old: Old, *, learning_rate: float, damping: float = 1e-3,
                  max_norm: float | None = None, max_quad: float | None = None, cg_iters: int = 10,
                  chunk_size: int | None = None, name: str = "fip-geodesic", **kw) -> Method:
   """FIP, geodesic form: θ ← θ − lr · (G + λI)⁻¹ ∇L_new, G the Fisher–Rao pull-back on the replay inputs."""
@@ -122,8 +139,10 @@ def fip_geodesic(task_loss: TaskLoss, f_old: OldApply, *, learning_rate: float, 
                                max_quad=max_quad, cg_iters=cg_iters, chunk_size=chunk_size),
       optax.scale(-learning_rate))
   method = naive(task_loss, optimizer, **kw)
+  ref_inputs = lambda replay: (replay["inputs"] if not isinstance(f_old, Mapping)
+                                else {name_: replay[name_]["inputs"] for name_ in f_old})
   return dataclasses.replace(method, name=name, needs_replay=True,
-                             extra_args=lambda batch: {"ref_inputs": batch["replay"]["inputs"]})
+                             extra_args=lambda batch: {"ref_inputs": ref_inputs(batch["replay"])})
 
 
 def ewc(task_loss: TaskLoss, optimizer: optax.GradientTransformation, anchor: PyTree, fisher: PyTree, *,
@@ -170,6 +189,121 @@ def diagonal_fisher(f_old: OldApply, params: PyTree, inputs: PyTree, labels: jax
   return tu.tree_scale(1.0 / n, total)
 
 
+def with_lora(method: Method, config: lora.LoraConfig, key: jax.Array, train: str | tuple[str, ...] = ()) -> Method:
+  """``method`` trained in LoRA's subspace: adapters on ``config.targets`` plus the base leaves matching the
+  ``train`` regexes (a new head); every other weight frozen. G, penalties and losses see the merged model."""
+  return dataclasses.replace(method, init=lambda p: lora.train_params(p, key, config),
+                             to_model=lambda tp: lora.to_model(tp, config),
+                             trainable=lambda tp: lora.train_mask(tp, train))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One registry: every method built from one configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW and the batch every stage trains with."""
+  lr: float = cf.option(2e-5, "AdamW learning rate of every full-model method", cf.positive)
+  weight_decay: float = cf.option(0.01, "AdamW weight decay", cf.non_negative)
+  batch_size: int = cf.option(8, "training batch size (new-task rows per step)", cf.positive)
+  dropout: bool = cf.option(True, "train with the model's dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """Hyperparameters of the methods (only those of the methods run are read)."""
+  beta: float = cf.option(8.0, "FIP penalty weight on the mean distance (the authors' sum over 8 ≈ 8)",
+                          cf.non_negative)
+  distance: str = cf.option("bhattacharyya", "FIP output distance",
+                            cf.one_of("bhattacharyya", "kl", "squared_euclidean"))
+  lora_targets: str = cf.option(r"(^|/)(query|value)/kernel$", "regex of the kernels LoRA adapts")
+  lora_rank: int = cf.option(8, "LoRA rank r", cf.positive)
+  lora_alpha: float = cf.option(16.0, "LoRA α (scale α/r)", cf.positive)
+  lora_lr: float = cf.option(5e-4, "AdamW learning rate of the LoRA methods", cf.positive)
+  ewc_strength: float = cf.option(1e6, "EWC penalty strength λ in (λ/2) Σ F (θ − θ*)²", cf.non_negative)
+  ewc_samples: int = cf.option(2000, "buffer rows per old task in EWC's per-example Fisher", cf.positive)
+  geodesic_lr: float = cf.option(2e-5, "fip-geodesic: step size on the CG direction", cf.positive)
+  geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
+  geodesic_cg_iters: int = cf.option(5, "fip-geodesic: CG iterations per step", cf.positive)
+  geodesic_max_norm: float | None = cf.option(None, "fip-geodesic: bound on the direction's norm (none: no bound)",
+                                              cf.positive)
+  lora_geodesic_lr: float = cf.option(1.0, "lora-fip-geodesic: step size on the CG direction", cf.positive)
+  lora_geodesic_max_norm: float | None = cf.option(0.03, "lora-fip-geodesic: bound on the direction's norm",
+                                                   cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class OldTask:
+  """What a method may know of an earlier task."""
+  outputs: OldApply                      # the logits FIP keeps (its head): ``(params, inputs) -> [N, K]``
+  own_outputs: OldApply                  # logits over the task's own labels (EWC's Fisher)
+  loss: TaskLoss                         # its training loss on a replay batch (replay)
+  buffer_inputs: Callable[[int], PyTree]  # the first n inputs of its replay buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+  """What the registry builds a method for: the new task, the earlier ones, and where the stage starts."""
+  task_loss: TaskLoss
+  old: Mapping[str, OldTask]
+  params: PyTree                          # the model at the stage's start (EWC's anchor)
+  trainable: Callable[[PyTree], PyTree] | None   # full-model trainable mask (None: everything)
+  head: str                               # regex of the new task's head parameters (LoRA trains them too)
+  seed: int
+
+
+def _build_ewc(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  fisher = None
+  for t in ctx.old.values():
+    # The sum of the old tasks' true diagonal Fishers, taken at the stage's start, anchors the penalty there.
+    f = diagonal_fisher(t.own_outputs, ctx.params, t.buffer_inputs(hp.ewc_samples), batch_size=4)
+    fisher = f if fisher is None else tu.tree_add(fisher, f)
+  return ewc(ctx.task_loss, optimizer, ctx.params, fisher, strength=hp.ewc_strength)
+
+
+def _build_geodesic(ctx: StageContext, hp: MethodConfig, in_lora: bool) -> Method:
+  return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
+                      learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
+                      max_norm=hp.lora_geodesic_max_norm if in_lora else hp.geodesic_max_norm,
+                      damping=hp.geodesic_damping, cg_iters=hp.geodesic_cg_iters)
+
+
+REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
+    "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
+    "fip": lambda ctx, hp, opt, in_lora: fip(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, opt,
+                                             distance=hp.distance, beta=hp.beta),
+    "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, in_lora),
+    "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
+    "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),
+}
+"""``name -> builder(ctx, hyperparameters, optimiser, in_lora)``: adding a method is one entry."""
+
+
+def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic")) -> tuple[str, ...]:
+  """Every registered name, then ``lora`` (= LoRA naive) and ``lora-<name>`` for ``lora_variants``."""
+  return tuple(REGISTRY) + tuple("lora" if v == "naive" else f"lora-{v}" for v in lora_variants)
+
+
+def parse_name(name: str) -> tuple[str, bool]:
+  """(registered method, in LoRA's subspace?): ``lora`` is LoRA-naive, ``lora-<m>`` any method with LoRA."""
+  base, in_lora = ("naive", True) if name == "lora" else (name[5:], True) if name.startswith("lora-") else (name, False)
+  if base not in REGISTRY:
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())} (or lora-<method>)")
+  return base, in_lora
+
+
+def build(name: str, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:
+  """The method ``name`` (see :func:`parse_name`) for the stage ``ctx``, configured by ``hp`` and ``optim``."""
+  base, in_lora = parse_name(name)
+  optimizer = optax.adamw(hp.lora_lr if in_lora else optim.lr, weight_decay=optim.weight_decay)
+  method = dataclasses.replace(REGISTRY[base](ctx, hp, optimizer, in_lora), name=name, trainable=ctx.trainable)
+  if in_lora:
+    method = with_lora(method, lora.LoraConfig(targets=(hp.lora_targets,), rank=hp.lora_rank, alpha=hp.lora_alpha),
+                       jax.random.PRNGKey(ctx.seed + 1), ctx.head)
+  return method
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The one training loop.
 
@@ -179,6 +313,34 @@ class TrainState:
   step: int
   train_params: PyTree      # after method.init (full model params, or base + adapters)
   opt_state: PyTree
+
+
+class HostState:
+  """The state after a step as host (numpy) copies, made on first access (or before the next step, if the callback
+  kept it): valid after later steps have reused the device buffers, and free when a callback does not look."""
+
+  def __init__(self, step: int, train_params: Callable[[], PyTree], opt_state: PyTree):
+    self.step, self._params, self._opt = step, train_params, opt_state
+
+  @functools.cached_property
+  def train_params(self) -> PyTree:
+    return jax.device_get(self._params())
+
+  @functools.cached_property
+  def opt_state(self) -> PyTree:
+    return jax.device_get(self._opt)
+
+  def materialize(self) -> "HostState":
+    self.train_params, self.opt_state
+    return self
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A training loss that is NaN or infinite: the run stops rather than report it."""
+
+  def __init__(self, step: int, loss: float):
+    super().__init__(f"loss {loss} at step {step}")
+    self.step, self.loss = step, loss
 
 
 def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True):
@@ -224,7 +386,8 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
 
   Frozen parameters never enter the optimiser and stay bitwise unchanged. ``state`` resumes a run (its
   ``step`` counts already consumed batches; the caller positions ``batches`` accordingly). ``callback(state,
-  metrics)`` runs after every step on the host (logging, checkpointing, path records).
+  metrics)`` runs after every step on the host (logging, checkpointing, path records); its ``state`` is a
+  :class:`HostState`, whose arrays stay valid. A NaN or infinite loss raises :class:`NonFiniteLoss`.
 
   Returns:
     (final model parameters, final train state, per-step metrics as host floats).
@@ -233,11 +396,12 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   init_state, mask = init_train_state(method, model_params)
   state = init_state if state is None else state
   train_params = state.train_params
-  # A copy, so that donating the trainable buffers to the step never invalidates the caller's arrays.
+  # Copies, so that donating buffers to the step never invalidates the caller's arrays (a state resumes twice).
   trainable = jax.tree.map(jnp.copy, train_params if mask is None else tu.select(train_params, mask))
+  opt_state = jax.tree.map(jnp.copy, state.opt_state)
   frozen = None if mask is None else tu.select(train_params, jax.tree.map(lambda m: not m, mask))
+  full = lambda t: t if mask is None else tu.merge(t, mask, train_params)
   step_fn = make_train_step(method, mask)
-  opt_state = state.opt_state
   history = []
   it: Iterator[Batch] = iter(batches)
   for step in range(state.step, num_steps):
@@ -246,12 +410,15 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
       batch["rng"] = jax.random.fold_in(rng, step)
     trainable, opt_state, loss, metrics = step_fn(trainable, frozen, opt_state, batch)
     row = {"step": step + 1, "loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+    if not math.isfinite(row["loss"]):
+      raise NonFiniteLoss(step + 1, row["loss"])
     history.append(row)
     if callback is not None:
-      full = trainable if mask is None else tu.merge(trainable, mask, train_params)
-      callback(TrainState(step + 1, full, opt_state), row)
-  full = trainable if mask is None else tu.merge(trainable, mask, train_params)
-  return method.to_model(full), TrainState(num_steps, full, opt_state), history
+      snapshot = HostState(step + 1, functools.partial(full, trainable), opt_state)
+      callback(snapshot, row)
+      if sys.getrefcount(snapshot) > 2:   # kept by the callback: copy before the next step reuses the buffers
+        snapshot.materialize()
+  return method.to_model(full(trainable)), TrainState(num_steps, full(trainable), opt_state), history
 
 
 # ---------------------------------------------------------------------------------------------------------------

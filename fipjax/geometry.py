@@ -1,6 +1,7 @@
 """Pull-back metrics on weight space, functional distances, and path lengths.
 
-A network is any pure ``f(params, inputs) -> outputs`` with outputs ``[N, ...]`` (one row per input). An output
+A network is any pure ``f(params, inputs) -> outputs`` with outputs ``[N, ...]`` (one row per input), or a pytree
+of such arrays (several heads): output metrics then act on each leaf and the leaves' metrics add. An output
 metric ``M`` acts on output tangents; pulled back through ``f`` on reference inputs ``x_1..x_N`` it gives the
 weight-space metric ``G(θ) = Σ_n w_n J_nᵀ M_n J_n / Σ_n w_n`` with ``J_n = ∂f(θ, x_n)/∂θ``. Products with ``G`` use
 ``jax.linearize`` and ``jax.linear_transpose``: J is never formed, except by :meth:`Metric.dense` for small models.
@@ -13,14 +14,18 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fipjax import linalg
 from fipjax import tree as tu
 
 PyTree = Any
-Apply = Callable[[PyTree, PyTree], jax.Array]
+Apply = Callable[[PyTree, PyTree], PyTree]
+"""``f(params, inputs) -> outputs``: an array ``[N, K...]`` or a pytree of them, all with leading axis N."""
 OutputMetric = Callable[[jax.Array, jax.Array], jax.Array]
-"""``(outputs z [B, K...], tangent u [B, K...]) -> M(z) u [B, K...]``: a metric on output space, per row."""
+"""``(outputs z [B, K...], tangent u [B, K...]) -> M(z) u [B, K...]``: a metric on output space, per row.
+
+For pytree outputs it is applied to each leaf separately (see :func:`leafwise`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,6 +60,11 @@ def matrix_metric(metric_matrix: Callable[[jax.Array], jax.Array]) -> OutputMetr
 
 
 OUTPUT_METRICS: dict[str, OutputMetric] = {"euclidean": euclidean, "fisher_rao": fisher_rao}
+
+
+def leafwise(metric: OutputMetric) -> Callable[[PyTree, PyTree], PyTree]:
+  """The output metric on a pytree of outputs: block-diagonal, ``metric`` on each leaf ``[B, K...]``."""
+  return lambda z, u: jax.tree.map(metric, z, u)
 
 
 def get_output_metric(metric: str | OutputMetric) -> OutputMetric:
@@ -100,6 +110,12 @@ class Metric:
   def __add__(self, other: "Metric") -> "Metric":
     tu.check_same_structure(self.like, other.like, "adding metrics")
     return Metric(lambda v: tu.tree_add(self.matvec(v), other.matvec(v)), self.like)
+
+  def __radd__(self, other) -> "Metric":
+    # Only ``0 + g``: the start value of Python's ``sum``. Any other number has no meaning as a metric.
+    if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+      return self
+    return NotImplemented
 
   def __mul__(self, c) -> "Metric":
     return Metric(lambda v: tu.tree_scale(c, self.matvec(v)), self.like)
@@ -168,8 +184,29 @@ def num_rows(inputs: PyTree) -> int:
   return sizes.pop()
 
 
-def _weighted(u: jax.Array, w: jax.Array) -> jax.Array:
-  return u * w.reshape(w.shape + (1,) * (u.ndim - 1)).astype(u.dtype)
+def _weighted(u: PyTree, w: jax.Array) -> PyTree:
+  """Row n of every leaf ``[B, K...]`` of ``u`` times ``w [B]``."""
+
+  def leaf(x):
+    if x.ndim == 0 or x.shape[0] != w.shape[0]:
+      raise ValueError(f"every output leaf needs the leading (batch) axis of the inputs, size {w.shape[0]}; "
+                       f"got an output of shape {x.shape}")
+    return x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+  return jax.tree.map(leaf, u)
+
+
+def _check_weights(w, n: int) -> None:
+  """Shape always; values only when concrete (traced weights cannot be inspected, and then go unchecked)."""
+  if jnp.shape(w) != (n,):
+    raise ValueError(f"weights must have shape [N] = ({n},), one weight per reference input; got {jnp.shape(w)}")
+  if isinstance(w, jax.core.Tracer):
+    return
+  w = np.asarray(w)
+  if np.any(w < 0):
+    raise ValueError(f"weights must be non-negative; got {int(np.sum(w < 0))} negative of {n}")
+  if not np.sum(w) > 0:    # also catches NaN
+    raise ValueError(f"weights sum to zero (or are not finite): sum = {np.sum(w)}; the metric would be NaN")
 
 
 def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str | OutputMetric = "euclidean",
@@ -177,18 +214,21 @@ def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str
   """``G(θ) = Σ_n w_n J_nᵀ M(f(θ, x_n)) J_n / Σ_n w_n``, matrix-free.
 
   Args:
-    f: ``f(params, inputs) -> outputs [N, ...]``, pure.
+    f: ``f(params, inputs) -> outputs [N, ...]`` (or a pytree of such arrays), pure.
     params: θ, the point where the metric is taken.
     inputs: reference inputs, a pytree with leading axis N.
-    output_metric: 'euclidean', 'fisher_rao' or a function ``(z, u) -> M(z) u``.
-    weights: optional ``[N]`` non-negative weights (default: uniform).
+    output_metric: 'euclidean', 'fisher_rao' or a function ``(z, u) -> M(z) u``; applied to each output leaf.
+    weights: optional ``[N]`` non-negative weights with a positive sum (default: uniform). Concrete weights are
+      checked (ValueError); traced ones (under jit) are not.
     chunk_size: None linearises all N inputs once (fast repeated products, memory ∝ N). An int processes
       micro-batches of that size in a ``lax.scan`` inside every product (memory ∝ chunk_size, one primal pass per
       product); N is padded with zero-weight rows to a multiple.
   """
-  m = get_output_metric(output_metric)
+  m = leafwise(get_output_metric(output_metric))
   n = num_rows(inputs)
   dtype = jnp.result_type(*jax.tree.leaves(params))
+  if weights is not None:
+    _check_weights(weights, n)
   w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
   total = jnp.sum(w)
 
@@ -229,16 +269,23 @@ def pullback_metric(f: Apply, params: PyTree, inputs: PyTree, output_metric: str
 
 def jacobian_metric_dense(f: Apply, params: PyTree, inputs: PyTree,
                           output_metric: str | OutputMetric = "euclidean") -> jax.Array:
-  """Reference ``(1/N) Σ Jᵀ M J`` from a materialised ``jax.jacfwd`` Jacobian — for tests on small models only."""
+  """Reference ``(1/N) Σ Jᵀ M J`` from a materialised ``jax.jacfwd`` Jacobian — for tests on small models only.
+
+  Pytree outputs: the sum over leaves of each leaf's ``(1/N) Σ Jᵀ M J``. Returns ``[P, P]``.
+  """
   m = get_output_metric(output_metric)
   ravel, unravel = tu.ravel_fn(params)
   flat = ravel(params)
-  z = f(params, inputs)
-  jac = jax.jacfwd(lambda p: f(unravel(p), inputs))(flat)      # [N, K..., P]
-  n, p_dim = z.shape[0], flat.shape[0]
-  jac = jac.reshape(n, -1, p_dim)                                # [N, K, P]
-  mj = jax.vmap(lambda col: m(z, col.reshape(z.shape)).reshape(n, -1), in_axes=2, out_axes=2)(jac)
-  return jnp.einsum("nkp,nkq->pq", jac, mj) / n
+  n = num_rows(inputs)
+
+  def leaf(z, jac):                                              # z [N, K...], jac [N, K..., P]
+    jac = jac.reshape(n, -1, flat.shape[0])                      # [N, K, P]
+    mj = jax.vmap(lambda col: m(z, col.reshape(z.shape)).reshape(n, -1), in_axes=2, out_axes=2)(jac)
+    return jnp.einsum("nkp,nkq->pq", jac, mj) / n
+
+  zs = f(params, inputs)
+  jacs = jax.jacfwd(lambda p: f(unravel(p), inputs))(flat)
+  return sum(jax.tree.leaves(jax.tree.map(leaf, zs, jacs)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

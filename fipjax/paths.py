@@ -11,7 +11,7 @@ Two forms of the same geometry:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,46 @@ PyTree = Any
 
 
 class GeodesicInfo(NamedTuple):
-  new_loss: jax.Array        # L_new at θ (before the step)
+  new_loss: jax.Array        # L_new at θ (before the step); 0 where unknown (geodesic_direction)
   step_norm: jax.Array       # ‖dθ‖ after scaling
-  quad: jax.Array            # dθᵀ G dθ after scaling (undamped G)
+  quad: jax.Array            # dθᵀ G dθ after scaling (undamped G); NaN where not measured
   scale: jax.Array           # factor applied to the CG solution (≤ 1)
   cg_residual: jax.Array     # ‖(G+λI)x − (−β∇L)‖ at CG exit
   cg_iterations: jax.Array
   solution: PyTree           # the unscaled CG solution, to warm-start the next step
+
+
+def solve_and_scale(metric: geometry.Metric, rhs: PyTree, x0: PyTree | None, *, damping: float,
+                    max_norm: float | None = None, max_quad: float | None = None, cg_iters: int, cg_tol: float,
+                    measure_quad: bool) -> tuple[PyTree, GeodesicInfo]:
+  """Solve ``(G + λI) x = rhs`` by CG, then scale x by ``s ≤ 1``: ``‖s x‖ ≤ max_norm``, ``s² xᵀGx ≤ max_quad``.
+
+  Args:
+    metric: G (undamped); ``rhs``, ``x0`` and the result live in its space.
+    rhs: right-hand side pytree.
+    x0: CG warm start, or None for zeros.
+    damping: λ.
+    max_norm, max_quad: optional bounds (None: unbounded).
+    cg_iters, cg_tol: CG budget and relative tolerance.
+    measure_quad: report ``quad`` even when ``max_quad`` is None (one more G·v); otherwise it is NaN then.
+
+  Returns:
+    (s·x, :class:`GeodesicInfo` with ``new_loss`` 0, for the caller to fill in, and the unscaled x as
+    ``solution``).
+  """
+  sol = linalg.cg(metric.damped(damping), rhs, x0, maxiter=cg_iters, tol=cg_tol)
+  norm = tu.tree_norm(sol.x)
+  scale = jnp.ones((), norm.dtype)
+  quad = jnp.full((), jnp.nan, norm.dtype)
+  if max_norm is not None:
+    scale = jnp.minimum(scale, max_norm / jnp.maximum(norm, 1e-30))
+  if measure_quad or max_quad is not None:
+    quad = metric.quad(sol.x)
+  if max_quad is not None:
+    scale = jnp.minimum(scale, jnp.sqrt(max_quad / jnp.maximum(quad, 1e-30)))
+  info = GeodesicInfo(jnp.zeros((), norm.dtype), norm * scale, quad * scale**2, scale, sol.residual_norm,
+                      sol.iterations, sol.x)
+  return tu.tree_scale(scale, sol.x), info
 
 
 def geodesic_step(f: geometry.Apply, loss_new: Callable[[PyTree, Any], jax.Array], params: PyTree,
@@ -65,19 +98,11 @@ def geodesic_step(f: geometry.Apply, loss_new: Callable[[PyTree, Any], jax.Array
   metric = geometry.pullback_metric(f, params, ref_inputs, output_metric, chunk_size=chunk_size)
   if mask is not None:
     metric, grad = metric.restrict(mask), tu.select(grad, mask)
-  rhs = tu.tree_scale(-beta, grad)
-  sol = linalg.cg(metric.damped(damping), rhs, x0, maxiter=cg_iters, tol=cg_tol)
-  norm = tu.tree_norm(sol.x)
-  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-  quad = metric.quad(sol.x) * scale**2
-  if max_quad is not None:
-    shrink = jnp.minimum(1.0, jnp.sqrt(max_quad / jnp.maximum(quad, 1e-30)))
-    scale, quad = scale * shrink, quad * shrink**2
-  step = tu.tree_scale(scale, sol.x)
+  step, info = solve_and_scale(metric, tu.tree_scale(-beta, grad), x0, damping=damping, max_norm=max_norm,
+                               max_quad=max_quad, cg_iters=cg_iters, cg_tol=cg_tol, measure_quad=True)
   if mask is not None:
     step = tu.embed(step, mask, params)
-  info = GeodesicInfo(loss, norm * scale, quad, scale, sol.residual_norm, sol.iterations, sol.x)
-  return tu.tree_add(params, step), info
+  return tu.tree_add(params, step), info._replace(new_loss=loss)
 
 
 def reference_outputs(f: geometry.Apply, params: PyTree, inputs: PyTree, batch_size: int | None = None) -> jax.Array:
@@ -141,7 +166,7 @@ class GeodesicState(NamedTuple):
   info: GeodesicInfo | None = None
 
 
-def geodesic_direction(f: geometry.Apply, *, damping: float = 1e-3, max_norm: float | None = None,
+def geodesic_direction(f: geometry.Apply | Mapping[str, geometry.Apply], *, damping: float = 1e-3, max_norm: float | None = None,
                        max_quad: float | None = None, output_metric: str | geometry.OutputMetric = "fisher_rao",
                        cg_iters: int = 20, cg_tol: float = 1e-6, chunk_size: int | None = None):
   """The geodesic step as an optax transformation: gradient ``g`` ↦ ``(G(θ) + λI)⁻¹ g`` (CG, warm-started).
@@ -149,7 +174,8 @@ def geodesic_direction(f: geometry.Apply, *, damping: float = 1e-3, max_norm: fl
   Chain it before ``optax.scale(-β)`` (or any optimiser) to run FIP in the one training loop. ``update`` takes the
   reference inputs as the extra argument ``ref_inputs``, and optionally ``model_fn``: trained parameters ↦ the
   parameters ``f`` takes (a LoRA merge, or re-inserting frozen leaves), so that G is the metric pulled back to
-  the trained coordinates. ``max_norm``/``max_quad`` bound ``‖x‖`` and ``xᵀGx`` of the preconditioned direction
+  the trained coordinates. With several old tasks, ``f`` and ``ref_inputs`` are mappings by task and G is the
+  mean of their metrics. ``max_norm``/``max_quad`` bound ``‖x‖`` and ``xᵀGx`` of the preconditioned direction
   before the learning rate is applied.
 
   Returns:
@@ -165,19 +191,13 @@ def geodesic_direction(f: geometry.Apply, *, damping: float = 1e-3, max_norm: fl
   def update(grads, state, params=None, *, ref_inputs=None, model_fn=None, **_):
     if params is None or ref_inputs is None:
       raise ValueError("geodesic_direction needs params and the extra argument ref_inputs")
-    f_trained = f if model_fn is None else (lambda p, x: f(model_fn(p), x))
-    metric = geometry.pullback_metric(f_trained, params, ref_inputs, output_metric, chunk_size=chunk_size)
-    sol = linalg.cg(metric.damped(damping), grads, state.solution, maxiter=cg_iters, tol=cg_tol)
-    norm = tu.tree_norm(sol.x)
-    scale = jnp.ones((), norm.dtype)
-    quad = jnp.full((), jnp.nan, norm.dtype)   # costs one more G·v: only measured when it is bounded
-    if max_norm is not None:
-      scale = jnp.minimum(scale, max_norm / jnp.maximum(norm, 1e-30))
-    if max_quad is not None:
-      quad = metric.quad(sol.x)
-      scale = jnp.minimum(scale, jnp.sqrt(max_quad / jnp.maximum(quad, 1e-30)))
-    info = GeodesicInfo(jnp.zeros((), norm.dtype), norm * scale, quad * scale**2, scale, sol.residual_norm,
-                        sol.iterations, sol.x)
-    return tu.tree_scale(scale, sol.x), GeodesicState(sol.x, info._replace(solution=None))
+    fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
+    pull = lambda fn, x: geometry.pullback_metric(fn if model_fn is None else (lambda p, z: fn(model_fn(p), z)),
+                                                  params, x, output_metric, chunk_size=chunk_size)
+    metric = (1.0 / len(fs)) * sum(pull(fn, xs[name]) for name, fn in fs.items())
+    # The quad costs one more G·v per update: measured only when it is bounded.
+    direction, info = solve_and_scale(metric, grads, state.solution, damping=damping, max_norm=max_norm,
+                                      max_quad=max_quad, cg_iters=cg_iters, cg_tol=cg_tol, measure_quad=False)
+    return direction, GeodesicState(info.solution, info._replace(solution=None))
 
   return optax.GradientTransformationExtraArgs(init, update)

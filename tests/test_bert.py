@@ -2,6 +2,9 @@
 
 import json
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -66,6 +69,22 @@ def test_tiny_parity(tiny_dir):
   assert report.initialised == [] and report.dropped == []
 
 
+def test_float64_parity(tmp_path, x64):
+  """dtype=float64 gives float64 parameters and matches PyTorch in float64 far below float32 precision."""
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(**TINY)).double()
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  ids, mask = _ids_and_mask(2)
+  graphdef, params, _, _ = hub.load_bert(tmp_path, dtype=jnp.float64)
+  chex.assert_type(jax.tree.leaves(params), jnp.float64)
+  hidden, pooled = jax.jit(bert.make_apply(graphdef))(params, {"input_ids": jnp.asarray(ids),
+                                                               "attention_mask": jnp.asarray(mask)})
+  chex.assert_type([hidden, pooled], jnp.float64)
+  _compare(_torch_outputs(model, ids, mask), (np.asarray(hidden), np.asarray(pooled)), mask, atol=1e-10)
+  graphdef_c, params_c, _, _ = hub.load_bert(tmp_path, {"shared": 7}, dtype=jnp.float64)
+  chex.assert_type(bert.make_apply(graphdef_c)(params_c, {"input_ids": jnp.asarray(ids)})["shared"], jnp.float64)
+
+
 def test_old_format_checkpoint_with_prefix_gamma_beta_and_pretraining_heads(tiny_dir, tmp_path):
   """bert-base-uncased's pytorch_model.bin layout: 'bert.' prefix, LayerNorm gamma/beta, cls.* heads."""
   path, model = tiny_dir
@@ -109,6 +128,52 @@ def test_strict_conversion_errors(tiny_dir, tmp_path):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(hub.CheckpointError, match="shape mismatches"):
     hub.load_bert(tmp_path)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_raise_checkpoint_error(tiny_dir, tmp_path, weights, damage):
+  path, model = tiny_dir
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  if weights == "model.safetensors":
+    data = (path / weights).read_bytes()
+  else:
+    torch.save(model.state_dict(), tmp_path / weights)
+    data = (tmp_path / weights).read_bytes()
+  bad = data[:len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4096)
+  (tmp_path / weights).write_bytes(bad)
+  with pytest.raises(hub.CheckpointError, match=rf"{weights} is corrupt.*; re-download"):
+    hub.load_bert(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["{\"hidden_size\": 32,", "[1, 2]", "\xff\xfe"])
+def test_broken_config_raises_checkpoint_error(tiny_dir, tmp_path, text):
+  path, _ = tiny_dir
+  shutil.copy(path / "model.safetensors", tmp_path)
+  (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+  with pytest.raises(hub.CheckpointError, match=r"config\.json (is not valid JSON|holds a JSON list).*re-download"):
+    hub.load_bert(tmp_path)
+
+
+def test_broken_tokenizer_raises_checkpoint_error(tiny_dir, minilm, tmp_path):
+  with pytest.raises(hub.CheckpointError, match="holds no tokenizer"):
+    hub.load_tokenizer(tiny_dir[0])     # AutoTokenizer alone would build a vocabulary of special tokens only
+  for f in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy(minilm / f, tmp_path)
+  (tmp_path / "tokenizer.json").write_text((minilm / "tokenizer.json").read_text()[:1000])
+  with pytest.raises(hub.CheckpointError, match="tokenizer files that cannot be read.*; re-download"):
+    hub.load_tokenizer(tmp_path)
+
+
+def test_no_torch_advice_is_silenced(minilm):
+  """Without torch, `import transformers` advises that models are unavailable; the tokenizer loader drops that."""
+  def stderr(stmt):
+    code = f"import sys; sys.modules['torch'] = None; {stmt}"   # a None entry makes find_spec('torch') None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).parents[1]).stderr
+  assert "PyTorch was not found" in stderr("import transformers")          # the simulation holds
+  out = stderr("from fipjax.models import hub; print(hub.load_tokenizer('minilm')('hi')['input_ids'])")
+  assert "PyTorch was not found" not in out, out
 
 
 def test_missing_model_errors(tmp_path, monkeypatch):

@@ -91,3 +91,68 @@ def test_two_pass_gradient_equals_one_pass_on_the_summed_loss():
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(total)(params))
   chex.assert_trees_all_close(final, expected, rtol=1e-6, atol=1e-7)
   assert history[0]["loss"] == pytest.approx(float(total(params)), rel=1e-6)
+
+
+def _mlp_problem():
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+  y = (x[:, 0] > 0).astype(jnp.int32)
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  return params, [{"new": (x, y)}] * 20, loss
+
+
+def test_callback_states_stay_valid_and_resume_twice():
+  params, batches, loss = _mlp_problem()
+  method = continual.naive(loss, optax.adam(0.05))
+  final, _, _ = continual.fit(method, params, iter(batches), 20)
+  seen = []
+  continual.fit(method, params, iter(batches), 8, callback=lambda s, row: seen.append(s))
+  # Every kept state is readable after later steps reused the device buffers (donation).
+  assert [s.step for s in seen] == list(range(1, 9))
+  chex.assert_trees_all_equal_shapes(seen[2].train_params, params)
+  for _ in range(2):                                  # one state, resumed twice
+    resumed, _, _ = continual.fit(method, params, iter(batches[8:]), 20, state=seen[-1])
+    chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_stops_the_run():
+  params, batches, loss = _mlp_problem()
+  with pytest.raises(continual.NonFiniteLoss) as e:
+    continual.fit(continual.naive(loss, optax.sgd(1e38)), params, iter(batches), 20)
+  assert e.value.step > 1 and not np.isfinite(e.value.loss)
+
+
+def test_several_old_tasks_average_their_terms():
+  params, batches, loss = _mlp_problem()
+  x, y = batches[0]["new"]
+  f2 = lambda p, z: 2.0 * mlp(p, z)
+  replay = {"a": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x) + 1.0},
+            "b": {"inputs": -x, "labels": y, "ref_outputs": f2(params, -x)}}
+  batch = {"new": (x, y), "replay": replay}
+  both = continual.fip(loss, {"a": mlp, "b": f2}, optax.sgd(0.1), beta=3.0)
+  one = lambda f, name: float(continual.fip(loss, f, optax.sgd(0.1), beta=3.0).replay_loss(params,
+                                                                                           {"replay": replay[name]})[0])
+  assert float(both.replay_loss(params, batch)[0]) == pytest.approx((one(mlp, "a") + one(f2, "b")) / 2, rel=1e-6)
+  old_loss = lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"]))
+  rep = continual.replay(loss, {"a": old_loss, "b": old_loss}, optax.sgd(0.1))
+  expected = (old_loss(params, replay["a"]) + old_loss(params, replay["b"])) / 2
+  assert float(rep.replay_loss(params, batch)[0]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_registry_builds_every_method_and_lora_wraps_any():
+  params, batches, loss = _mlp_problem()
+  x, y = batches[0]["new"]
+  old = continual.OldTask(mlp, mlp, lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"])), lambda n: x[:n])
+  ctx = continual.StageContext(loss, {"a": old}, params, None, r"^layer_1/", seed=0)
+  replay = {"a": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x)}}
+  hp = continual.MethodConfig(lora_targets="kernel$", lora_rank=2, ewc_samples=4)
+  for name in continual.method_names() + ("lora-ewc", "lora-replay"):
+    method = continual.build(name, ctx, hp, continual.OptimConfig(lr=0.01))
+    final, _, history = continual.fit(method, params, iter([{"new": (x, y), "replay": replay}] * 3), 3)
+    assert method.name == name and np.isfinite(history[-1]["loss"]), name
+    if name.startswith("lora"):                       # only adapters on the kernels and the named head move
+      chex.assert_trees_all_equal(final["layer_0"]["bias"], params["layer_0"]["bias"])
+      assert not np.array_equal(final["layer_0"]["kernel"], params["layer_0"]["kernel"]), name
+  with pytest.raises(ValueError, match="unknown method 'sgd'"):
+    continual.parse_name("sgd")
+  assert continual.parse_name("lora") == ("naive", True) and continual.parse_name("lora-ewc") == ("ewc", True)

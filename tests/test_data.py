@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -82,18 +83,22 @@ def test_tokenise_bucket_and_batch(data_dir, tokenizer):
   yelp = data.subsample(data.load_task("yelp", "train", data_dir), 64, seed=0)
   enc = data.encode(yelp, tokenizer, max_len=128, label_offset=0)
   assert max(len(x) for x in enc.ids) <= 128 and all(x[0] == tokenizer.cls_token_id for x in enc.ids)
-  batches = data.train_batches(enc, 8, seed=1, max_len=128)
+  batches = data.train_batches(enc, 8, seed=1)
   first = [next(batches) for _ in range(10)]
   for b in first:
-    assert b["input_ids"].shape[1] in (32, 64, 128) and b["input_ids"].dtype == np.int32
-    assert b["attention_mask"].sum(1).max() <= b["input_ids"].shape[1]
+    assert b["inputs"]["input_ids"].shape == (8, 128) and b["inputs"]["input_ids"].dtype == np.int32   # one shape
+    assert b["inputs"]["attention_mask"].sum(1).max() <= 128
   # Resuming at step 9 yields the same batch as the uninterrupted stream; epochs are reshuffled.
-  resumed = next(data.train_batches(enc, 8, seed=1, max_len=128, start_step=9))
-  np.testing.assert_array_equal(resumed["input_ids"], first[9]["input_ids"])
+  resumed = next(data.train_batches(enc, 8, seed=1, start_step=9))
+  np.testing.assert_array_equal(resumed["inputs"]["input_ids"], first[9]["inputs"]["input_ids"])
   assert not np.array_equal(first[0]["labels"], first[8]["labels"]) or \
-      not np.array_equal(first[0]["input_ids"], first[8]["input_ids"])
-  seen = np.concatenate([idx for _, idx in data.eval_batches(enc, 10, 128)])
-  assert sorted(seen.tolist()) == list(range(64))
+      not np.array_equal(first[0]["inputs"]["input_ids"], first[8]["inputs"]["input_ids"])
+  evaluated = list(data.eval_batches(enc, 10))
+  assert sorted(np.concatenate([idx for _, idx in evaluated]).tolist()) == list(range(64))
+  assert {b["inputs"]["input_ids"].shape[1] for b, _ in evaluated} <= {32, 64, 128}    # length buckets
+  assert enc.digest() == enc.take(np.arange(64)).digest() != enc.take(np.arange(63)).digest()
+  relabelled = data.Encoded(enc.ids, (enc.labels + 1) % 5, enc.max_len)     # labels rewritten in place: a new key
+  assert relabelled.digest() != enc.digest()
 
 
 def test_label_offset_and_replay_buffer(data_dir, tokenizer):
@@ -102,7 +107,79 @@ def test_label_offset_and_replay_buffer(data_dir, tokenizer):
   assert set(enc.labels.tolist()) <= {5, 6}
   ref = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
   buf = data.ReplayBuffer(enc, ref, seed=2)
-  a, b = buf.sample(7, 4, 64), buf.sample(7, 4, 64)
-  np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+  a, b = buf.sample(7, 4), buf.sample(7, 4)
+  np.testing.assert_array_equal(a["inputs"]["input_ids"], b["inputs"]["input_ids"])
   rows = (a["ref_outputs"][:, 0] / 3).astype(int)
   np.testing.assert_array_equal(a["labels"], enc.labels[rows])
+
+
+def test_array_rows_batch_like_text():
+  ds = data.Arrays({"x": np.arange(20.0).reshape(10, 2)}, np.arange(10) % 3)
+  b = next(data.train_batches(ds, 4, seed=0))
+  np.testing.assert_array_equal(b["inputs"]["x"][:, 0] / 2, b["labels"] + 3 * ((b["inputs"]["x"][:, 0] / 2) // 3))
+  evaluated = list(data.eval_batches(ds, 4))
+  assert [len(idx) for _, idx in evaluated] == [4, 4, 2] and evaluated[-1][0]["labels"].shape == (4,)
+  assert ds.take([1, 2]).digest() != ds.take([2, 1]).digest()
+
+
+@pytest.mark.parametrize("labels, shown", [
+    ([1, 2.5, 3], r"rows \[1\] hold \[2\.5\]"),
+    ([True, False], r"rows \[0, 1\] hold \[True, False\]"),
+    (["1", "2"], r"rows \[0, 1\] hold \['1', '2'\]"),
+])
+def test_non_integer_labels_are_errors(tmp_path, labels, shown):
+  _write(tmp_path, "yelp", [{"text": "ok", "label": v} for v in labels])
+  with pytest.raises(data.DataError, match=r"yelp/train\.jsonl: labels must be integers; " + shown):
+    data.load_task("yelp", "train", tmp_path)
+
+
+def test_integral_float_labels_are_accepted(tmp_path):
+  _write(tmp_path, "yelp", [{"text": "ok", "label": 1.0}, {"text": "ok", "label": 4}])
+  assert data.load_task("yelp", "train", tmp_path).labels.tolist() == [1, 4]
+
+
+def test_all_texts_empty_is_an_error(tmp_path):
+  _write(tmp_path, "imdb", [{"text": "", "label": 1}, {"text": " \n", "label": 0}])
+  with pytest.raises(data.DataError, match=r"imdb/train\.jsonl: every row has an empty text \(2 rows\)"):
+    data.load_task("imdb", "train", tmp_path)
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("train.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n',
+     r"train\.jsonl, line 3: not valid JSON \(Expecting ',' delimiter\)"),
+    ("train.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', r"train\.jsonl, line 2: not a JSON object \(got list\)"),
+    ("train.json", '[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]\n',
+     r"train\.json, line 2: not valid JSON \(Expecting ',' delimiter\)"),
+])
+def test_malformed_json_names_the_line(tmp_path, name, body, message):
+  (tmp_path / "imdb").mkdir()
+  (tmp_path / "imdb" / name).write_text(body)
+  with pytest.raises(data.DataError, match=message):
+    data.load_task("imdb", "train", tmp_path)
+
+
+def test_json_array_file_loads(tmp_path):
+  (tmp_path / "imdb").mkdir()
+  (tmp_path / "imdb" / "train.json").write_text(json.dumps([{"text": "a", "label": 1}, {"text": "b", "label": 0}]))
+  assert data.load_task("imdb", "train", tmp_path).labels.tolist() == [1, 0]
+
+
+def test_digest_follows_content_not_path(tmp_path):
+  rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+  for d in "ab":
+    (tmp_path / d).mkdir()
+    _write(tmp_path / d, "imdb", rows)
+  a, b = data.load_task("imdb", "train", tmp_path / "a"), data.load_task("imdb", "train", tmp_path / "b")
+  assert a.digest == b.digest and len(a.digest) == 64
+  assert a.digest == hashlib.sha256((tmp_path / "a" / "imdb" / "train.jsonl").read_bytes()).hexdigest()
+  rows[1]["label"] = 1
+  _write(tmp_path / "a", "imdb", rows)
+  changed = data.load_task("imdb", "train", tmp_path / "a")
+  assert changed.digest != a.digest and changed.labels.tolist() == [1, 1]
+
+
+def test_hub_digest_is_the_dataset_fingerprint(monkeypatch):
+  import datasets
+  ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+  monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+  assert data.load_task("imdb", "test").digest == f"imdb:{ds._fingerprint}"

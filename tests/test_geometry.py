@@ -45,6 +45,33 @@ def test_gv_matches_dense_jacobian(x64, problem, output_metric, chunk_size):
   chex.assert_trees_all_close(metric.dense(), reference, rtol=1e-10, atol=1e-12)
 
 
+def _second_head(params, x):
+  """x [N, 3] -> [N, 2, 5]: a second output leaf with two trailing axes."""
+  h = jnp.tanh(x @ params["layer_0"]["kernel"] + params["layer_0"]["bias"])
+  return jnp.stack([h, h**2], axis=1)
+
+
+@pytest.mark.parametrize("output_metric", ["euclidean", "fisher_rao", USER_METRIC])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_pytree_outputs_act_leafwise(x64, output_metric, chunk_size):
+  f, params, x = _mlp_problem()
+  w = jnp.linspace(0.5, 2.0, x.shape[0])
+  v = _random_tree(jax.random.PRNGKey(4), params)
+  build = lambda g: geometry.pullback_metric(g, params, x, output_metric, weights=w, chunk_size=chunk_size)
+  single, second = build(f), build(_second_head)
+  as_dict = build(lambda p, x: {"a": f(p, x)})
+  as_tuple = build(lambda p, x: (f(p, x), _second_head(p, x)))
+  chex.assert_trees_all_close(as_dict(v), single(v), rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(as_tuple(v), tu.tree_add(single(v), second(v)), rtol=1e-12, atol=1e-14)
+  dense = lambda g: geometry.jacobian_metric_dense(g, params, x, output_metric)
+  dense_single, dense_second = dense(f), dense(_second_head)
+  chex.assert_trees_all_close(dense(lambda p, x: {"a": f(p, x)}), dense_single, rtol=1e-12)
+  chex.assert_trees_all_close(dense(lambda p, x: (f(p, x), _second_head(p, x))), dense_single + dense_second,
+                              rtol=1e-12)
+  unweighted = geometry.pullback_metric(lambda p, x: (f(p, x), _second_head(p, x)), params, x, output_metric)
+  chex.assert_trees_all_close(unweighted.dense(), dense_single + dense_second, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("output_metric", ["euclidean", "fisher_rao"])
 def test_symmetric_and_psd(x64, output_metric):
   f, params, x = _attention_problem()
@@ -80,6 +107,31 @@ def test_composition_matches_dense(x64):
   restricted = (g_a + g_b).restrict(mask)
   assert restricted.dim == idx.size
   chex.assert_trees_all_close(restricted.dense(), (a + b)[np.ix_(idx, idx)], rtol=1e-12)
+
+
+def test_sum_of_metrics(x64):
+  f, params, x = _mlp_problem()
+  g_a = geometry.pullback_metric(f, params, x[:4], "euclidean")
+  g_b = geometry.pullback_metric(f, params, x[4:], "fisher_rao")
+  chex.assert_trees_all_close(sum([g_a, g_b]).dense(), (g_a + g_b).dense(), rtol=1e-12)
+  assert sum([g_a]) is g_a
+  with pytest.raises(TypeError):
+    1 + g_a
+
+
+def test_invalid_weights_raise_unless_traced():
+  f, params, x = _mlp_problem(jnp.float32)
+  n = x.shape[0]
+  with pytest.raises(ValueError, match="sum to zero"):
+    geometry.pullback_metric(f, params, x, weights=jnp.zeros(n))
+  with pytest.raises(ValueError, match="negative"):
+    geometry.pullback_metric(f, params, x, weights=jnp.ones(n).at[0].set(-1.0))
+  with pytest.raises(ValueError, match="one weight per"):
+    geometry.pullback_metric(f, params, x, weights=jnp.ones(n + 1))
+  # Traced weights cannot be inspected: no check, no error at trace time.
+  v = jax.tree.map(jnp.ones_like, params)
+  gv = jax.jit(lambda w: geometry.pullback_metric(f, params, x, weights=w)(v))(jnp.ones(n))
+  chex.assert_tree_all_finite(gv)
 
 
 def test_composition_errors():

@@ -85,6 +85,52 @@ def test_geodesic_direction_transform_matches_step(x64):
   chex.assert_trees_all_close(optax.apply_updates(params, updates), expected, rtol=1e-9)
 
 
+@pytest.mark.parametrize("bounds", ["none", "norm", "quad", "both"])
+@pytest.mark.parametrize("measure_quad", [False, True])
+def test_solve_and_scale_matches_dense_solve(x64, bounds, measure_quad):
+  params, x_old, _, _ = _problem()
+  metric = geometry.pullback_metric(mlp, params, x_old, "fisher_rao")
+  rhs = jax.tree.map(jnp.ones_like, params)
+  ravel, unravel = tu.ravel_fn(params)
+  g = np.asarray(metric.dense())
+  exact = np.linalg.solve(g + 1e-2 * np.eye(g.shape[0]), ravel(rhs))
+  norm, quad = np.linalg.norm(exact), exact @ g @ exact
+  max_norm = 0.5 * norm if bounds in ("norm", "both") else None
+  max_quad = 0.09 * quad if bounds in ("quad", "both") else None
+  expected_scale = {"none": 1.0, "norm": 0.5, "quad": 0.3, "both": 0.3}[bounds]
+  step, info = jax.jit(lambda: paths.solve_and_scale(
+      metric, rhs, None, damping=1e-2, max_norm=max_norm, max_quad=max_quad, cg_iters=300, cg_tol=1e-13,
+      measure_quad=measure_quad))()
+  chex.assert_trees_all_close(ravel(step), expected_scale * exact, rtol=1e-8)
+  chex.assert_trees_all_close(ravel(info.solution), exact, rtol=1e-8)
+  np.testing.assert_allclose(info.scale, expected_scale, rtol=1e-8)
+  np.testing.assert_allclose(info.step_norm, expected_scale * norm, rtol=1e-8)
+  if measure_quad or max_quad is not None:
+    np.testing.assert_allclose(info.quad, expected_scale**2 * quad, rtol=1e-8)
+  else:
+    assert np.isnan(info.quad)   # not measured: it would cost one more G·v
+
+
+def test_geodesic_direction_matches_step_under_quad_bound(x64):
+  params, x_old, new_batch, loss_new = _problem()
+  kw = dict(damping=1e-2, max_norm=0.05, max_quad=1e-5, cg_iters=300, cg_tol=1e-13)
+  tx = paths.geodesic_direction(mlp, **kw)
+  grads = jax.grad(loss_new)(params, new_batch)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, ref_inputs=x_old)
+  expected, info = paths.geodesic_step(mlp, loss_new, params, x_old, new_batch, **kw)
+  chex.assert_trees_all_close(tu.tree_sub(params, updates), expected, rtol=1e-9)
+  np.testing.assert_allclose(state.info.quad, info.quad, rtol=1e-9)
+  np.testing.assert_allclose(info.quad, 1e-5, rtol=1e-9)   # the quad bound is the active one here
+  np.testing.assert_allclose(state.info.scale, info.scale, rtol=1e-9)
+  # Without a quad bound, geodesic_step still reports the quad; geodesic_direction skips that G·v (NaN).
+  del kw["max_quad"]
+  _, state = paths.geodesic_direction(mlp, **kw).update(grads, tx.init(params), params, ref_inputs=x_old)
+  _, info = paths.geodesic_step(mlp, loss_new, params, x_old, new_batch, **kw)
+  assert np.isnan(state.info.quad)
+  chex.assert_tree_all_finite(info.quad)
+  assert float(info.quad) > 0
+
+
 def test_penalty_uses_stored_reference_outputs(x64):
   params, x_old, _, _ = _problem()
   ref = paths.reference_outputs(mlp, params, x_old, batch_size=5)

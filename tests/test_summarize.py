@@ -7,12 +7,14 @@ import pytest
 from experiments import summarize
 
 
-def result(seed, methods, yelp_stage1=0.5, **config):
+def result(seed, methods, yelp_stage1=0.5, **data):
   def method(yelp):
-    return {"stage1": {"yelp": yelp_stage1, "imdb": 0.4}, "stage2": {"yelp": yelp, "imdb": 0.7},
-            "weight_change": 0.01, "forgetting": yelp_stage1 - yelp, "average_accuracy": (yelp + 0.7) / 2,
-            "task_agnostic": {"stage2": {"yelp": yelp, "imdb": 0.7}}, "validation": {"yelp": yelp, "imdb": 0.7}}
-  return {"seed": seed, "config": {"heads": "shared", "model": "minilm", **config},
+    return {"tasks": ["yelp", "imdb"], "accuracy_matrix": [[yelp_stage1, 0.4], [yelp, 0.7]],
+            "task_agnostic_matrix": [[yelp_stage1, 0.0], [yelp, 0.7]], "weight_change": 0.01,
+            "forgetting": yelp_stage1 - yelp, "average_accuracy": (yelp + 0.7) / 2,
+            "validation": {"yelp": yelp, "imdb": 0.7}}
+  return {"seed": seed, "config": {"model": {"model": "minilm"}, "data": {"max_len": 64, **data},
+                                   "method": {"beta": seed}, "seed": seed},
           "methods": {name: method(yelp) for name, yelp in methods.items()}}
 
 
@@ -21,12 +23,13 @@ def test_files_of_one_seed_merge_and_later_methods_replace_earlier():
                                     result(1, {"naive": 0.4, "fip-geodesic": 0.2}),
                                     result(0, {"fip-geodesic": 0.45, "lora-fip-geodesic": 0.48})])
   assert [r["seed"] for r in merged] == [0, 1]
-  assert merged[0]["methods"]["fip-geodesic"]["stage2"]["yelp"] == 0.45
+  assert merged[0]["methods"]["fip-geodesic"]["accuracy_matrix"][1][0] == 0.45
   assert set(merged[0]["methods"]) == {"naive", "fip-geodesic", "lora-fip-geodesic"}
   text = summarize.summarize([result(0, {"naive": 0.3}), result(1, {"naive": 0.4}),
                               result(0, {"lora-fip-geodesic": 0.48})])
-  assert "| naive | 0.500 ± 0.000 | 0.350 ± 0.071 |" in text
+  assert "| naive | 0.500 ± 0.000 | 0.350 ± 0.071 | -0.150 ± 0.071 | 0.400 ± 0.000 | 0.700 ± 0.000 |" in text
   assert "| lora-fip-geodesic | 0.500 ± 0.000 | 0.480 ± 0.000 |" in text
+  assert "- naive: 0.350 ± 0.071 / 0.700 ± 0.000" in text         # task-agnostic, then validation
 
 
 @pytest.mark.parametrize("other", [result(0, {"fip": 0.4}, yelp_stage1=0.6), result(0, {"fip": 0.4}, max_len=128)])

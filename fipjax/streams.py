@@ -1,0 +1,426 @@
+"""Task streams: T ≥ 2 tasks learnt in order by any method, every task evaluated after every stage.
+
+A :class:`Stream` is a model's pure ``apply`` and a tuple of :class:`TaskSpec` (each task's data, its head and
+label range). A :class:`Runner` trains the first task once (cached across methods and runs), then, for each method,
+tasks 2..T in order: before each stage it builds the method's old-task state from all earlier tasks (replay buffers
+with stored outputs, Fisher, anchors), and after it evaluates every task into the accuracy matrix
+``R[i, j]`` (test accuracy on task j after stage i). Runs resume exactly after a kill; results land atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fipjax import checkpoint, continual, data, geometry, parallel, paths, report, runs
+from fipjax import config as cf
+from fipjax import tree as tu
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """One task: its data splits, where its logits are, and which labels are its own.
+
+  Attributes:
+    name: the task's name (reports, checkpoints).
+    splits: ``{"train", "test"[, "val"]}`` → :class:`data.Dataset`; labels are in the head's coordinates.
+    head: the key of ``apply``'s output dict holding the task's logits (None: ``apply`` returns one array).
+    offset, num_labels: the task's own labels are ``offset .. offset + num_labels − 1`` of its head.
+    loss: ``(head logits [B, K], labels [B]) -> per-row loss [B]``, the task's training loss (cross-entropy).
+    keep: ``head logits [N, K] -> outputs`` that methods keep once the task is old (default: the whole head).
+  """
+  name: str
+  splits: Mapping[str, Any]
+  num_labels: int
+  head: str | None = None
+  offset: int = 0
+  loss: Callable[[jax.Array, jax.Array], jax.Array] = optax.softmax_cross_entropy_with_integer_labels
+  keep: Callable[[jax.Array], jax.Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """A model and its tasks, in the order they are learnt.
+
+  Attributes:
+    apply: ``apply(params, inputs, *, deterministic=True, rng=None)`` → logits ``[N, K]`` or ``{head: [N, K]}``.
+    tasks: the tasks in order.
+    head_params: ``head -> regex`` of that head's parameters (frozen while other tasks train; LoRA trains it).
+    layer_group: ``parameter path -> group`` for the per-layer weight change (default: the first path part).
+  """
+  apply: Callable[..., Any]
+  tasks: tuple[TaskSpec, ...]
+  head_params: Callable[[str | None], str]
+  layer_group: Callable[[str], str] = lambda path: path.split("/")[0]
+
+  def __post_init__(self):
+    names = [t.name for t in self.tasks]
+    if len(names) < 2 or len(set(names)) != len(names):
+      raise ValueError(f"a stream needs at least two tasks with distinct names, got {names}")
+
+  def logits(self, params, inputs, task: TaskSpec, rng=None) -> jax.Array:
+    out = self.apply(params, inputs, deterministic=rng is None, rng=rng)
+    return out if task.head is None else out[task.head]
+
+  def task_loss(self, task: TaskSpec, dropout: bool) -> continual.TaskLoss:
+    """The task's loss (cross-entropy over its whole head, a shared head's every label), with its accuracy."""
+
+    def loss(params, batch, rng=None):
+      z = self.logits(params, batch["inputs"], task, rng if dropout else None)
+      return task.loss(z, batch["labels"]).mean(), {"acc": jnp.mean(jnp.argmax(z, -1) == batch["labels"])}
+
+    return loss
+
+  def outputs(self, task: TaskSpec) -> continual.OldApply:
+    """What methods keep of the task once it is old (``task.keep`` of its head logits), deterministic."""
+    keep = task.keep or (lambda z: z)
+    return lambda params, inputs: keep(self.logits(params, inputs, task))
+
+  def own_outputs(self, task: TaskSpec) -> continual.OldApply:
+    """Logits over the task's own labels only."""
+    return lambda params, inputs: self.logits(params, inputs, task)[:, task.offset:task.offset + task.num_labels]
+
+  def shares_head(self, task: TaskSpec) -> bool:
+    return sum(t.head == task.head for t in self.tasks) > 1
+
+  def trainable(self, task: TaskSpec) -> Callable[[PyTree], PyTree] | None:
+    """Everything but the heads no stage of ``task`` should change (other tasks' own heads)."""
+    others = sorted({t.head for t in self.tasks if t.head != task.head})
+    if not others:
+      return None
+    return lambda params: jax.tree.map(lambda m: not m, tu.regex_mask(params, [self.head_params(h) for h in others]))
+
+  def old_task(self, task: TaskSpec, dropout: bool, buffer: data.ReplayBuffer) -> continual.OldTask:
+    return continual.OldTask(self.outputs(task), self.own_outputs(task), self.task_loss(task, dropout),
+                             lambda n: buffer.data.batch(np.arange(min(n, len(buffer.data))))["inputs"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules (configuration sections the runner reads).
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstStageConfig:
+  """How long the first task trains (its result is cached and shared by every method)."""
+  stage1_steps: int | None = cf.option(None, "first-task steps (overrides --stage1-epochs)", cf.positive)
+  stage1_epochs: float = cf.option(1.0, "first-task epochs over its training rows", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """Every later stage: its length, and the old-task buffer the methods may use."""
+  steps: int | None = cf.option(None, "steps of each later task (overrides --epochs)", cf.positive)
+  epochs: float = cf.option(10.0, "epochs of each later task over its training rows", cf.positive)
+  replay_batch_size: int = cf.option(8, "replay rows per old task per step", cf.positive)
+  buffer_size: int = cf.option(2000, "replay-buffer rows kept per old task", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Evaluation, checkpoints and records: what the numbers do not depend on."""
+  eval_batch_size: int = cf.option(64, "evaluation batch size", cf.positive)
+  checkpoint_every: int = cf.option(500, "steps between orbax checkpoints", cf.positive)
+  record_every: int = cf.option(50, "steps between path records (distance to the old outputs)", cf.positive)
+  probe_size: int = cf.option(64, "buffer rows per old task on which the path is recorded", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+  """The sections every task-stream experiment shares; an experiment's configuration extends it."""
+  optim: continual.OptimConfig = cf.section(continual.OptimConfig)
+  first: FirstStageConfig = cf.section(FirstStageConfig)
+  stages: StageConfig = cf.section(StageConfig)
+  method: continual.MethodConfig = cf.section(continual.MethodConfig)
+  run: RunConfig = cf.section(RunConfig)
+  seed: int = cf.option(0, "seed of every random choice (data subsets, initial weights, batches, dropout)",
+                        cf.non_negative)
+
+  def runner_args(self) -> dict:
+    """The :class:`Runner` keywords these sections set."""
+    return dict(optim=self.optim, first=self.first, stages=self.stages, hp=self.method, run=self.run, seed=self.seed)
+
+
+def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -> int:
+  return int(explicit) if explicit is not None else max(1, int(epochs * rows // batch_size))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records along a stage.
+
+
+class PathTracker(runs.Observer):
+  """The path of a stage: new-task loss, mean distance of the old tasks' outputs to their stored references on a
+  probe of each buffer, step lengths, cumulative functional / Euclidean lengths (:class:`paths.PathRecord`)."""
+
+  def __init__(self, probes: Mapping[str, tuple[PyTree, np.ndarray, Callable]], distance: str,
+               to_model: Callable, record_every: int, step_offset: int = 0):
+    self.probes = probes
+    self.dist = geometry.get_distance(distance).fn
+    self.to_model, self.every, self.offset = to_model, record_every, step_offset
+    self.prev = {n: ref for n, (_, ref, _) in probes.items()}
+    self.record = paths.PathRecord()
+    self.since_last = 0.0
+
+  def observe(self, state, row, last):
+    self.since_last += row["step_length"]
+    if not (last or state.step % self.every == 0):
+      return
+    params = self.to_model(state.train_params)
+    z = {n: np.asarray(f(params, x)) for n, (x, _, f) in self.probes.items()}
+    d_start = np.mean([np.mean(self.dist(z[n], ref)) for n, (_, ref, _) in self.probes.items()])
+    d_step = np.mean([np.mean(self.dist(z[n], self.prev[n])) for n in self.probes])
+    self.prev = z
+    self.record.append(self.offset + state.step, row["new_loss"], d_start, self.since_last, d_step)
+    self.since_last = 0.0
+
+  def dump(self):
+    return {"rows": self.record.rows, "prev": {n: np.asarray(v).tolist() for n, v in self.prev.items()},
+            "since_last": self.since_last}
+
+  def restore(self, state):
+    self.record.rows = state["rows"]
+    self.prev = {n: np.asarray(v, np.float32) for n, v in state["prev"].items()}
+    self.since_last = state["since_last"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runner.
+
+
+class Runner:
+  """Trains a stream's tasks in order with any method; see the module docstring.
+
+  Args:
+    stream: the model and tasks.
+    optim, first, stages, hp, run: configuration sections.
+    seed: every random choice derives from it (stage k's batches and dropout use ``seed + 100 k``).
+    model_key: what identifies the model beyond its initial weights (name, dtype, heads): part of the cache key.
+    cache: where the first stage is kept (None: not cached).
+    progress: tqdm bars (else a log line every 10% of a stage).
+    stop_after: simulate a kill after this many steps of this process, whatever the stage (tests).
+  """
+
+  def __init__(self, stream: Stream, *, optim: continual.OptimConfig, first: FirstStageConfig,
+               stages: StageConfig, hp: continual.MethodConfig, run: RunConfig, seed: int, model_key: dict,
+               cache: runs.StageCache | None = None, progress: bool = True, stop_after: int | None = None):
+    self.stream, self.optim, self.first, self.stages, self.hp, self.run = stream, optim, first, stages, hp, run
+    self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
+    self.budget = None if stop_after is None else runs.StepBudget(stop_after)
+    self.mesh = parallel.data_mesh()
+    try:
+      for b in (optim.batch_size, stages.replay_batch_size, run.eval_batch_size):
+        parallel.check_batch_size(b, self.mesh)
+    except ValueError as e:
+      raise runs.UsageError(str(e)) from None
+    for t in stream.tasks:
+      if len(t.splits["train"]) < optim.batch_size:
+        raise runs.UsageError(f"task {t.name} has {len(t.splits['train'])} training rows, fewer than one batch of "
+                              f"{optim.batch_size}; lower --batch-size or use more rows.")
+    self._eval = jax.jit(lambda p, x: stream.apply(p, x))
+    # One compiled function per old task, shared by every method's path records.
+    self._outputs = {t.name: jax.jit(stream.outputs(t)) for t in stream.tasks}
+    self.timings: dict[str, float] = {}
+
+  def _time(self, key: str, t0: float) -> None:
+    self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+  # -- evaluation ------------------------------------------------------------------------------------------------
+
+  def logits_on(self, params, ds, head: str | None) -> np.ndarray:
+    """The head's logits on every row of ``ds``, in its order: ``[N, K]``; an error if any is not finite."""
+    out = None
+    for batch, idx in data.eval_batches(ds, self.run.eval_batch_size):
+      z = self._eval(params, parallel.shard_batch(batch["inputs"], self.mesh))
+      z = np.asarray(z if head is None else z[head])
+      out = np.empty((len(ds), z.shape[-1]), np.float32) if out is None else out
+      out[idx] = z[:len(idx)]
+    if not np.isfinite(out).all():
+      raise runs.UsageError("the model's outputs are not finite (NaN or inf) on evaluation data: the weights "
+                            "have diverged or an input is out of the model's range (e.g. --max-len above its "
+                            "position embeddings). Nothing was reported.")
+    return out
+
+  def accuracy(self, params, task: TaskSpec, split: str) -> tuple[float, float | None]:
+    """(task-aware, task-agnostic or None when the head is the task's alone) accuracy on one split."""
+    ds = task.splits[split]
+    z = self.logits_on(params, ds, task.head)
+    lo, k = task.offset, task.num_labels
+    aware = float(np.mean(np.argmax(z[:, lo:lo + k], -1) + lo == ds.labels))
+    agnostic = float(np.mean(np.argmax(z, -1) == ds.labels)) if self.stream.shares_head(task) else None
+    return aware, agnostic
+
+  def evaluate(self, params, split: str = "test") -> tuple[list[float], list[float | None]]:
+    """(task-aware, task-agnostic) accuracy of every task on ``split``."""
+    t0 = time.perf_counter()
+    res = [self.accuracy(params, t, split) for t in self.stream.tasks]
+    self._time(f"eval_{split}", t0)
+    return [a for a, _ in res], [g for _, g in res]
+
+  # -- training ----------------------------------------------------------------------------------------------------
+
+  def _batches(self, task: TaskSpec, seed: int, buffers: Mapping[str, data.ReplayBuffer] | None):
+    def start(step0):
+      stream = data.train_batches(task.splits["train"], self.optim.batch_size, seed, start_step=step0)
+      for step, b in enumerate(stream, start=step0):
+        batch = {"new": b}
+        if buffers is not None:
+          batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
+        yield parallel.shard_batch(batch, self.mesh)
+    return start
+
+  def _train(self, method, params, task, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
+    return runs.train(method, parallel.replicate(params, self.mesh),
+                      self._batches(task, seed, buffers if method.needs_replay else None), steps, name=name,
+                      ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
+                      observer=observer, progress=self.progress, budget=self.budget)
+
+  def first_stage(self, init_params: PyTree) -> PyTree:
+    """The network after the first task: trained once per key and kept in the cache."""
+    task = self.stream.tasks[0]
+    parts = {"model": self.model_key, "init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(init_params))),
+             "task": task.name, "data": task.splits["train"].digest(),
+             "optim": cf.to_dict(self.optim), "first": cf.to_dict(self.first), "seed": self.seed}
+    steps = num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(task.splits["train"]),
+                      self.optim.batch_size)
+    method = dataclasses.replace(continual.naive(self.stream.task_loss(task, self.optim.dropout),
+                                                 optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay)),
+                                 trainable=self.stream.trainable(task))
+    name = f"stage 1 ({task.name})"
+    if self.cache is None:
+      return self._train(method, init_params, task, steps, self.seed, None, name=name)[0]
+    key = self.cache.key("stage1", parts)
+    with self.cache.lock(key) as path:
+      if checkpoint.is_complete(path / "final"):
+        runs.log(f"{name}: reusing the network in {path}")
+        return checkpoint.restore(path / "final", init_params)
+      runs.log(f"{name}: training for {steps} steps")
+      t0 = time.perf_counter()
+      params, history = self._train(method, init_params, task, steps, self.seed, path / "checkpoints", name=name)
+      self._time("stage1", t0)
+      checkpoint.save(path / "final.tmp", params, {"history": history, "key": parts})
+      runs.StageCache.publish(path / "final.tmp", path / "final")
+      checkpoint.remove(path / "checkpoints")
+    return params
+
+  def buffers(self, params, k: int) -> dict[str, data.ReplayBuffer]:
+    """Replay buffers of the tasks before stage k, each with the outputs of ``params`` (the network entering
+    stage k) stored once."""
+    out = {}
+    for j, task in enumerate(self.stream.tasks[:k]):
+      train = task.splits["train"]
+      idx = np.sort(np.random.default_rng([self.seed, 11 + j]).choice(
+          len(train), size=min(self.stages.buffer_size, len(train)), replace=False))
+      ds = train.take(idx)
+      ref = self.logits_on(params, ds, task.head)
+      ref = ref if task.keep is None else np.asarray(task.keep(jnp.asarray(ref)), np.float32)
+      out[task.name] = data.ReplayBuffer(ds, ref, seed=self.seed + j)
+    return out
+
+  def run_method(self, name: str, params1: PyTree, row1: tuple[list, list], run_dir: runs.RunDir) -> dict:
+    """Tasks 2..T with method ``name`` from the first-stage network; the result is kept in ``run_dir``."""
+    done = run_dir.part(name)
+    if done is not None:
+      runs.log(f"{name}: already finished in an earlier invocation, reusing it")
+      return done
+    tasks, aware, agnostic = self.stream.tasks, [row1[0]], [row1[1]]
+    params, history, records, steps_run, t0 = params1, [], [], [], time.perf_counter()
+    ckpt = run_dir.checkpoints(name)
+    for k in range(1, len(tasks)):
+      task, stage_dir = tasks[k], ckpt / f"after_stage{k + 1}"
+      steps = num_steps(self.stages.steps, self.stages.epochs, len(task.splits["train"]), self.optim.batch_size)
+      steps_run.append(steps)
+      if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill
+        meta = checkpoint.load_meta(stage_dir)
+        params = checkpoint.restore(stage_dir, params)
+        history, records, aware, agnostic = meta["history"], meta["records"], meta["aware"], meta["agnostic"]
+        continue
+      buffers = self.buffers(params, k)
+      ctx = continual.StageContext(
+          self.stream.task_loss(task, self.optim.dropout),
+          {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name]) for t in tasks[:k]},
+          params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed)
+      try:
+        method = continual.build(name, ctx, self.hp, self.optim)
+      except ValueError as e:
+        raise runs.UsageError(str(e)) from None
+      probes = {}
+      for t in tasks[:k]:
+        buf = buffers[t.name]
+        n = min(self.run.probe_size, len(buf.data))
+        probes[t.name] = (buf.data.batch(np.arange(n))["inputs"], buf.ref_outputs[:n], self._outputs[t.name])
+      tracker = PathTracker(probes, self.hp.distance, method.to_model, self.run.record_every, len(history))
+      runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
+      params, hist = self._train(method, params, task, steps, self.seed + 100 * k, ckpt / f"stage{k + 1}",
+                                 buffers, tracker, name=f"{name} ({task.name})")
+      history, records = history + hist, records + tracker.record.rows
+      a, g = self.evaluate(params)
+      aware, agnostic = aware + [a], agnostic + [g]
+      if k < len(tasks) - 1:
+        checkpoint.save(stage_dir, params, {"history": history, "records": records, "aware": aware,
+                                            "agnostic": agnostic})
+    val_aware, val_agnostic = self.evaluate(params, "val") if "val" in tasks[0].splits else (None, None)
+    train_time = time.perf_counter() - t0
+    names = [t.name for t in tasks]
+    r = np.array(aware)
+    result = {
+        "tasks": names,
+        "accuracy_matrix": r.tolist(),
+        "task_agnostic_matrix": agnostic,
+        "validation": None if val_aware is None else dict(zip(names, val_aware)),
+        "validation_task_agnostic": None if val_agnostic is None else dict(zip(names, val_agnostic)),
+        "weight_change": continual.fractional_weight_change(params, params1),
+        "weight_change_by_layer": continual.weight_change_by_group(params, params1, self.stream.layer_group),
+        **continual.cl_metrics(r),
+        "steps": steps_run,
+        "train_time_s": train_time,
+        "steps_per_s": sum(steps_run) / train_time,
+        "final_loss": history[-1]["loss"] if history else None,
+        "loss_curve": [row["loss"] for row in history],
+        "path": {k: [r[k] for r in records] for k in paths.PathRecord.FIELDS},
+    }
+    run_dir.save_part(name, result)
+    runs.log(f"{name}: " + ", ".join(f"{n} {r[0, j]:.3f} → {r[-1, j]:.3f}" for j, n in enumerate(names)) +
+             f", weight change {result['weight_change']:.4f}")
+    return result
+
+  def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:
+    """The first stage (cached), then every method over the later tasks: ``{"methods": …, "timings": …}``."""
+    params1 = self.first_stage(init_params)
+    row1 = self.evaluate(params1)
+    runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
+    results = {"methods": {}}
+    for name in methods:
+      results["methods"][name] = self.run_method(name, params1, row1, run_dir)
+      self.timings[f"stages_{name}"] = results["methods"][name]["train_time_s"]
+    results["timings"] = self.timings
+    return results
+
+
+def run_experiment(build: Callable[[], tuple[Runner, PyTree]], *, methods: Sequence[str], config: dict,
+                   out: pathlib.Path, cache_dir: pathlib.Path | None, title: str, command: str) -> dict:
+  """Everything an experiment's command line does after parsing: check ``out`` and ``cache_dir`` (writing
+  nothing), ``build()`` the runner and the initial parameters (loading the model and data: bad input fails here),
+  open the run directory, run, write ``results.json`` (last, atomically), ``report.md`` and the figures."""
+  identity = {"config": config, "methods": list(methods)}
+  runs.RunDir.check(out, identity)
+  if cache_dir is not None:
+    runs.check_writable_dir(cache_dir, "--cache-dir")
+  runner, init_params = build()
+  run_dir, resuming = runs.RunDir.open(pathlib.Path(out), identity)
+  runs.log(f"{'resuming' if resuming else 'writing'} {out}; devices: {jax.device_count()} "
+           f"({jax.devices()[0].device_kind})")
+  results = runner.run_all(methods, init_params, run_dir)
+  results = {"config": config, "seed": runner.seed, "command": command, "versions": report.versions(), **results}
+  print(report.write(run_dir.path, results, title))
+  run_dir.finish(results)
+  runs.log(f"wrote {run_dir.path / 'results.json'}, {run_dir.path / 'report.md'}")
+  return results

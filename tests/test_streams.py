@@ -1,0 +1,99 @@
+"""Task streams: a new 3-task experiment defined from the library alone, run end to end, killed and resumed."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from fipjax import config as cf
+from fipjax import continual, data, runs, streams
+
+
+# --- the experiment: digits 0–3, 4–6, 7–9 learnt in order by an MLP with one head per task (under 60 lines) ---
+def digit_stream(seed=0):
+  digits = load_digits()
+  x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int32)
+  tasks = []
+  for name, (lo, hi) in zip("ABC", ((0, 4), (4, 7), (7, 10))):
+    rows = np.flatnonzero((y >= lo) & (y < hi))
+    test = rows[np.random.default_rng(seed).random(len(rows)) < 0.3]
+    train = np.setdiff1d(rows, test)
+    split = lambda r: data.Arrays(x[r], y[r] - lo)
+    tasks.append(streams.TaskSpec(name, {"train": split(train), "test": split(test)}, hi - lo, head=name))
+  ks = iter(jax.random.split(jax.random.PRNGKey(seed), 5))
+  dense = lambda a, b: {"kernel": jax.random.normal(next(ks), (a, b)) / jnp.sqrt(a), "bias": jnp.zeros(b)}
+  params = {"trunk": dense(64, 32), **{f"head_{t.name}": dense(32, t.num_labels) for t in tasks}}
+
+  def apply(p, inputs, *, deterministic=True, rng=None):
+    h = jnp.tanh(inputs @ p["trunk"]["kernel"] + p["trunk"]["bias"])
+    return {t.name: h @ p[f"head_{t.name}"]["kernel"] + p[f"head_{t.name}"]["bias"] for t in tasks}
+
+  return streams.Stream(apply, tuple(tasks), head_params=lambda h: rf"^head_{h}/"), params
+
+
+def run(out, cache, methods=("naive", "fip", "ewc"), stop_after=None):
+  stream, params = digit_stream()
+  cfg = dict(optim=cf.with_values(continual.OptimConfig(), lr=3e-3, weight_decay=0.0, batch_size=16, dropout=False),
+             first=streams.FirstStageConfig(stage1_steps=30),
+             stages=streams.StageConfig(steps=30, replay_batch_size=16, buffer_size=100),
+             hp=continual.MethodConfig(beta=50.0, ewc_samples=50, ewc_strength=50.0),
+             run=streams.RunConfig(eval_batch_size=40, checkpoint_every=7, record_every=10, probe_size=20))
+  build = lambda: (streams.Runner(stream, **cfg, seed=0, model_key={"mlp": 32}, cache=runs.StageCache(cache),
+                                  progress=False, stop_after=stop_after), params)
+  return runs.cli_main(lambda: streams.run_experiment(
+      build, methods=methods, config={k: cf.to_dict(v) for k, v in cfg.items()}, out=out, cache_dir=cache,
+      title="Three digit tasks", command="test"))
+# --- end of the experiment ---
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("stream")
+  assert run(tmp / "run", tmp / "cache") == 0
+  return json.loads((tmp / "run" / "results.json").read_text())
+
+
+def test_three_tasks_give_a_3x3_matrix_and_metrics(uninterrupted):
+  for name, m in uninterrupted["methods"].items():
+    r = np.array(m["accuracy_matrix"])
+    assert r.shape == (3, 3) and m["tasks"] == ["A", "B", "C"], name
+    assert m["average_accuracy"] == pytest.approx(r[-1].mean())
+    assert m["backward_transfer"] == pytest.approx(np.mean([r[2, 0] - r[0, 0], r[2, 1] - r[1, 1]]))
+    assert m["task_agnostic_matrix"][-1] == [None, None, None]          # a head per task: no shared argmax
+    assert len(m["loss_curve"]) == 60 and m["steps"] == [30, 30] and m["path"]["step"][-1] == 60
+    assert r[0, 0] > 0.9 and r[1, 1] > 0.8 and r[2, 2] > 0.8, name     # each task is learnt in its stage
+  fip, naive = uninterrupted["methods"]["fip"], uninterrupted["methods"]["naive"]
+  assert fip["forgetting"] < naive["forgetting"]
+
+
+def test_killed_and_resumed_stream_ends_identical(uninterrupted, tmp_path):
+  codes = []
+  while not codes or codes[-1] == 130:               # killed after every 40 steps, resumed from the last checkpoint
+    codes.append(run(tmp_path / "run", tmp_path / "cache", stop_after=40))
+    assert len(codes) < 30, codes
+  assert codes[-1] == 0 and len(codes) >= 6, codes    # 210 steps in all: kills in every stage
+  resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+  for name, m in uninterrupted["methods"].items():
+    for key in ("accuracy_matrix", "loss_curve", "path", "weight_change", "task_agnostic_matrix"):
+      assert resumed["methods"][name][key] == m[key], (name, key)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_task_sets_its_own_loss_and_what_is_kept():
+  stream, params = digit_stream()
+  a = dataclasses.replace(stream.tasks[0], keep=lambda z: z[:, :2], loss=lambda z, y: jnp.zeros(z.shape[0]))
+  stream = dataclasses.replace(stream, tasks=(a,) + stream.tasks[1:])
+  batch = a.splits["train"].batch(np.arange(5))
+  assert stream.outputs(a)(params, batch["inputs"]).shape == (5, 2)
+  assert float(stream.task_loss(a, dropout=False)(params, batch)[0]) == 0.0
+  runner = streams.Runner(stream, optim=continual.OptimConfig(batch_size=4), first=streams.FirstStageConfig(),
+                          stages=streams.StageConfig(buffer_size=10), hp=continual.MethodConfig(),
+                          run=streams.RunConfig(eval_batch_size=4), seed=0, model_key={})
+  buffers = runner.buffers(params, 2)
+  assert buffers["A"].ref_outputs.shape == (10, 2) and buffers["B"].ref_outputs.shape == (10, 3)
+  np.testing.assert_allclose(buffers["A"].ref_outputs, stream.outputs(a)(params, buffers["A"].data.inputs),
+                             rtol=1e-5, atol=1e-6)
