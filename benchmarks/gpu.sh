@@ -20,6 +20,6 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 r = json.loads((out / "yelp_imdb" / "results.json").read_text())
 for name, m in r["methods"].items():
-  print(f"{name:14s} Yelp {m['stage1']['yelp']:.3f} -> {m['stage2']['yelp']:.3f}  IMDB {m['stage2']['imdb']:.3f}  "
-        f"{m['steps_per_s']:.1f} steps/s")
+  (y1, _), (y2, i2) = m["accuracy_matrix"]
+  print(f"{name:18s} Yelp {y1:.3f} -> {y2:.3f}  IMDB {i2:.3f}  {m['steps_per_s']:.1f} steps/s")
 PY

@@ -367,7 +367,8 @@ class Runner:
       if k < len(tasks) - 1:
         checkpoint.save(stage_dir, params, {"history": history, "records": records, "aware": aware,
                                             "agnostic": agnostic})
-    val_aware, val_agnostic = self.evaluate(params, "val") if "val" in tasks[0].splits else (None, None)
+    val_aware, val_agnostic = (self.evaluate(params, "val") if all("val" in t.splits for t in tasks)
+                               else (None, None))
     train_time = time.perf_counter() - t0
     names = [t.name for t in tasks]
     r = np.array(aware)
