@@ -158,8 +158,12 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
   # Executables loaded from a persistent compilation cache carry no op metadata to attribute time by: compile anew.
+  cached = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
-  return bench.cli(bench.parser(__doc__, repeats=3), run, table, argv)
+  try:
+    return bench.cli(bench.parser(__doc__, repeats=3), run, table, argv)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cached)
 
 
 if __name__ == "__main__":

@@ -144,4 +144,8 @@ def test_read_only_out_is_refused_at_once(tmp_path, small_data, capsys):
     pass
   assert yelp_imdb.main(TINY + ["--data-dir", str(small_data), "--out", str(target)]) == 2
   err = capsys.readouterr().err
-  assert "is not writable" in err and "Traceback" not in err
+  assert "--out" in err and "is not writable" in err and "Traceback" not in err
+  assert yelp_imdb.main(TINY + ["--data-dir", str(small_data), "--out", str(tmp_path / "run"),
+                                "--cache-dir", str(target)]) == 2       # refused at once, not after an orbax timeout
+  err = capsys.readouterr().err
+  assert "--cache-dir" in err and "is not writable" in err and not (tmp_path / "run").exists()
