@@ -252,6 +252,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
   finally:
     logger.removeFilter(drop)
   model_dir = resolve_model_dir(name_or_path)
+  read_config(model_dir)      # AutoTokenizer reads config.json too: a broken one is named as such, first
   if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
     # AutoTokenizer would otherwise return a BERT tokenizer that knows only the special tokens.
     raise CheckpointError(f"{model_dir} holds no tokenizer (tokenizer.json or vocab.txt); "
