@@ -181,6 +181,9 @@ class RunDir:
     write_json(self.path / "results.json", results)
     shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
     (self.path / ".lock").unlink(missing_ok=True)
+    if self._lock is not None:
+      self._lock.close()        # releases the lock
+      self._lock = None
 
 
 def _read(path: pathlib.Path) -> dict:

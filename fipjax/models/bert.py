@@ -8,8 +8,6 @@ checkpoint conversion (:mod:`fipjax.models.hub`) is a renaming plus kernel trans
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from typing import Any, Mapping
 
 import jax
@@ -47,10 +45,6 @@ class BertConfig:
     if d.get("position_embedding_type", "absolute") != "absolute":
       raise ValueError(f"only absolute position embeddings are supported, got {d['position_embedding_type']!r}")
     return cfg
-
-  @classmethod
-  def from_json(cls, path: str | pathlib.Path) -> "BertConfig":
-    return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
 
 
 def _wide(dtype):
