@@ -112,6 +112,7 @@ class Setup:
       graphdef, params, cfg, _ = hub.load_bert(model, {"shared": 7}, dtype=dtype)
       self.model_dir = hub.resolve_model_dir(model)
     self.cfg, self.params, self.apply = cfg, params, bert.make_apply(graphdef)
+    self.features, self.readout, self.below = bert.make_split(graphdef)
     rng = np.random.default_rng(seed)
     make = lambda n: {"input_ids": jnp.asarray(rng.integers(1000, 20000, (n, seq)), jnp.int32),
                       "attention_mask": jnp.ones((n, seq), jnp.int32)}
@@ -123,6 +124,8 @@ class Setup:
     self.replay = {"inputs": replay_inputs, "labels": jnp.asarray(rng.integers(0, 5, replay_batch), jnp.int32),
                    "ref_outputs": ref}
     self.fip_batch = {"new": self.new, "replay": {"old": self.replay}}
+    h = self.features(params, replay_inputs)        # brain-inspired replay's generated features stand in
+    self.bir_batch = {"new": self.new, "replay": {"old": {"features": h, "ref_outputs": ref}}}
 
   def logits(self, params, inputs):
     return self.apply(params, inputs)["shared"]
@@ -150,11 +153,18 @@ class Setup:
 def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5) -> dict[str, continual.Method]:
   """The benchmarked methods, built by the library's registry as the experiments build them (one old task,
   ``"old"``: its batch is ``s.fip_batch["replay"]["old"]``)."""
-  old = continual.OldTask(s.logits, s.logits, s.task_loss, lambda n: s.replay["inputs"])
-  ctx = continual.StageContext(s.task_loss, {"old": old}, s.params, None, r"^heads/", seed=0)
+  ones = jax.tree.map(jnp.ones_like, s.params)
+  old = continual.OldTask(s.logits, s.logits, s.task_loss, lambda n: s.replay["inputs"],
+                          lambda p, h: s.readout(p, h)["shared"], {"si_omega": ones, "si_change": ones})
+  ctx = continual.StageContext(s.task_loss, {"old": old}, s.params, None, r"^heads/", seed=0, below=s.below)
   hp = continual.MethodConfig(beta=beta, lora_lr=2e-5, geodesic_cg_iters=cg_iters)
   optim = continual.OptimConfig(lr=2e-5, weight_decay=0.01)
-  return {name: continual.build(name, ctx, hp, optim) for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip")}
+  return {name: continual.build(name, ctx, hp, optim) for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip")
+          + BASELINES}
+
+
+BASELINES = ("si", "gem", "agem", "bir")
+"""The other continual-learning methods, timed per step against naive (``<name>_over_naive_step_time``)."""
 
 
 def compiled_flops(compiled) -> float:
@@ -261,7 +271,8 @@ def run(args) -> dict:
   calls, peaks = {}, {}
   for name, method, batch in (("naive", "naive", {"new": s.new}), ("naive_combined", "naive", {"new": s.combined}),
                               ("fip", "fip", fip_batch), ("lora", "lora", {"new": s.new}),
-                              ("lora-fip", "lora-fip", fip_batch)):
+                              ("lora-fip", "lora-fip", fip_batch), ("si", "si", {"new": s.new}),
+                              ("gem", "gem", fip_batch), ("agem", "agem", fip_batch), ("bir", "bir", s.bir_batch)):
     calls[name], compiled = s.step_call(ms[method], batch)
     if name != "naive_combined":
       peaks[name] = peak_bytes(compiled)
@@ -278,7 +289,8 @@ def run(args) -> dict:
             "fip_overhead_time": times["fip"] / times["naive_combined"],
             "fip_over_naive_step_time": times["fip"] / times["naive"],
             "fip_over_naive_peak_memory": peaks["fip"] / peaks["naive"],
-            "lorafip_over_lora_peak_memory": peaks["lora-fip"] / peaks["lora"]}
+            "lorafip_over_lora_peak_memory": peaks["lora-fip"] / peaks["lora"],
+            **{f"{m}_over_naive_step_time": times[m] / times["naive"] for m in BASELINES}}
   flops = training_flops(s.cfg, args.batch, args.seq)
   kind = jax.devices()[0].device_kind
   datasheet = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
@@ -315,7 +327,8 @@ def table(result: dict) -> str:
   for key in ("gv_over_grad_time", "gv_with_linearization_over_grad_time", "gv_over_grad_flops",
               "gv_with_linearization_over_grad_flops", "fip_overhead_time", "fip_over_naive_step_time",
               "fip_over_naive_peak_memory", "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time",
-              "ours_over_torch_step_time", "authors_frozen_forward_share"):
+              "ours_over_torch_step_time", "authors_frozen_forward_share",
+              *(f"{m}_over_naive_step_time" for m in BASELINES)):
     if key in result:
       target = TARGETS.get(key)
       mark = "" if target is None else ("  ok" if result[key] <= target else "  MISSED")

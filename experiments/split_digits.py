@@ -35,7 +35,7 @@ PRESETS = {"default": cf.with_values(
     Config(), lr=3e-3, weight_decay=0.0, batch_size=32, dropout=False, stage1_steps=300, steps=300,
     replay_batch_size=32, buffer_size=400, beta=100.0, geodesic_lr=0.05, geodesic_damping=1e-2,
     geodesic_cg_iters=10, geodesic_max_norm=1.0, ewc_strength=100.0, ewc_samples=400, eval_batch_size=50,
-    record_every=50, probe_size=64)}
+    record_every=50, probe_size=64, bir_gen_steps=500)}
 
 
 def digit_tasks(seed: int, splits) -> list[streams.TaskSpec]:
@@ -54,24 +54,32 @@ def digit_tasks(seed: int, splits) -> list[streams.TaskSpec]:
 
 
 def mlp(key, tasks, hidden: int):
-  """(apply, params): a two-layer ReLU trunk and one linear head per task (``head_<name>``)."""
+  """(apply, params, split): a two-layer ReLU trunk and one linear head per task (``head_<name>``), split after
+  the first layer (brain-inspired replay generates its activations)."""
   ks = iter(jax.random.split(key, 2 + len(tasks)))
   dense = lambda a, b: {"kernel": jax.random.normal(next(ks), (a, b)) * jnp.sqrt(2.0 / a), "bias": jnp.zeros((b,))}
   params = {"trunk": {"l0": dense(64, hidden), "l1": dense(hidden, hidden)},
             **{f"head_{t.name}": dense(hidden, t.num_labels) for t in tasks}}
 
-  def apply(p, x, *, deterministic=True, rng=None):
-    layer = lambda h, d: h @ d["kernel"] + d["bias"]
-    h = jax.nn.relu(layer(jax.nn.relu(layer(x, p["trunk"]["l0"])), p["trunk"]["l1"]))
+  layer = lambda h, d: h @ d["kernel"] + d["bias"]
+
+  def features(p, x, *, deterministic=True, rng=None):
+    return jax.nn.relu(layer(x, p["trunk"]["l0"]))
+
+  def readout(p, h, *, deterministic=True, rng=None):
+    h = jax.nn.relu(layer(h, p["trunk"]["l1"]))
     return {t.name: layer(h, p[f"head_{t.name}"]) for t in tasks}
 
-  return apply, params
+  def apply(p, x, *, deterministic=True, rng=None):
+    return readout(p, features(p, x))
+
+  return apply, params, (features, readout, r"^trunk/l0/")
 
 
 def build(cfg: Config, cache_dir=None, progress=False, stop_after=None):
   tasks = digit_tasks(cfg.seed, SPLITS[cfg.tasks])
-  apply, params = mlp(jax.random.PRNGKey(cfg.seed), tasks, cfg.hidden)
-  stream = streams.Stream(apply, tuple(tasks), head_params=lambda h: rf"^head_{h}/")
+  apply, params, split = mlp(jax.random.PRNGKey(cfg.seed), tasks, cfg.hidden)
+  stream = streams.Stream(apply, tuple(tasks), head_params=lambda h: rf"^head_{h}/", split=split)
   runner = streams.Runner(stream, **cfg.runner_args(), model_key={"mlp": cfg.hidden, "tasks": cfg.tasks},
                           cache=None if cache_dir is None else runs.StageCache(cache_dir), progress=progress,
                           stop_after=stop_after)
@@ -81,7 +89,8 @@ def build(cfg: Config, cache_dir=None, progress=False, stop_after=None):
 def main(argv=None) -> int:
   p = cf.ArgumentParser(prog="python -m experiments.split_digits", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--method", default="fip", choices=METHODS + ("all",))
+  p.add_argument("--method", default="fip", type=continual.method_argument,
+                 help=f"{', '.join(METHODS)}, any lora-<method>, or 'all' (every method above)")
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
   cfg, args = cf.parse(p, PRESETS, argv)

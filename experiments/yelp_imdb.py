@@ -72,8 +72,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 def parse_args(argv=None):
   p = cf.ArgumentParser(prog="python -m experiments.yelp_imdb", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--method", default="fip", choices=METHODS + ("all",),
-                 help="stage-2 method; 'all' runs every method from the same stage-1 network")
+  p.add_argument("--method", default="fip", type=continual.method_argument,
+                 help=f"stage-2 method: {', '.join(METHODS)}, any lora-<method>, or 'all' (every method above, "
+                      "from the same stage-1 network)")
   p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                  help="'paper' (bert-base, hub data, GPU/TPU) or 'cpu' (offline MiniLM, local data)")
   p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
@@ -131,7 +132,7 @@ def build(cfg: Config, args):
     raise runs.UsageError(f"--max-len {cfg.data.max_len} exceeds the model's {bert_config.max_position_embeddings} "
                           "position embeddings; choose a --max-len of at most that.")
   stream = streams.Stream(bert.make_apply(graphdef), tasks, head_params=lambda head: rf"^heads/{head}/",
-                          layer_group=layer_group)
+                          layer_group=layer_group, split=bert.make_split(graphdef))
   runner = streams.Runner(stream, **cfg.runner_args(), model_key=cf.to_dict(cfg.model),
                           cache=runs.StageCache(args.cache_dir), progress=not args.no_progress,
                           stop_after=args.stop_after)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import pathlib
+import pickle
 import shutil
 from typing import Any
 
@@ -18,10 +19,12 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 _META = "meta.json"
+_STRUCTURE = "structure.pkl"
 
 
-def save(path: str | pathlib.Path, tree: PyTree, meta: dict | None = None) -> None:
-  """Write ``tree`` (and ``meta``) to the directory ``path``; complete once ``meta.json`` exists."""
+def save(path: str | pathlib.Path, tree: PyTree, meta: dict | None = None, *, keep_structure: bool = False) -> None:
+  """Write ``tree`` (and ``meta``) to the directory ``path``; complete once ``meta.json`` exists. With
+  ``keep_structure`` the tree's nesting (dicts, lists, tuples) is stored too, for :func:`restore_tree`."""
   path = pathlib.Path(path).absolute()
   if path.exists():
     shutil.rmtree(path)
@@ -30,6 +33,9 @@ def save(path: str | pathlib.Path, tree: PyTree, meta: dict | None = None) -> No
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "tree", leaves)
   checkpointer.wait_until_finished()
+  if keep_structure:
+    skeleton = jax.tree.unflatten(jax.tree.structure(tree), range(len(leaves)))
+    (path / _STRUCTURE).write_bytes(pickle.dumps(skeleton))
   tmp = path / (_META + ".tmp")
   tmp.write_text(json.dumps({"num_leaves": len(leaves), **(meta or {})}))
   tmp.rename(path / _META)   # the marker of a complete checkpoint
@@ -75,6 +81,14 @@ def restore(path: str | pathlib.Path, template: PyTree) -> PyTree:
       raise ValueError(f"checkpoint {path}: array {i} has shape {x.shape}, expected {np.shape(like)}")
     restored.append(jax.numpy.asarray(x, dtype=jax.numpy.asarray(like).dtype))
   return jax.tree.unflatten(treedef, restored)
+
+
+def restore_tree(path: str | pathlib.Path) -> PyTree:
+  """A tree saved with ``keep_structure=True``, without a template."""
+  path = pathlib.Path(path).absolute()
+  skeleton = pickle.loads((path / _STRUCTURE).read_bytes())
+  stored = ocp.StandardCheckpointer().restore(path / "tree")
+  return jax.tree.map(lambda i: jax.numpy.asarray(stored[f"{i:06d}"]), skeleton)
 
 
 def latest_step(directory: str | pathlib.Path) -> pathlib.Path | None:

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 
 from fipjax import config as cf
-from fipjax import geometry, lora, paths
+from fipjax import gem as gem_lib
+from fipjax import generative, geometry, lora, paths, si as si_lib
 from fipjax import tree as tu
 
 PyTree = Any
@@ -70,7 +71,9 @@ class Method:
     init: ``model_params -> train_params`` (identity, or adds LoRA adapters).
     to_model: ``train_params -> model_params`` (identity, or merges LoRA adapters).
     extra_args: ``batch -> dict`` of extra arguments for the optimiser (the geodesic step's reference inputs).
-    needs_replay: whether batches must carry an old-task replay buffer.
+    needs_replay: whether batches must carry old-task replay batches.
+    replays: what those batches are: ``"buffer"`` (stored inputs, labels and outputs) or ``"generated"``
+      (features drawn from a generator with the old network's outputs on them, brain-inspired replay).
   """
 
   name: str
@@ -82,6 +85,7 @@ class Method:
   to_model: Callable[[PyTree], PyTree] = _identity
   extra_args: Callable[[Batch], dict] = lambda batch: {}
   needs_replay: bool = False
+  replays: str = "buffer"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +162,75 @@ def ewc(task_loss: TaskLoss, optimizer: optax.GradientTransformation, anchor: Py
   return Method("ewc", loss, optimizer, **kw)
 
 
+def si(task_loss: TaskLoss, optimizer: optax.GradientTransformation, anchor: PyTree, importance: PyTree, *,
+       strength: float, mask: PyTree | None = None, **kw) -> Method:
+  """Synaptic Intelligence: new-task loss + c · Σ_i Ω_i (θ_i − θ*_i)², with Ω the old tasks' summed importances
+  (:mod:`fipjax.si`) over the model's parameters (``mask``: the trained ones). The penalty's gradient is added
+  inside the optimiser, so the path integral this stage records for later tasks uses the new task's own
+  gradient; ``loss`` reports the task loss, and ``si_penalty`` the penalty."""
+  pick = (lambda t: t) if mask is None else (lambda t: tu.select(t, mask))
+  optimizer = si_lib.path_integral(optax.chain(
+      si_lib.add_penalty_gradient(pick(importance), pick(anchor), strength=strength), optimizer))
+
+  def loss(params, batch):
+    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
+    pen = jax.lax.stop_gradient(si_lib.penalty(params, importance, anchor, strength=strength))
+    return new, {**metrics, "si_penalty": pen}
+
+  return Method("si", loss, optimizer, **kw)
+
+
+def _projected(name: str, projection: optax.GradientTransformationExtraArgs, task_loss: TaskLoss,
+               optimizer: optax.GradientTransformation, space: str, **kw) -> Method:
+  if space not in ("gradient", "step"):
+    raise ValueError(f"{name}: space must be 'gradient' or 'step', got {space!r}")
+  chain = (optax.chain(projection, optimizer) if space == "gradient" else
+           optax.chain(optimizer, gem_lib.on_steps(projection)))
+  method = naive(task_loss, chain, **kw)
+  return dataclasses.replace(method, name=name, needs_replay=True,
+                             extra_args=lambda batch: {"replay": batch["replay"], "rng": batch.get("rng")})
+
+
+def gem(task_loss: TaskLoss, old_loss: Mapping[str, TaskLoss], optimizer: optax.GradientTransformation, *,
+        margin: float = 0.0, space: str = "step", **kw) -> Method:
+  """Gradient Episodic Memory (:func:`fipjax.gem.gem`): the new-task gradient (``space="gradient"``, then the
+  optimiser: the paper's, exact with SGD) or the optimiser's step (``"step"``; the margin then relative to the
+  step's length) projected so that no old task's loss on its replay batch rises to first order."""
+  return _projected("gem", gem_lib.gem(old_loss, margin=margin, relative=space == "step"), task_loss, optimizer,
+                    space, **kw)
+
+
+def agem(task_loss: TaskLoss, old_loss: Mapping[str, TaskLoss], optimizer: optax.GradientTransformation, *,
+         space: str = "step", **kw) -> Method:
+  """A-GEM: the gradient or the optimiser's step (as :func:`gem`) projected against the mean memory gradient of
+  the old tasks' replay batches."""
+  return _projected("agem", gem_lib.agem(old_loss), task_loss, optimizer, space, **kw)
+
+
+def generative_replay(task_loss: TaskLoss, readouts: Mapping[str, Callable[[PyTree, jax.Array], jax.Array]],
+                      optimizer: optax.GradientTransformation, *, temperature: float = 2.0,
+                      new_weight: float = 0.5, **kw) -> Method:
+  """Brain-inspired replay's loss: ``new_weight`` · new-task loss + (1 − new_weight) · the mean over old tasks of
+  ``T² · KL(softmax(z_ref/T) ‖ softmax(readout(θ, h)/T))`` on generated features ``h`` (batch["replay"][name] =
+  {"features", "ref_outputs"}), the old network's outputs on them as soft targets."""
+
+  def loss(params, batch):
+    new, metrics = _task(task_loss, params, batch["new"], batch.get("rng"), "new")
+    return new_weight * new, metrics
+
+  def distill(params, batch):
+    terms = []
+    for name, readout in readouts.items():
+      b = batch["replay"][name]
+      logp = jax.nn.log_softmax(readout(params, b["features"]) / temperature)
+      ref = jax.nn.log_softmax(b["ref_outputs"] / temperature)
+      terms.append(temperature**2 * jnp.mean(jnp.sum(jnp.exp(ref) * (ref - logp), -1)))
+    term = sum(terms) / len(terms)
+    return (1.0 - new_weight) * term, {"replay_distill": term}
+
+  return Method("bir", loss, optimizer, replay_loss=distill, needs_replay=True, replays="generated", **kw)
+
+
 def diagonal_fisher(f_old: OldApply, params: PyTree, inputs: PyTree, labels: jax.Array | None = None, *,
                     batch_size: int = 8) -> PyTree:
   """Diagonal Fisher from per-example gradients: ``F_i = E_x E_{y∼p(y|x)} (∂ log p(y|x)/∂θ_i)²``.
@@ -231,6 +304,15 @@ class MethodConfig:
   lora_geodesic_lr: float = cf.option(1.0, "lora-fip-geodesic: step size on the CG direction", cf.positive)
   lora_geodesic_max_norm: float | None = cf.option(0.03, "lora-fip-geodesic: bound on the direction's norm",
                                                    cf.positive)
+  si_strength: float = cf.option(1.0, "si: penalty strength c in c · Σ Ω (θ − θ*)²", cf.non_negative)
+  si_xi: float = cf.option(0.1, "si: damping ξ in Ω = ω / (Δ² + ξ) (the paper's 0.1)", cf.positive)
+  gem_margin: float = cf.option(0.0, "gem: memory strength γ (the dual variables' lower bound)", cf.non_negative)
+  gem_space: str = cf.option("step", "gem, agem: project the gradient before AdamW (the papers' SGD form) or "
+                             "AdamW's step (the step applied keeps the constraints)", cf.one_of("gradient", "step"))
+  bir_temperature: float = cf.option(2.0, "bir: distillation temperature T (the paper's 2)", cf.positive)
+  bir_freeze_below: bool = cf.option(True, "bir: freeze the layers below the replayed representation (as the "
+                                     "paper's frozen convolutional layers)")
+  bir_generator: generative.GeneratorConfig = cf.section(generative.GeneratorConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +322,8 @@ class OldTask:
   own_outputs: OldApply                  # logits over the task's own labels (EWC's Fisher)
   loss: TaskLoss                         # its training loss on a replay batch (replay)
   buffer_inputs: Callable[[int], PyTree]  # the first n inputs of its replay buffer
+  from_features: Callable[[PyTree, jax.Array], jax.Array] | None = None   # ``outputs`` from split-point features
+  memory: Mapping[str, Any] = dataclasses.field(default_factory=dict)    # what its stage left: SI's ω and Δ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +335,7 @@ class StageContext:
   trainable: Callable[[PyTree], PyTree] | None   # full-model trainable mask (None: everything)
   head: str                               # regex of the new task's head parameters (LoRA trains them too)
   seed: int
+  below: str | None = None                # regex of the parameters below the model's split point (none: no split)
 
 
 def _build_ewc(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
@@ -269,6 +354,29 @@ def _build_geodesic(ctx: StageContext, hp: MethodConfig, in_lora: bool) -> Metho
                       damping=hp.geodesic_damping, cg_iters=hp.geodesic_cg_iters)
 
 
+def _build_si(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  missing = [n for n, t in ctx.old.items() if "si_omega" not in t.memory]
+  if missing:
+    raise ValueError(f"si needs the path integral recorded while each old task trained; {', '.join(missing)} "
+                     "has none (it was learnt by another method).")
+  imp = [si_lib.importance(t.memory["si_omega"], t.memory["si_change"], xi=hp.si_xi) for t in ctx.old.values()]
+  total = jax.tree.map(lambda *xs: sum(xs), *imp)
+  return si(ctx.task_loss, optimizer, ctx.params, total, strength=hp.si_strength,
+            mask=None if ctx.trainable is None else ctx.trainable(ctx.params))
+
+
+def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  if ctx.below is None or any(t.from_features is None for t in ctx.old.values()):
+    raise ValueError("bir replays a hidden representation: the stream needs a split of its model into features "
+                     "and a readout (Stream.split).")
+  method = generative_replay(ctx.task_loss, {n: t.from_features for n, t in ctx.old.items()}, optimizer,
+                             temperature=hp.bir_temperature, new_weight=1.0 / (len(ctx.old) + 1))
+  if hp.bir_freeze_below:
+    below = ctx.below
+    method = dataclasses.replace(method, trainable=lambda p: jax.tree.map(lambda m: not m, tu.regex_mask(p, below)))
+  return method
+
+
 REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
     "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
     "fip": lambda ctx, hp, opt, in_lora: fip(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, opt,
@@ -276,7 +384,15 @@ REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] =
     "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, in_lora),
     "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
     "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),
+    "si": lambda ctx, hp, opt, in_lora: _build_si(ctx, hp, opt),
+    "gem": lambda ctx, hp, opt, in_lora: gem(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt,
+                                             margin=hp.gem_margin, space=hp.gem_space),
+    "agem": lambda ctx, hp, opt, in_lora: agem(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt,
+                                               space=hp.gem_space),
+    "bir": lambda ctx, hp, opt, in_lora: _build_bir(ctx, hp, opt),
 }
+FULL_MODEL_ONLY = ("si", "bir")
+"""Methods without a LoRA form: their importances and frozen layers are over the model's own parameters."""
 """``name -> builder(ctx, hyperparameters, optimiser, in_lora)``: adding a method is one entry."""
 
 
@@ -290,14 +406,31 @@ def parse_name(name: str) -> tuple[str, bool]:
   base, in_lora = ("naive", True) if name == "lora" else (name[5:], True) if name.startswith("lora-") else (name, False)
   if base not in REGISTRY:
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())} (or lora-<method>)")
+  if in_lora and base in FULL_MODEL_ONLY:
+    raise ValueError(f"{name!r}: {base} acts on the model's own parameters and has no LoRA form "
+                     f"(run {base} instead)")
   return base, in_lora
+
+
+def method_argument(value: str) -> str:
+  """An argparse ``type`` for ``--method``: any name :func:`parse_name` accepts, or ``all``."""
+  if value != "all":
+    try:
+      parse_name(value)
+    except ValueError as e:
+      raise cf.argparse.ArgumentTypeError(str(e)) from None
+  return value
 
 
 def build(name: str, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:
   """The method ``name`` (see :func:`parse_name`) for the stage ``ctx``, configured by ``hp`` and ``optim``."""
   base, in_lora = parse_name(name)
   optimizer = optax.adamw(hp.lora_lr if in_lora else optim.lr, weight_decay=optim.weight_decay)
-  method = dataclasses.replace(REGISTRY[base](ctx, hp, optimizer, in_lora), name=name, trainable=ctx.trainable)
+  method = REGISTRY[base](ctx, hp, optimizer, in_lora)
+  own, stage = method.trainable, ctx.trainable
+  trainable = (stage if own is None else own if stage is None else
+               lambda p: jax.tree.map(lambda a, b: a and b, stage(p), own(p)))
+  method = dataclasses.replace(method, name=name, trainable=trainable)
   if in_lora:
     method = with_lora(method, lora.LoraConfig(targets=(hp.lora_targets,), rank=hp.lora_rank, alpha=hp.lora_alpha),
                        jax.random.PRNGKey(ctx.seed + 1), ctx.head)

@@ -52,6 +52,12 @@ def write(out: pathlib.Path, results: dict, title: str) -> str:
     lines.append(f"| {name} | " + " | ".join(f"{r[-1][j] - r[0][j]:+.3f}" for j in range(t)) +
                  f" | {m['weight_change']:.4f} | {m['average_accuracy']:.3f} | {m['backward_transfer']:+.3f} | "
                  f"{m['forgetting']:.3f} | {agn} |")
+  for name, m in methods.items():
+    for task, info in m.get("generators", {}).items():
+      lines += ["", f"{name}: stores no {task} inputs; it replays features drawn from a generator fit to {task}'s "
+                f"hidden representation (loss {info['loss_curve'][0]:.2f} → {info['loss_curve'][-1]:.2f}), whose "
+                f"samples the {task} network classifies as the class they were drawn for "
+                f"{info['class_agreement']:.1%} of the time."]
   lines += ["", DEFINITIONS, "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()),
             "", "![weight change](weight_change.png)"]
   if any(m["path"]["step"] for m in methods.values()):

@@ -269,7 +269,7 @@ class StepBudget:
 def train(method: continual.Method, params: PyTree, batches: Callable[[int], Iterator[dict]], steps: int, *,
           name: str, ckpt_dir: pathlib.Path | None, checkpoint_every: int, rng: jax.Array,
           observer: Observer | None = None, progress: bool = True, budget: StepBudget | None = None,
-          log_every: int | None = None) -> tuple[PyTree, list[dict]]:
+          log_every: int | None = None) -> tuple[PyTree, list[dict], PyTree]:
   """:func:`continual.fit` with orbax checkpoints every ``checkpoint_every`` steps and exact resume.
 
   Args:
@@ -280,7 +280,7 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
     log_every: without progress bars, log a line every this many steps (default: 10% of the run).
 
   Returns:
-    (final model parameters, per-step history).
+    (final model parameters, per-step history, final optimiser state).
   Raises:
     RunError: a non-finite loss (the step, the last finite loss).
   """
@@ -316,7 +316,7 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
       budget.spend(st.step)
 
   try:
-    final, _, _ = continual.fit(method, params, batches(start), steps, state=state, callback=callback, rng=rng)
+    final, end, _ = continual.fit(method, params, batches(start), steps, state=state, callback=callback, rng=rng)
   except continual.NonFiniteLoss as e:
     last = next((r["loss"] for r in reversed(history) if math.isfinite(r["loss"])), None)
     raise UsageError(f"{name}: the loss became {e.loss} at step {e.step}"
@@ -325,4 +325,4 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
                      "weight, or float32 (--dtype float32); the run stops here rather than report NaN.") from None
   finally:
     bar.close()
-  return final, history
+  return final, history, end.opt_state

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fipjax import checkpoint, continual, data, geometry, parallel, paths, report, runs
+from fipjax import checkpoint, continual, data, generative, geometry, parallel, paths, report, runs
+from fipjax import si as si_lib
 from fipjax import config as cf
 from fipjax import tree as tu
 
@@ -47,6 +48,10 @@ class TaskSpec:
   keep: Callable[[jax.Array], jax.Array] | None = None
 
 
+def _head(out, task: TaskSpec) -> jax.Array:
+  return out if task.head is None else out[task.head]
+
+
 @dataclasses.dataclass(frozen=True)
 class Stream:
   """A model and its tasks, in the order they are learnt.
@@ -56,11 +61,15 @@ class Stream:
     tasks: the tasks in order.
     head_params: ``head -> regex`` of that head's parameters (frozen while other tasks train; LoRA trains it).
     layer_group: ``parameter path -> group`` for the per-layer weight change (default: the first path part).
+    split: optional ``(features, readout, below)``: ``features(params, inputs, *, deterministic, rng) -> [N, H]``
+      and ``readout(params, h, *, deterministic, rng)`` with ``readout ∘ features == apply``, and the regex of
+      the parameters below the split (brain-inspired replay generates ``h``).
   """
   apply: Callable[..., Any]
   tasks: tuple[TaskSpec, ...]
   head_params: Callable[[str | None], str]
   layer_group: Callable[[str], str] = lambda path: path.split("/")[0]
+  split: tuple[Callable[..., Any], Callable[..., Any], str] | None = None
 
   def __post_init__(self):
     names = [t.name for t in self.tasks]
@@ -68,8 +77,7 @@ class Stream:
       raise ValueError(f"a stream needs at least two tasks with distinct names, got {names}")
 
   def logits(self, params, inputs, task: TaskSpec, rng=None) -> jax.Array:
-    out = self.apply(params, inputs, deterministic=rng is None, rng=rng)
-    return out if task.head is None else out[task.head]
+    return _head(self.apply(params, inputs, deterministic=rng is None, rng=rng), task)
 
   def task_loss(self, task: TaskSpec, dropout: bool) -> continual.TaskLoss:
     """The task's loss (cross-entropy over its whole head, a shared head's every label), with its accuracy."""
@@ -85,6 +93,13 @@ class Stream:
     keep = task.keep or (lambda z: z)
     return lambda params, inputs: keep(self.logits(params, inputs, task))
 
+  def from_features(self, task: TaskSpec) -> continual.OldApply | None:
+    """``outputs`` of the task computed from split-point features (None without a split)."""
+    if self.split is None:
+      return None
+    keep, readout = task.keep or (lambda z: z), self.split[1]
+    return lambda params, h: keep(_head(readout(params, h), task))
+
   def own_outputs(self, task: TaskSpec) -> continual.OldApply:
     """Logits over the task's own labels only."""
     return lambda params, inputs: self.logits(params, inputs, task)[:, task.offset:task.offset + task.num_labels]
@@ -99,9 +114,11 @@ class Stream:
       return None
     return lambda params: jax.tree.map(lambda m: not m, tu.regex_mask(params, [self.head_params(h) for h in others]))
 
-  def old_task(self, task: TaskSpec, dropout: bool, buffer: data.ReplayBuffer) -> continual.OldTask:
+  def old_task(self, task: TaskSpec, dropout: bool, buffer: data.ReplayBuffer,
+               memory: Mapping[str, Any] | None = None) -> continual.OldTask:
     return continual.OldTask(self.outputs(task), self.own_outputs(task), self.task_loss(task, dropout),
-                             lambda n: buffer.data.batch(np.arange(min(n, len(buffer.data))))["inputs"])
+                             lambda n: buffer.data.batch(np.arange(min(n, len(buffer.data))))["inputs"],
+                             self.from_features(task), memory or {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,6 +164,38 @@ class StreamConfig:
   def runner_args(self) -> dict:
     """The :class:`Runner` keywords these sections set."""
     return dict(optim=self.optim, first=self.first, stages=self.stages, hp=self.method, run=self.run, seed=self.seed)
+
+
+def _arrays(memory: dict) -> dict:
+  """The arrays of the tasks' memory (checkpointed); the rest (generator diagnostics) goes to the metadata."""
+  return {n: {k: v for k, v in m.items() if k != "generator_info"} for n, m in memory.items()}
+
+
+def _infos(memory: dict) -> dict:
+  return {n: m["generator_info"] for n, m in memory.items() if "generator_info" in m}
+
+
+def _full(sub: PyTree, like: PyTree) -> PyTree:
+  """A tree over trained leaves (``MaskedNode`` where frozen) completed with zeros to the structure of ``like``."""
+  masked = lambda n: isinstance(n, optax.MaskedNode)
+  return jax.tree.map(lambda s, x: jnp.zeros_like(x) if masked(s) else s, sub, like, is_leaf=masked)
+
+
+class GeneratedReplay:
+  """Brain-inspired replay's batches for one old task: features drawn from its generator, with the outputs of the
+  network entering the stage on them as soft targets; batch k is a function of k alone (exact resume)."""
+
+  def __init__(self, generator: PyTree, teacher: PyTree, from_features: Callable, seed: int):
+    self.generator, self.teacher, self.key = generator, teacher, jax.random.PRNGKey(seed)
+
+    def draw(gen, params, key, n):
+      h, _ = generative.sample(gen, key, n)
+      return {"features": h, "ref_outputs": from_features(params, h)}
+
+    self._draw = jax.jit(draw, static_argnums=3)
+
+  def sample(self, step: int, batch_size: int) -> dict:
+    return self._draw(self.generator, self.teacher, jax.random.fold_in(self.key, step), batch_size)
 
 
 def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -> int:
@@ -237,16 +286,20 @@ class Runner:
 
   def logits_on(self, params, ds, head: str | None) -> np.ndarray:
     """The head's logits on every row of ``ds``, in its order: ``[N, K]``; an error if any is not finite."""
-    out = None
-    for batch, idx in data.eval_batches(ds, self.run.eval_batch_size):
-      z = self._eval(params, parallel.shard_batch(batch["inputs"], self.mesh))
-      z = np.asarray(z if head is None else z[head])
-      out = np.empty((len(ds), z.shape[-1]), np.float32) if out is None else out
-      out[idx] = z[:len(idx)]
+    out = self._on_rows(lambda p, x: (lambda z: z if head is None else z[head])(self._eval(p, x)), params, ds)
     if not np.isfinite(out).all():
       raise runs.UsageError("the model's outputs are not finite (NaN or inf) on evaluation data: the weights "
                             "have diverged or an input is out of the model's range (e.g. --max-len above its "
                             "position embeddings). Nothing was reported.")
+    return out
+
+  def _on_rows(self, fn: Callable, params, ds) -> np.ndarray:
+    """``fn(params, inputs) -> [B, D]`` on every row of ``ds``, in its order: ``[N, D]``."""
+    out = None
+    for batch, idx in data.eval_batches(ds, self.run.eval_batch_size):
+      z = np.asarray(fn(params, parallel.shard_batch(batch["inputs"], self.mesh)))
+      out = np.empty((len(ds), z.shape[-1]), np.float32) if out is None else out
+      out[idx] = z[:len(idx)]
     return out
 
   def accuracy(self, params, task: TaskSpec, split: str) -> tuple[float, float | None]:
@@ -267,7 +320,7 @@ class Runner:
 
   # -- training ----------------------------------------------------------------------------------------------------
 
-  def _batches(self, task: TaskSpec, seed: int, buffers: Mapping[str, data.ReplayBuffer] | None):
+  def _batches(self, task: TaskSpec, seed: int, buffers: Mapping[str, Any] | None):
     def start(step0):
       stream = data.train_batches(task.splits["train"], self.optim.batch_size, seed, start_step=step0)
       for step, b in enumerate(stream, start=step0):
@@ -283,33 +336,58 @@ class Runner:
                       ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
                       observer=observer, progress=self.progress, budget=self.budget)
 
-  def first_stage(self, init_params: PyTree) -> PyTree:
-    """The network after the first task: trained once per key and kept in the cache."""
+  def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict]:
+    """(the network after the first task, what its stage leaves for later ones: SI's path integral ω and the
+    change Δ), trained once per key and kept in the cache."""
     task = self.stream.tasks[0]
     parts = {"model": self.model_key, "init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(init_params))),
              "task": task.name, "data": task.splits["train"].digest(),
-             "optim": cf.to_dict(self.optim), "first": cf.to_dict(self.first), "seed": self.seed}
+             "optim": cf.to_dict(self.optim), "first": cf.to_dict(self.first), "seed": self.seed,
+             "records": ["si_path_integral"]}
     steps = num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(task.splits["train"]),
                       self.optim.batch_size)
+    # Every first stage records SI's path integral (one multiply-add per parameter and step), so one cached
+    # network serves every method.
+    adamw = optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay)
     method = dataclasses.replace(continual.naive(self.stream.task_loss(task, self.optim.dropout),
-                                                 optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay)),
+                                                 si_lib.path_integral(adamw)),
                                  trainable=self.stream.trainable(task))
     name = f"stage 1 ({task.name})"
+    memory = lambda params, omega: {"si_omega": omega, "si_change": tu.tree_sub(params, init_params)}
     if self.cache is None:
-      return self._train(method, init_params, task, steps, self.seed, None, name=name)[0]
+      params, _, opt_state = self._train(method, init_params, task, steps, self.seed, None, name=name)
+      return params, memory(params, _full(si_lib.recorded(opt_state), params))
     key = self.cache.key("stage1", parts)
     with self.cache.lock(key) as path:
       if checkpoint.is_complete(path / "final"):
         runs.log(f"{name}: reusing the network in {path}")
-        return checkpoint.restore(path / "final", init_params)
+        tree = checkpoint.restore(path / "final", {"params": init_params, "si_omega": init_params})
+        return tree["params"], memory(tree["params"], tree["si_omega"])
       runs.log(f"{name}: training for {steps} steps")
       t0 = time.perf_counter()
-      params, history = self._train(method, init_params, task, steps, self.seed, path / "checkpoints", name=name)
+      params, history, opt_state = self._train(method, init_params, task, steps, self.seed, path / "checkpoints",
+                                               name=name)
       self._time("stage1", t0)
-      checkpoint.save(path / "final.tmp", params, {"history": history, "key": parts})
+      omega = _full(si_lib.recorded(opt_state), params)
+      checkpoint.save(path / "final.tmp", {"params": params, "si_omega": omega}, {"history": history, "key": parts})
       runs.StageCache.publish(path / "final.tmp", path / "final")
       checkpoint.remove(path / "checkpoints")
-    return params
+    return params, memory(params, omega)
+
+  def generator(self, task: TaskSpec, params: PyTree) -> dict:
+    """Brain-inspired replay's generator of ``task``, fit to the split-point features of its training rows under
+    ``params`` (the network at the end of the task's stage): {"generator", "generator_info"}."""
+    features, readout, _ = self.stream.split
+    ds = task.splits["train"]
+    h = self._on_rows(jax.jit(lambda p, x: features(p, x)), params, ds)
+    gen, curve = generative.fit(h, np.asarray(ds.labels) - task.offset, task.num_labels, self.hp.bir_generator,
+                                seed=self.seed + 13)
+    hs, ys = generative.sample(gen, jax.random.PRNGKey(self.seed + 17), 1000)
+    z = _head(readout(params, hs), task)[:, task.offset:task.offset + task.num_labels]
+    agree = float(jnp.mean(jnp.argmax(z, -1) == ys))
+    runs.log(f"bir: generator of {task.name} fit to {len(h)} feature vectors, loss {curve[0]:.2f} → {curve[-1]:.2f}; "
+             f"its samples are classified as their class {agree:.1%} of the time (chance {1 / task.num_labels:.1%})")
+    return {"generator": gen, "generator_info": {"loss_curve": curve, "class_agreement": agree}}
 
   def buffers(self, params, k: int) -> dict[str, data.ReplayBuffer]:
     """Replay buffers of the tasks before stage k, each with the outputs of ``params`` (the network entering
@@ -325,13 +403,15 @@ class Runner:
       out[task.name] = data.ReplayBuffer(ds, ref, seed=self.seed + j)
     return out
 
-  def run_method(self, name: str, params1: PyTree, row1: tuple[list, list], run_dir: runs.RunDir) -> dict:
-    """Tasks 2..T with method ``name`` from the first-stage network; the result is kept in ``run_dir``."""
+  def run_method(self, name: str, first: tuple[PyTree, dict], row1: tuple[list, list], run_dir: runs.RunDir) -> dict:
+    """Tasks 2..T with method ``name`` from the first-stage network and its memory; the result is kept in
+    ``run_dir``."""
     done = run_dir.part(name)
     if done is not None:
       runs.log(f"{name}: already finished in an earlier invocation, reusing it")
       return done
     tasks, aware, agnostic = self.stream.tasks, [row1[0]], [row1[1]]
+    params1, memory = first[0], {tasks[0].name: first[1]}     # memory: what each finished task's stage left
     params, history, records, steps_run, t0 = params1, [], [], [], time.perf_counter()
     ckpt = run_dir.checkpoints(name)
     for k in range(1, len(tasks)):
@@ -340,18 +420,30 @@ class Runner:
       steps_run.append(steps)
       if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill
         meta = checkpoint.load_meta(stage_dir)
-        params = checkpoint.restore(stage_dir, params)
+        tree = checkpoint.restore_tree(stage_dir)
+        params, memory = tree["params"], tree["memory"]
+        for n, info in meta["generators"].items():
+          memory[n]["generator_info"] = info
         history, records, aware, agnostic = meta["history"], meta["records"], meta["aware"], meta["agnostic"]
         continue
       buffers = self.buffers(params, k)
       ctx = continual.StageContext(
           self.stream.task_loss(task, self.optim.dropout),
-          {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name]) for t in tasks[:k]},
-          params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed)
+          {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name], memory.get(t.name))
+           for t in tasks[:k]},
+          params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed,
+          below=None if self.stream.split is None else self.stream.split[2])
       try:
         method = continual.build(name, ctx, self.hp, self.optim)
       except ValueError as e:
         raise runs.UsageError(str(e)) from None
+      sources = buffers
+      if method.replays == "generated":
+        for t in tasks[:k]:
+          if "generator" not in memory.get(t.name, {}):   # made when the task ends, kept for every later stage
+            memory[t.name] = {**memory.get(t.name, {}), **self.generator(t, params)}
+        sources = {t.name: GeneratedReplay(memory[t.name]["generator"], params, self.stream.from_features(t),
+                                           self.seed + 100 * k + j) for j, t in enumerate(tasks[:k])}
       probes = {}
       for t in tasks[:k]:
         buf = buffers[t.name]
@@ -359,14 +451,19 @@ class Runner:
         probes[t.name] = (buf.data.batch(np.arange(n))["inputs"], buf.ref_outputs[:n], self._outputs[t.name])
       tracker = PathTracker(probes, self.hp.distance, method.to_model, self.run.record_every, len(history))
       runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
-      params, hist = self._train(method, params, task, steps, self.seed + 100 * k, ckpt / f"stage{k + 1}",
-                                 buffers, tracker, name=f"{name} ({task.name})")
+      start = params
+      params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt / f"stage{k + 1}",
+                                            sources, tracker, name=f"{name} ({task.name})")
+      omega = si_lib.recorded(opt_state)
+      if omega is not None:
+        memory[task.name] = {"si_omega": _full(omega, params), "si_change": tu.tree_sub(params, start)}
       history, records = history + hist, records + tracker.record.rows
       a, g = self.evaluate(params)
       aware, agnostic = aware + [a], agnostic + [g]
       if k < len(tasks) - 1:
-        checkpoint.save(stage_dir, params, {"history": history, "records": records, "aware": aware,
-                                            "agnostic": agnostic})
+        checkpoint.save(stage_dir, {"params": params, "memory": _arrays(memory)},
+                        {"history": history, "records": records, "aware": aware, "agnostic": agnostic,
+                         "generators": _infos(memory)}, keep_structure=True)
     val_aware, val_agnostic = (self.evaluate(params, "val") if all("val" in t.splits for t in tasks)
                                else (None, None))
     train_time = time.perf_counter() - t0
@@ -387,6 +484,7 @@ class Runner:
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [row["loss"] for row in history],
         "path": {k: [r[k] for r in records] for k in paths.PathRecord.FIELDS},
+        **({"generators": _infos(memory)} if _infos(memory) else {}),
     }
     run_dir.save_part(name, result)
     runs.log(f"{name}: " + ", ".join(f"{n} {r[0, j]:.3f} → {r[-1, j]:.3f}" for j, n in enumerate(names)) +
@@ -395,12 +493,12 @@ class Runner:
 
   def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:
     """The first stage (cached), then every method over the later tasks: ``{"methods": …, "timings": …}``."""
-    params1 = self.first_stage(init_params)
-    row1 = self.evaluate(params1)
+    first = self.first_stage(init_params)
+    row1 = self.evaluate(first[0])
     runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
     results = {"methods": {}}
     for name in methods:
-      results["methods"][name] = self.run_method(name, params1, row1, run_dir)
+      results["methods"][name] = self.run_method(name, first, row1, run_dir)
       self.timings[f"stages_{name}"] = results["methods"][name]["train_time_s"]
     results["timings"] = self.timings
     return results

@@ -236,3 +236,20 @@ def test_dropout_remat_and_bfloat16(tiny_dir):
   half = bert.make_apply(graphdef_h)(params_h, batch)["shared"]
   assert half.dtype == jnp.float32
   np.testing.assert_allclose(half, det, atol=5e-2)
+
+
+def test_split_readout_of_features_is_the_classifier(tiny_dir):
+  path, _ = tiny_dir
+  ids, mask = _ids_and_mask()
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+  graphdef, params, _, _ = hub.load_bert(path, {"yelp": 5, "imdb": 2})
+  apply, (features, readout, below) = bert.make_apply(graphdef), bert.make_split(graphdef)
+  h = features(params, batch)
+  chex.assert_shape(h, (3, TINY["hidden_size"]))
+  chex.assert_trees_all_equal(readout(params, h), apply(params, batch))
+  key = jax.random.PRNGKey(3)                    # the same dropout masks when the key is shared
+  split = readout(params, features(params, batch, deterministic=False, rng=key), deterministic=False, rng=key)
+  chex.assert_trees_all_equal(split, apply(params, batch, deterministic=False, rng=key))
+  above = [n for n, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not __import__("re").search(below, "/".join(str(getattr(k, "key", k)) for k in n))]
+  assert len(above) == 2 + 4      # the pooler's and the two heads' kernel and bias

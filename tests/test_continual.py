@@ -1,3 +1,4 @@
+import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
@@ -142,11 +143,15 @@ def test_several_old_tasks_average_their_terms():
 def test_registry_builds_every_method_and_lora_wraps_any():
   params, batches, loss = _mlp_problem()
   x, y = batches[0]["new"]
-  old = continual.OldTask(mlp, mlp, lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"])), lambda n: x[:n])
-  ctx = continual.StageContext(loss, {"a": old}, params, None, r"^layer_1/", seed=0)
-  replay = {"a": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x)}}
+  ones = jax.tree.map(jnp.ones_like, params)
+  readout = lambda p, h: h @ p["layer_1"]["kernel"] + p["layer_1"]["bias"]
+  old = continual.OldTask(mlp, mlp, lambda p, b, rng=None: loss(p, (b["inputs"], b["labels"])), lambda n: x[:n],
+                          readout, {"si_omega": ones, "si_change": ones})
+  ctx = continual.StageContext(loss, {"a": old}, params, None, r"^layer_1/", seed=0, below="^layer_0/")
+  h = jnp.tanh(x @ params["layer_0"]["kernel"] + params["layer_0"]["bias"])
+  replay = {"a": {"inputs": x, "labels": y, "ref_outputs": mlp(params, x), "features": h}}
   hp = continual.MethodConfig(lora_targets="kernel$", lora_rank=2, ewc_samples=4)
-  for name in continual.method_names() + ("lora-ewc", "lora-replay"):
+  for name in continual.method_names() + ("lora-ewc", "lora-replay", "lora-gem", "lora-agem"):
     method = continual.build(name, ctx, hp, continual.OptimConfig(lr=0.01))
     final, _, history = continual.fit(method, params, iter([{"new": (x, y), "replay": replay}] * 3), 3)
     assert method.name == name and np.isfinite(history[-1]["loss"]), name
@@ -156,3 +161,46 @@ def test_registry_builds_every_method_and_lora_wraps_any():
   with pytest.raises(ValueError, match="unknown method 'sgd'"):
     continual.parse_name("sgd")
   assert continual.parse_name("lora") == ("naive", True) and continual.parse_name("lora-ewc") == ("ewc", True)
+
+
+@pytest.mark.parametrize("name", list(continual.REGISTRY))
+def test_every_method_leaves_frozen_parameters_bitwise_unchanged(name):
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+  y = (x[:, 0] > 0).astype(jnp.int32)
+  features = lambda p, x: jnp.tanh(x @ p["layer_0"]["kernel"] + p["layer_0"]["bias"])
+  readout = lambda p, h: h @ p["layer_1"]["kernel"] + p["layer_1"]["bias"]
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b["inputs"]), b["labels"]).mean()
+  ones = jax.tree.map(jnp.ones_like, params)
+  old = continual.OldTask(mlp, mlp, loss, lambda n: x[:n], readout, {"si_omega": ones, "si_change": ones})
+  frozen = lambda p: {"layer_0": {"bias": False, "kernel": True}, "layer_1": {"bias": True, "kernel": False}}
+  ctx = continual.StageContext(loss, {"a": old}, params, frozen, head="^layer_1/", seed=0, below="^layer_0/")
+  hp = continual.MethodConfig(ewc_samples=4, geodesic_lr=0.1, bir_freeze_below=False)
+  method = continual.build(name, ctx, hp, continual.OptimConfig(lr=0.05, weight_decay=0.1))
+  replay = {"a": {"inputs": -x, "labels": y, "ref_outputs": mlp(params, -x) + 1.0, "features": features(params, x)}}
+  batches = [{"new": {"inputs": x, "labels": 1 - y}, "replay": replay}] * 3
+  final, _, _ = continual.fit(method, params, iter(batches), 3)
+  chex.assert_trees_all_equal(final["layer_0"]["bias"], params["layer_0"]["bias"])
+  chex.assert_trees_all_equal(final["layer_1"]["kernel"], params["layer_1"]["kernel"])
+  assert not np.allclose(final["layer_1"]["bias"], params["layer_1"]["bias"]), name
+
+
+def test_bir_freezes_the_layers_below_its_replayed_representation():
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b["inputs"]), b["labels"]).mean()
+  readout = lambda p, h: h @ p["layer_1"]["kernel"] + p["layer_1"]["bias"]
+  old = continual.OldTask(mlp, mlp, loss, lambda n: x[:n], readout)
+  ctx = continual.StageContext(loss, {"a": old}, params, None, head="^layer_1/", seed=0, below="^layer_0/")
+  method = continual.build("bir", ctx, continual.MethodConfig(), continual.OptimConfig(lr=0.05))
+  h = jax.random.normal(jax.random.PRNGKey(2), (8, 8))
+  batch = {"new": {"inputs": x, "labels": (x[:, 0] > 0).astype(jnp.int32)},
+           "replay": {"a": {"features": h, "ref_outputs": readout(params, h)}}}
+  final, _, history = continual.fit(method, params, iter([batch] * 3), 3)
+  chex.assert_trees_all_equal(final["layer_0"], params["layer_0"])
+  assert not np.allclose(final["layer_1"]["kernel"], params["layer_1"]["kernel"])
+  assert history[0]["replay_distill"] == pytest.approx(0.0, abs=1e-6)   # the targets are the network's own outputs
+  with pytest.raises(ValueError, match="split"):
+    continual.build("bir", dataclasses.replace(ctx, below=None), continual.MethodConfig(), continual.OptimConfig())
+  with pytest.raises(ValueError, match="no LoRA form"):
+    continual.parse_name("lora-si")

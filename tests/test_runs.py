@@ -115,6 +115,7 @@ def test_every_yelp_imdb_flag_has_a_help_sentence():
 
 def test_the_package_exposes_every_module():
   import fipjax
-  for name in ("continual", "lora", "models", "streams", "runs", "config", "data", "geometry", "paths"):
+  for name in ("continual", "lora", "models", "streams", "runs", "config", "data", "geometry", "paths", "si", "gem",
+               "generative"):
     assert hasattr(fipjax, name), name
   assert fipjax.models.load_bert is not None and fipjax.continual.build is not None

@@ -28,19 +28,20 @@ def digit_stream(seed=0):
   dense = lambda a, b: {"kernel": jax.random.normal(next(ks), (a, b)) / jnp.sqrt(a), "bias": jnp.zeros(b)}
   params = {"trunk": dense(64, 32), **{f"head_{t.name}": dense(32, t.num_labels) for t in tasks}}
 
-  def apply(p, inputs, *, deterministic=True, rng=None):
-    h = jnp.tanh(inputs @ p["trunk"]["kernel"] + p["trunk"]["bias"])
-    return {t.name: h @ p[f"head_{t.name}"]["kernel"] + p[f"head_{t.name}"]["bias"] for t in tasks}
+  features = lambda p, inputs, **_: jnp.tanh(inputs @ p["trunk"]["kernel"] + p["trunk"]["bias"])
+  readout = lambda p, h, **_: {t.name: h @ p[f"head_{t.name}"]["kernel"] + p[f"head_{t.name}"]["bias"] for t in tasks}
+  apply = lambda p, inputs, **_: readout(p, features(p, inputs))
+  return streams.Stream(apply, tuple(tasks), head_params=lambda h: rf"^head_{h}/",
+                        split=(features, readout, r"^trunk/")), params
 
-  return streams.Stream(apply, tuple(tasks), head_params=lambda h: rf"^head_{h}/"), params
 
-
-def run(out, cache, methods=("naive", "fip", "ewc"), stop_after=None):
+def run(out, cache, methods=("naive", "fip", "ewc", "si", "gem", "agem", "bir"), stop_after=None):
   stream, params = digit_stream()
   cfg = dict(optim=cf.with_values(continual.OptimConfig(), lr=3e-3, weight_decay=0.0, batch_size=16, dropout=False),
              first=streams.FirstStageConfig(stage1_steps=30),
              stages=streams.StageConfig(steps=30, replay_batch_size=16, buffer_size=100),
-             hp=continual.MethodConfig(beta=50.0, ewc_samples=50, ewc_strength=50.0),
+             hp=cf.with_values(continual.MethodConfig(), beta=50.0, ewc_samples=50, ewc_strength=50.0,
+                               bir_gen_steps=200, bir_freeze_below=False),
              run=streams.RunConfig(eval_batch_size=40, checkpoint_every=7, record_every=10, probe_size=20))
   build = lambda: (streams.Runner(stream, **cfg, seed=0, model_key={"mlp": 32}, cache=runs.StageCache(cache),
                                   progress=False, stop_after=stop_after), params)
@@ -72,10 +73,10 @@ def test_three_tasks_give_a_3x3_matrix_and_metrics(uninterrupted):
 
 def test_killed_and_resumed_stream_ends_identical(uninterrupted, tmp_path):
   codes = []
-  while not codes or codes[-1] == 130:               # killed after every 40 steps, resumed from the last checkpoint
-    codes.append(run(tmp_path / "run", tmp_path / "cache", stop_after=40))
+  while not codes or codes[-1] == 130:               # killed after every 75 steps, resumed from the last checkpoint
+    codes.append(run(tmp_path / "run", tmp_path / "cache", stop_after=75))
     assert len(codes) < 30, codes
-  assert codes[-1] == 0 and len(codes) >= 6, codes    # 210 steps in all: kills in every stage
+  assert codes[-1] == 0 and len(codes) >= 6, codes    # 450 steps in all: kills in every stage
   resumed = json.loads((tmp_path / "run" / "results.json").read_text())
   for name, m in uninterrupted["methods"].items():
     for key in ("accuracy_matrix", "loss_curve", "path", "weight_change", "task_agnostic_matrix"):

@@ -13,7 +13,7 @@ from experiments import yelp_imdb
 TINY = ["--preset", "cpu", "--n-train-yelp", "64", "--n-train-imdb", "64", "--n-test", "40", "--n-val", "20",
         "--max-len", "32", "--batch-size", "8", "--replay-batch-size", "8", "--eval-batch-size", "20",
         "--stage1-steps", "4", "--steps", "4", "--buffer-size", "32", "--ewc-samples", "4", "--probe-size", "16",
-        "--record-every", "2", "--checkpoint-every", "2", "--no-progress"]
+        "--record-every", "2", "--checkpoint-every", "2", "--no-progress", "--bir-gen-steps", "300"]
 
 
 TINY_MODEL = []     # the two-layer MiniLM checkpoint (conftest.small_bert), set once per module
@@ -54,6 +54,11 @@ def test_every_method_reports(all_methods):
     assert (all_methods / f).stat().st_size > 0
   assert "Table 1" in (all_methods / "report.md").read_text()
   assert not (all_methods / "checkpoints").exists()
+  generator = results["methods"]["bir"]["generators"]["yelp"]       # brain-inspired replay keeps no Yelp inputs
+  assert 0 <= generator["class_agreement"] <= 1 and generator["loss_curve"][-1] < generator["loss_curve"][0]
+  assert "bir: stores no yelp inputs" in (all_methods / "report.md").read_text()
+  bir_layers = results["methods"]["bir"]["weight_change_by_layer"]
+  assert bir_layers["embeddings"] == bir_layers["layer 0"] == 0.0 and bir_layers["heads"] > 0   # frozen below
 
 
 @pytest.mark.parametrize("name", ["lora", "lora-fip", "lora-fip-geodesic"])

@@ -209,6 +209,20 @@ class BertClassifier(nnx.Module):
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs[1])
     return {name: head(pooled).astype(_wide(pooled.dtype)) for name, head in self.heads.items()}
 
+  def features(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
+               rng: jax.Array | None = None) -> jax.Array:
+    """The last encoder layer's [CLS] vector ``[B, H]``: the input of the pooler (the split point of
+    :func:`make_split`)."""
+    rng = None if rng is None else jax.random.split(rng)[0]
+    h, _ = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, rng=rng)
+    return h[:, 0]
+
+  def readout(self, cls: jax.Array, *, deterministic: bool = True, rng: jax.Array | None = None):
+    """Pooler, dropout and heads on [CLS] vectors ``[B, H]``: ``readout(features(x)) == self(x)``."""
+    pooled = jnp.tanh(self.bert.pooler.dense(cls))
+    pooled = self.dropout(pooled, deterministic=deterministic, rngs=None if rng is None else jax.random.split(rng)[1])
+    return {name: head(pooled).astype(_wide(pooled.dtype)) for name, head in self.heads.items()}
+
 
 def split_params(module: nnx.Module):
   """(graphdef, plain nested-dict params) of an NNX module."""
@@ -228,6 +242,21 @@ def make_apply(graphdef):
                  deterministic=deterministic, rng=rng)
 
   return apply
+
+
+def make_split(graphdef):
+  """(``features(params, batch, *, deterministic, rng) -> [B, H]``, ``readout(params, h, *, deterministic, rng)
+  -> {head: logits}``, regex of the parameters below the split): the classifier cut between its encoder and its
+  pooler; ``readout(p, features(p, x, rng=k), rng=k)`` equals ``apply(p, x, rng=k)``."""
+
+  def features(params, batch, *, deterministic: bool = True, rng=None):
+    return nnx.merge(graphdef, params).features(batch["input_ids"], batch.get("attention_mask"),
+                                                batch.get("token_type_ids"), deterministic=deterministic, rng=rng)
+
+  def readout(params, h, *, deterministic: bool = True, rng=None):
+    return nnx.merge(graphdef, params).readout(h, deterministic=deterministic, rng=rng)
+
+  return features, readout, r"^bert/(embeddings|encoder)/"
 
 
 def param_count(params: PyTree) -> int:
