@@ -192,7 +192,7 @@ def _projected(name: str, projection: optax.GradientTransformationExtraArgs, tas
 
 
 def gem(task_loss: TaskLoss, old_loss: Mapping[str, TaskLoss], optimizer: optax.GradientTransformation, *,
-        margin: float = 0.0, space: str = "step", **kw) -> Method:
+        margin: float = 0.0, space: str = "gradient", **kw) -> Method:
   """Gradient Episodic Memory (:func:`fipjax.gem.gem`): the new-task gradient (``space="gradient"``, then the
   optimiser: the paper's, exact with SGD) or the optimiser's step (``"step"``; the margin then relative to the
   step's length) projected so that no old task's loss on its replay batch rises to first order."""
@@ -201,7 +201,7 @@ def gem(task_loss: TaskLoss, old_loss: Mapping[str, TaskLoss], optimizer: optax.
 
 
 def agem(task_loss: TaskLoss, old_loss: Mapping[str, TaskLoss], optimizer: optax.GradientTransformation, *,
-         space: str = "step", **kw) -> Method:
+         space: str = "gradient", **kw) -> Method:
   """A-GEM: the gradient or the optimiser's step (as :func:`gem`) projected against the mean memory gradient of
   the old tasks' replay batches."""
   return _projected("agem", gem_lib.agem(old_loss), task_loss, optimizer, space, **kw)
@@ -306,8 +306,9 @@ class MethodConfig:
                                                    cf.positive)
   si_strength: float = cf.option(1.0, "si: penalty strength c in c · Σ Ω (θ − θ*)²", cf.non_negative)
   si_xi: float = cf.option(0.1, "si: damping ξ in Ω = ω / (Δ² + ξ) (the paper's 0.1)", cf.positive)
-  gem_margin: float = cf.option(0.0, "gem: memory strength γ (the dual variables' lower bound)", cf.non_negative)
-  gem_space: str = cf.option("step", "gem, agem: project the gradient before AdamW (the papers' SGD form) or "
+  gem_margin: float = cf.option(0.5, "gem: memory strength γ, the dual variables' lower bound (the paper's 0.5)",
+                                cf.non_negative)
+  gem_space: str = cf.option("gradient", "gem, agem: project the gradient before AdamW (the papers' order) or "
                              "AdamW's step (the step applied keeps the constraints)", cf.one_of("gradient", "step"))
   bir_temperature: float = cf.option(2.0, "bir: distillation temperature T (the paper's 2)", cf.positive)
   bir_freeze_below: bool = cf.option(True, "bir: freeze the layers below the replayed representation (as the "
@@ -391,9 +392,9 @@ REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] =
                                                space=hp.gem_space),
     "bir": lambda ctx, hp, opt, in_lora: _build_bir(ctx, hp, opt),
 }
+"""``name -> builder(ctx, hyperparameters, optimiser, in_lora)``: adding a method is one entry."""
 FULL_MODEL_ONLY = ("si", "bir")
 """Methods without a LoRA form: their importances and frozen layers are over the model's own parameters."""
-"""``name -> builder(ctx, hyperparameters, optimiser, in_lora)``: adding a method is one entry."""
 
 
 def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic")) -> tuple[str, ...]:

@@ -48,12 +48,16 @@ def solve_dual(gram: jax.Array, linear: jax.Array, margin: float = 0.0) -> jax.A
     sub = s[:, None] * gram * s[None, :] + jnp.diag(1.0 - s)        # A on S, identity elsewhere
     w = s * (jnp.linalg.pinv(sub, hermitian=True, rtol=1e-7) @ (-s * c))
     grad = gram @ w + c
-    tol = 1e-5 * scale * (1.0 + jnp.linalg.norm(w)) + 1e-5 * jnp.max(jnp.abs(c))
-    ok = jnp.all(w >= -tol) & jnp.all(jnp.where(s > 0, True, grad >= -tol))
-    return jnp.maximum(w, 0.0), 0.5 * w @ gram @ w + c @ w, ok
+    # w is unitless; the KKT gradient has the units of A and c.
+    w_tol = 1e-5 * (1.0 + jnp.max(jnp.abs(w)))
+    grad_tol = 1e-5 * scale * (1.0 + jnp.linalg.norm(w)) + 1e-5 * jnp.max(jnp.abs(c))
+    violation = jnp.maximum(jnp.max(-w) - w_tol, 0.0) + jnp.max(jnp.where(s > 0, 0.0, -grad - grad_tol)).clip(0.0)
+    return jnp.maximum(w, 0.0), 0.5 * w @ gram @ w + c @ w, violation
 
-  ws, objs, ok = jax.vmap(candidate)(sets)
-  best = jnp.argmin(jnp.where(ok, objs, jnp.inf))
+  ws, objs, violation = jax.vmap(candidate)(sets)
+  ok = violation <= 0
+  # The KKT point of least objective; were rounding to reject every candidate, the least violating one.
+  best = jnp.where(jnp.any(ok), jnp.argmin(jnp.where(ok, objs, jnp.inf)), jnp.argmin(violation))
   return ws[best] + margin
 
 
@@ -108,7 +112,8 @@ def gem(losses: Mapping[str, LossOnMemory], *, margin: float = 0.0,
     memory = _memory_grads(losses, params, model_fn, replay, rng)
     if relative:
       norm = tu.tree_norm(grads)
-      memory = [tu.tree_scale(norm / jnp.maximum(tu.tree_norm(m), jnp.finfo(norm.dtype).tiny), m) for m in memory]
+      scale = lambda m: (lambda nm: jnp.where(nm > 0, norm / jnp.where(nm > 0, nm, 1.0), 0.0))(tu.tree_norm(m))
+      memory = [tu.tree_scale(scale(m), m) for m in memory]
     out, violated = project(grads, memory, margin)
     return out, ProjectionState(violated)
 

@@ -166,9 +166,11 @@ class StreamConfig:
     return dict(optim=self.optim, first=self.first, stages=self.stages, hp=self.method, run=self.run, seed=self.seed)
 
 
-def _arrays(memory: dict) -> dict:
-  """The arrays of the tasks' memory (checkpointed); the rest (generator diagnostics) goes to the metadata."""
-  return {n: {k: v for k, v in m.items() if k != "generator_info"} for n, m in memory.items()}
+def _arrays(memory: dict, first: tuple[str, dict]) -> dict:
+  """The arrays of the tasks' memory that a checkpoint needs: not the first stage's (it is in the stage cache),
+  nor the generator diagnostics (metadata)."""
+  drop = lambda n, k: k == "generator_info" or (n == first[0] and k in first[1])
+  return {n: {k: v for k, v in m.items() if not drop(n, k)} for n, m in memory.items()}
 
 
 def _infos(memory: dict) -> dict:
@@ -422,7 +424,8 @@ class Runner:
         meta = checkpoint.load_meta(stage_dir)
         tree = checkpoint.restore_tree(stage_dir)
         params, memory = tree["params"], tree["memory"]
-        for n, info in meta["generators"].items():
+        memory[tasks[0].name] = {**first[1], **memory.get(tasks[0].name, {})}
+        for n, info in meta.get("generators", {}).items():
           memory[n]["generator_info"] = info
         history, records, aware, agnostic = meta["history"], meta["records"], meta["aware"], meta["agnostic"]
         continue
@@ -461,7 +464,7 @@ class Runner:
       a, g = self.evaluate(params)
       aware, agnostic = aware + [a], agnostic + [g]
       if k < len(tasks) - 1:
-        checkpoint.save(stage_dir, {"params": params, "memory": _arrays(memory)},
+        checkpoint.save(stage_dir, {"params": params, "memory": _arrays(memory, (tasks[0].name, first[1]))},
                         {"history": history, "records": records, "aware": aware, "agnostic": agnostic,
                          "generators": _infos(memory)}, keep_structure=True)
     val_aware, val_agnostic = (self.evaluate(params, "val") if all("val" in t.splits for t in tasks)

@@ -121,3 +121,15 @@ def test_relative_memory_keeps_the_constraints_and_scales_the_margin_to_the_step
   absolute = gem.gem(losses, margin=0.5)
   out, _ = absolute.update(step, absolute.init(step), jnp.zeros(3), **extra)
   assert np.linalg.norm(out) > 1000 * np.linalg.norm(step)   # what a raw gradient-scale margin does to a step
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1000.0])
+def test_projection_is_right_at_any_gradient_scale_in_float32(scale):
+  for seed in range(12):
+    g, memory = _problem(seed, 1 + seed % 4)
+    g, memory = scale * g, scale * memory
+    out, violated = gem.project({"p": jnp.asarray(g, jnp.float32)}, [{"p": jnp.asarray(m, jnp.float32)} for m in memory])
+    out = np.asarray(out["p"], np.float64)
+    assert (memory @ out >= -1e-4 * scale**2).all(), seed
+    ref = brute_force(g, memory) if violated else g
+    np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=1e-4)
