@@ -91,11 +91,19 @@ LossOnMemory = Callable[[PyTree, Any, jax.Array | None], Any]
 def _memory_grads(losses: Mapping[str, LossOnMemory], params, model_fn, replay, rng) -> list[PyTree]:
   model_fn = model_fn or (lambda p: p)
 
-  def grad(loss, batch):
-    value = lambda p: loss(model_fn(p), batch, rng)
-    return jax.grad(lambda p: (lambda out: out[0] if isinstance(out, tuple) else out)(value(p)))(params)
+  def value(loss, batch, p):
+    out = loss(model_fn(p), batch, rng)
+    return out[0] if isinstance(out, tuple) else out      # a task loss may return (loss, metrics)
 
-  return [grad(fn, replay[name]) for name, fn in losses.items()]
+  return [jax.grad(lambda p: value(fn, replay[name], p))(params) for name, fn in losses.items()]
+
+
+def _rescaled(memory: list[PyTree], norm: jax.Array) -> list[PyTree]:
+  """Each memory gradient rescaled to ``norm`` (a zero one stays zero)."""
+  def scale(m):
+    nm = tu.tree_norm(m)
+    return tu.tree_scale(jnp.where(nm > 0, norm / jnp.where(nm > 0, nm, 1.0), 0.0), m)
+  return [scale(m) for m in memory]
 
 
 def gem(losses: Mapping[str, LossOnMemory], *, margin: float = 0.0,
@@ -111,9 +119,7 @@ def gem(losses: Mapping[str, LossOnMemory], *, margin: float = 0.0,
   def update(grads, state, params=None, *, replay=None, rng=None, model_fn=None, **_):
     memory = _memory_grads(losses, params, model_fn, replay, rng)
     if relative:
-      norm = tu.tree_norm(grads)
-      scale = lambda m: (lambda nm: jnp.where(nm > 0, norm / jnp.where(nm > 0, nm, 1.0), 0.0))(tu.tree_norm(m))
-      memory = [tu.tree_scale(scale(m), m) for m in memory]
+      memory = _rescaled(memory, tu.tree_norm(grads))
     out, violated = project(grads, memory, margin)
     return out, ProjectionState(violated)
 
@@ -130,7 +136,6 @@ def agem(losses: Mapping[str, LossOnMemory]) -> optax.GradientTransformationExtr
     return out, ProjectionState(active)
 
   return optax.GradientTransformationExtraArgs(lambda p: ProjectionState(jnp.zeros((), bool)), update)
-
 
 
 def on_steps(projection: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:

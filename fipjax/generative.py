@@ -63,10 +63,15 @@ def decode(params: PyTree, z: jax.Array) -> jax.Array:
   return _apply(params["dec"]["out"], jax.nn.relu(_apply(params["dec"]["hidden"], z)))
 
 
+def _draw(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """``z ∼ N(mean, diag exp(logvar))`` by reparameterisation."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+
 def elbo_terms(params: PyTree, h: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(reconstruction ``½‖h − ĥ‖²``, KL to the label's mode), each ``[N]``; their sum is the negative ELBO + const."""
   mean, logvar = encode(params, h)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+  z = _draw(key, mean, logvar)
   recon = 0.5 * jnp.sum((h - decode(params, z)) ** 2, -1)
   pm, plv = params["prior"]["mean"][labels], params["prior"]["logvar"][labels]
   kl = 0.5 * jnp.sum(plv - logvar + (jnp.exp(logvar) + (mean - pm) ** 2) / jnp.exp(plv) - 1.0, -1)
@@ -112,6 +117,4 @@ def sample(params: PyTree, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array
   k_y, k_z = jax.random.split(key)
   num_classes = params["prior"]["mean"].shape[0]
   y = jax.random.randint(k_y, (n,), 0, num_classes)
-  mean, logvar = params["prior"]["mean"][y], params["prior"]["logvar"][y]
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)
-  return decode(params, z), y
+  return decode(params, _draw(k_z, params["prior"]["mean"][y], params["prior"]["logvar"][y])), y

@@ -177,12 +177,6 @@ def _infos(memory: dict) -> dict:
   return {n: m["generator_info"] for n, m in memory.items() if "generator_info" in m}
 
 
-def _full(sub: PyTree, like: PyTree) -> PyTree:
-  """A tree over trained leaves (``MaskedNode`` where frozen) completed with zeros to the structure of ``like``."""
-  masked = lambda n: isinstance(n, optax.MaskedNode)
-  return jax.tree.map(lambda s, x: jnp.zeros_like(x) if masked(s) else s, sub, like, is_leaf=masked)
-
-
 class GeneratedReplay:
   """Brain-inspired replay's batches for one old task: features drawn from its generator, with the outputs of the
   network entering the stage on them as soft targets; batch k is a function of k alone (exact resume)."""
@@ -277,6 +271,7 @@ class Runner:
         raise runs.UsageError(f"task {t.name} has {len(t.splits['train'])} training rows, fewer than one batch of "
                               f"{optim.batch_size}; lower --batch-size or use more rows.")
     self._eval = jax.jit(lambda p, x: stream.apply(p, x))
+    self._features = None if stream.split is None else jax.jit(lambda p, x: stream.split[0](p, x))
     # One compiled function per old task, shared by every method's path records.
     self._outputs = {t.name: jax.jit(stream.outputs(t)) for t in stream.tasks}
     self.timings: dict[str, float] = {}
@@ -288,7 +283,8 @@ class Runner:
 
   def logits_on(self, params, ds, head: str | None) -> np.ndarray:
     """The head's logits on every row of ``ds``, in its order: ``[N, K]``; an error if any is not finite."""
-    out = self._on_rows(lambda p, x: (lambda z: z if head is None else z[head])(self._eval(p, x)), params, ds)
+    pick = (lambda z: z) if head is None else (lambda z: z[head])
+    out = self._on_rows(lambda p, x: pick(self._eval(p, x)), params, ds)
     if not np.isfinite(out).all():
       raise runs.UsageError("the model's outputs are not finite (NaN or inf) on evaluation data: the weights "
                             "have diverged or an input is out of the model's range (e.g. --max-len above its "
@@ -358,7 +354,7 @@ class Runner:
     memory = lambda params, omega: {"si_omega": omega, "si_change": tu.tree_sub(params, init_params)}
     if self.cache is None:
       params, _, opt_state = self._train(method, init_params, task, steps, self.seed, None, name=name)
-      return params, memory(params, _full(si_lib.recorded(opt_state), params))
+      return params, memory(params, tu.unmask(si_lib.recorded(opt_state), params))
     key = self.cache.key("stage1", parts)
     with self.cache.lock(key) as path:
       if checkpoint.is_complete(path / "final"):
@@ -370,7 +366,7 @@ class Runner:
       params, history, opt_state = self._train(method, init_params, task, steps, self.seed, path / "checkpoints",
                                                name=name)
       self._time("stage1", t0)
-      omega = _full(si_lib.recorded(opt_state), params)
+      omega = tu.unmask(si_lib.recorded(opt_state), params)
       checkpoint.save(path / "final.tmp", {"params": params, "si_omega": omega}, {"history": history, "key": parts})
       runs.StageCache.publish(path / "final.tmp", path / "final")
       checkpoint.remove(path / "checkpoints")
@@ -379,9 +375,8 @@ class Runner:
   def generator(self, task: TaskSpec, params: PyTree) -> dict:
     """Brain-inspired replay's generator of ``task``, fit to the split-point features of its training rows under
     ``params`` (the network at the end of the task's stage): {"generator", "generator_info"}."""
-    features, readout, _ = self.stream.split
-    ds = task.splits["train"]
-    h = self._on_rows(jax.jit(lambda p, x: features(p, x)), params, ds)
+    readout, ds = self.stream.split[1], task.splits["train"]
+    h = self._on_rows(self._features, params, ds)
     gen, curve = generative.fit(h, np.asarray(ds.labels) - task.offset, task.num_labels, self.hp.bir_generator,
                                 seed=self.seed + 13)
     hs, ys = generative.sample(gen, jax.random.PRNGKey(self.seed + 17), 1000)
@@ -458,8 +453,8 @@ class Runner:
       params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt / f"stage{k + 1}",
                                             sources, tracker, name=f"{name} ({task.name})")
       omega = si_lib.recorded(opt_state)
-      if omega is not None:
-        memory[task.name] = {"si_omega": _full(omega, params), "si_change": tu.tree_sub(params, start)}
+      if omega is not None and k < len(tasks) - 1:      # read by later stages only
+        memory[task.name] = {"si_omega": tu.unmask(omega, params), "si_change": tu.tree_sub(params, start)}
       history, records = history + hist, records + tracker.record.rows
       a, g = self.evaluate(params)
       aware, agnostic = aware + [a], agnostic + [g]

@@ -98,6 +98,12 @@ def embed(sub: PyTree, mask: PyTree, like: PyTree) -> PyTree:
       is_leaf=lambda n: isinstance(n, optax.MaskedNode))
 
 
+def unmask(sub: PyTree, like: PyTree) -> PyTree:
+  """:func:`embed` without the mask: ``sub``'s ``MaskedNode`` leaves (frozen) become zeros shaped like ``like``'s."""
+  masked = lambda n: isinstance(n, optax.MaskedNode)
+  return jax.tree.map(lambda s, x: jnp.zeros_like(x) if masked(s) else s, sub, like, is_leaf=masked)
+
+
 def merge(sub: PyTree, mask: PyTree, full: PyTree) -> PyTree:
   """``full`` with the leaves where ``mask`` is True replaced by those of ``sub``."""
   return jax.tree.map(
