@@ -90,11 +90,12 @@ def main(argv=None) -> int:
   p = cf.ArgumentParser(prog="python -m experiments.split_digits", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", default="fip", type=continual.method_argument,
-                 help=f"{', '.join(METHODS)}, any lora-<method>, or 'all' (every method above)")
+                 help=f"{', '.join(METHODS)}, any lora-<method>, several comma-separated, or 'all' "
+                      "(every method above)")
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
   cfg, args = cf.parse(p, PRESETS, argv)
-  methods = list(METHODS) if args.method == "all" else [args.method]
+  methods = continual.method_list(args.method, METHODS)
   command = " ".join(["python -m experiments.split_digits"] + list(sys.argv[1:] if argv is None else argv))
   return runs.cli_main(lambda: streams.run_experiment(
       lambda: build(cfg), methods=methods, config=cf.to_dict(cfg), out=args.out, cache_dir=None,

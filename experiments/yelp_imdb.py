@@ -75,8 +75,8 @@ def parse_args(argv=None):
   p = cf.ArgumentParser(prog="python -m experiments.yelp_imdb", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", default="fip", type=continual.method_argument,
-                 help=f"stage-2 method: {', '.join(METHODS)}, any lora-<method>, or 'all' (every method above, "
-                      "from the same stage-1 network)")
+                 help=f"stage-2 method: {', '.join(METHODS)}, any lora-<method>, several comma-separated, or "
+                      "'all' (every method above); all from the same stage-1 network")
   p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                  help="'paper' (bert-base, hub data, GPU/TPU) or 'cpu' (offline MiniLM, local data)")
   p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
@@ -143,7 +143,7 @@ def build(cfg: Config, args):
 
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
-  methods = list(METHODS) if args.method == "all" else [args.method]
+  methods = continual.method_list(args.method, METHODS)
   command = " ".join(["python -m experiments.yelp_imdb"] + list(sys.argv[1:] if argv is None else argv))
   config = cf.to_dict(cfg)
 

@@ -117,21 +117,32 @@ def replay(task_loss: TaskLoss, old_loss: TaskLoss | Mapping[str, TaskLoss],
   return Method("replay", loss, optimizer, replay_loss=old_term, needs_replay=True, **kw)
 
 
-def fip(task_loss: TaskLoss, f_old: Old, optimizer: optax.GradientTransformation, *,
-        distance: str = "bhattacharyya", beta: float = 1.0, name: str = "fip", **kw) -> Method:
-  """FIP, penalty form: new-task loss + β · mean D(f_old(θ, x_buffer), z_ref) with stored reference outputs
-  (with several old tasks, the mean of their penalties)."""
+def penalised(name: str, task_loss: TaskLoss, penalty: Callable[[PyTree, Any], jax.Array],
+              optimizer: optax.GradientTransformation, **kw) -> Method:
+  """New-task loss + ``penalty(params, batch["replay"])``, the penalty differentiated in the second pass: FIP's
+  form for any model (classifier outputs here, token distributions in :func:`fipjax.sequences.fip_penalty`)."""
 
   def loss(params, batch):
     return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
   def penalty_term(params, batch):
-    pens = [paths.fip_penalty(fn, distance, beta)(params, b["inputs"], b["ref_outputs"])
-            for fn, b in per_old_task(f_old, batch["replay"])]
-    pen = sum(pens) / len(pens)
+    pen = penalty(params, batch["replay"])
     return pen, {"fip_penalty": pen}
 
   return Method(name, loss, optimizer, replay_loss=penalty_term, needs_replay=True, **kw)
+
+
+def fip(task_loss: TaskLoss, f_old: Old, optimizer: optax.GradientTransformation, *,
+        distance: str = "bhattacharyya", beta: float = 1.0, name: str = "fip", **kw) -> Method:
+  """FIP, penalty form: new-task loss + β · mean D(f_old(θ, x_buffer), z_ref) with stored reference outputs
+  (with several old tasks, the mean of their penalties)."""
+
+  def penalty(params, replay):
+    pens = [paths.fip_penalty(fn, distance, beta)(params, b["inputs"], b["ref_outputs"])
+            for fn, b in per_old_task(f_old, replay)]
+    return sum(pens) / len(pens)
+
+  return penalised(name, task_loss, penalty, optimizer, **kw)
 
 
 def fip_geodesic(task_loss: TaskLoss, f_old: Old, *, learning_rate: float, damping: float = 1e-3,
@@ -414,13 +425,19 @@ def parse_name(name: str) -> tuple[str, bool]:
 
 
 def method_argument(value: str) -> str:
-  """An argparse ``type`` for ``--method``: any name :func:`parse_name` accepts, or ``all``."""
+  """An argparse ``type`` for ``--method``: ``all``, or names :func:`parse_name` accepts, comma-separated."""
   if value != "all":
     try:
-      parse_name(value)
+      for name in value.split(","):
+        parse_name(name)
     except ValueError as e:
       raise cf.argparse.ArgumentTypeError(str(e)) from None
   return value
+
+
+def method_list(value: str, every: tuple[str, ...]) -> list[str]:
+  """The methods a ``--method`` value names: ``every`` for ``all``, else its comma-separated names, once each."""
+  return list(every) if value == "all" else list(dict.fromkeys(value.split(",")))
 
 
 def build(name: str, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:

@@ -217,23 +217,21 @@ def test_dropout_remat_and_bfloat16(tiny_dir):
   batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
   graphdef, params, _, _ = hub.load_bert(path, {"shared": 7})
   apply = bert.make_apply(graphdef)
-  det = apply(params, batch)["shared"]
-  key = jax.random.PRNGKey(0)
-  a = apply(params, batch, deterministic=False, rng=key)["shared"]
-  b = apply(params, batch, deterministic=False, rng=key)["shared"]
-  c = apply(params, batch, deterministic=False, rng=jax.random.PRNGKey(1))["shared"]
+  det = jax.jit(apply)(params, batch)["shared"]
+  dropped = jax.jit(lambda key: apply(params, batch, deterministic=False, rng=key)["shared"])
+  a, b, c = dropped(jax.random.PRNGKey(0)), dropped(jax.random.PRNGKey(0)), dropped(jax.random.PRNGKey(1))
   chex.assert_trees_all_equal(a, b)
   assert not np.allclose(a, det) and not np.allclose(a, c)
   with pytest.raises(ValueError, match="rng"):
     apply(params, batch, deterministic=False)
   graphdef_r, params_r, _, _ = hub.load_bert(path, {"shared": 7}, remat=True)
   loss = lambda ap, p: jnp.sum(ap(p, batch)["shared"] ** 2)
-  g = jax.grad(lambda p: loss(apply, p))(params)
-  g_r = jax.grad(lambda p: loss(bert.make_apply(graphdef_r), p))(params_r)
+  g = jax.jit(jax.grad(lambda p: loss(apply, p)))(params)
+  g_r = jax.jit(jax.grad(lambda p: loss(bert.make_apply(graphdef_r), p)))(params_r)
   chex.assert_trees_all_close(g, g_r, rtol=1e-5, atol=1e-7)
   graphdef_h, params_h, _, _ = hub.load_bert(path, {"shared": 7}, dtype=jnp.bfloat16)
   chex.assert_trees_all_equal_dtypes(params_h, params)     # float32 parameters
-  half = bert.make_apply(graphdef_h)(params_h, batch)["shared"]
+  half = jax.jit(bert.make_apply(graphdef_h))(params_h, batch)["shared"]
   assert half.dtype == jnp.float32
   np.testing.assert_allclose(half, det, atol=5e-2)
 

@@ -204,3 +204,12 @@ def test_bir_freezes_the_layers_below_its_replayed_representation():
     continual.build("bir", dataclasses.replace(ctx, below=None), continual.MethodConfig(), continual.OptimConfig())
   with pytest.raises(ValueError, match="no LoRA form"):
     continual.parse_name("lora-si")
+
+
+def test_method_argument_takes_all_or_a_comma_separated_list():
+  every = continual.method_names()
+  assert continual.method_list(continual.method_argument("all"), every) == list(every)
+  assert continual.method_list(continual.method_argument("fip,lora-ewc,fip"), every) == ["fip", "lora-ewc"]
+  for bad in ("fip,nope", "lora-si", ""):
+    with pytest.raises(continual.cf.argparse.ArgumentTypeError):
+      continual.method_argument(bad)

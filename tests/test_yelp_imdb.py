@@ -16,7 +16,7 @@ TINY = ["--preset", "cpu", "--n-train-yelp", "64", "--n-train-imdb", "64", "--n-
         "--record-every", "2", "--checkpoint-every", "2", "--no-progress", "--bir-gen-steps", "300"]
 
 
-TINY_MODEL = []     # the two-layer MiniLM checkpoint (conftest.small_bert), set once per module
+TINY_MODEL = []     # the one-layer MiniLM checkpoint (conftest.small_bert), set once per module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,22 +28,27 @@ def _run(tmp, *extra, out="run", cache="cache"):
   return yelp_imdb.main(TINY + TINY_MODEL + ["--out", str(tmp / out), "--cache-dir", str(tmp / cache), *extra])
 
 
+# Every method runs through the same stream and registry (test_streams, test_continual); here the BERT pipeline
+# runs three that touch its distinct paths: the replay penalty, LoRA with the geodesic solver, generated replay.
+METHODS = ("fip", "lora-fip-geodesic", "bir")
+
+
 @pytest.fixture(scope="module")
 def all_methods(tmp_path_factory, data_dir, _model):
   tmp = tmp_path_factory.mktemp("all")
-  assert _run(tmp, "--method", "all", "--data-dir", str(data_dir)) == 0
+  assert _run(tmp, "--method", ",".join(METHODS), "--data-dir", str(data_dir)) == 0
   return tmp / "run"
 
 
 def test_every_method_reports(all_methods):
   results = json.loads((all_methods / "results.json").read_text())
   assert set(results) >= {"config", "seed", "versions", "timings", "methods"}
-  assert set(results["methods"]) == set(yelp_imdb.METHODS)
+  assert list(results["methods"]) == list(METHODS)
   for name, m in results["methods"].items():
     r = np.array(m["accuracy_matrix"])
     assert m["tasks"] == ["yelp", "imdb"] and r.shape == (2, 2) and ((0 <= r) & (r <= 1)).all(), name
     assert m["weight_change"] > 0, name
-    assert set(m["weight_change_by_layer"]) >= {"embeddings", "layer 0", "layer 1", "pooler", "heads"}
+    assert set(m["weight_change_by_layer"]) >= {"embeddings", "layer 0", "pooler", "heads"}
     assert {"average_accuracy", "backward_transfer", "forgetting"} <= set(m)
     assert np.isfinite(m["loss_curve"]).all() and len(m["loss_curve"]) == 4
     assert m["task_agnostic_matrix"][-1][1] is not None
@@ -61,9 +66,8 @@ def test_every_method_reports(all_methods):
   assert bir_layers["embeddings"] == bir_layers["layer 0"] == 0.0 and bir_layers["heads"] > 0   # frozen below
 
 
-@pytest.mark.parametrize("name", ["lora", "lora-fip", "lora-fip-geodesic"])
-def test_lora_methods_change_only_query_value_and_head(all_methods, name):
-  m = json.loads((all_methods / "results.json").read_text())["methods"][name]
+def test_lora_methods_change_only_query_value_and_head(all_methods):
+  m = json.loads((all_methods / "results.json").read_text())["methods"]["lora-fip-geodesic"]
   assert m["weight_change_by_layer"]["embeddings"] == 0.0 and m["weight_change_by_layer"]["pooler"] == 0.0
   assert m["weight_change_by_layer"]["layer 0"] > 0 and m["weight_change_by_layer"]["heads"] > 0
 
@@ -95,7 +99,8 @@ def test_nan_stops_the_run_and_caches_nothing(tmp_path, capsys, data_dir):
 @pytest.mark.slow
 def test_four_devices_give_the_same_losses(tmp_path, data_dir):
   def run(devices, out):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "experiments.yelp_imdb", *TINY, *TINY_MODEL, "--method", "fip",
            "--data-dir", str(data_dir),
            "--dropout", "false", "--out", str(tmp_path / out), "--cache-dir", str(tmp_path / f"cache{devices}")]
