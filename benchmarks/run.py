@@ -136,18 +136,22 @@ class Setup:
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
   def step(self, method: continual.Method):
-    """(jitted step, its arguments) for one training step of ``method`` — the library's own step."""
-    method = continual.dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
-    state, mask = continual.init_train_state(method, self.params)
-    trainable = state.train_params if mask is None else tu.select(state.train_params, mask)
-    frozen = None if mask is None else tu.select(state.train_params, jax.tree.map(lambda m: not m, mask))
-    step = continual.make_train_step(method, mask, donate=False)   # repeats reuse the same buffers
-    return step, trainable, frozen, state.opt_state
+    return train_step(method, self.params)
 
   def step_call(self, method, batch) -> tuple:
     """:func:`compiled_call` of one training step of ``method`` on ``batch`` (with a dropout key)."""
     step, *args = self.step(method)
     return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
+
+
+def train_step(method: continual.Method, params):
+  """(jitted step, its arguments but the batch) for one training step of ``method`` — the library's own step."""
+  method = continual.dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
+  state, mask = continual.init_train_state(method, params)
+  trainable = state.train_params if mask is None else tu.select(state.train_params, mask)
+  frozen = None if mask is None else tu.select(state.train_params, jax.tree.map(lambda m: not m, mask))
+  step = continual.make_train_step(method, mask, donate=False)   # repeats reuse the same buffers
+  return step, trainable, frozen, state.opt_state
 
 
 def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5) -> dict[str, continual.Method]:

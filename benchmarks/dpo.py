@@ -1,0 +1,119 @@
+"""Continual DPO's costs: FIP-DPO against DPO, in full and inside LoRA, on a Llama decoder (#12 §5).
+
+    python -m benchmarks.dpo --json runs/bench-dpo.json                 # the packaged SmolLM2-135M
+    python -m benchmarks.dpo --model random:2:64 --pairs 2 --seq 16     # a random 2-layer decoder (CI size)
+
+One training step of each method, compiled once: peak memory from XLA's memory analysis, median step time
+(interleaved rounds). DPO uses stored reference log-probabilities (no reference model); FIP-DPO adds the penalty on
+an earlier round's sequences with the reference distributions stored as top-k (``--top-k``), differentiated in a
+second pass after the DPO backward pass (so it adds time, not peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.run import SpecError, cli, compiled_call, interleaved_times, peak_bytes, train_step
+from fipjax import continual, dpo, lora, sequences
+from fipjax import tree as tu
+from fipjax.models import hub, llama
+
+
+def load(model: str):
+  """(graphdef, params) of ``'smollm2'``, a checkpoint, or ``'random:L:H'`` (L layers of width H, 64-wide heads,
+  a third as many key-value heads, SmolLM2's vocabulary)."""
+  if not model.startswith("random:"):
+    graphdef, params, _, _ = hub.load_llama(model)
+    return graphdef, params
+  try:
+    _, layers, hidden = model.split(":")
+    layers, hidden = int(layers), int(hidden)
+  except ValueError:
+    raise SpecError(f"model spec {model!r}: expected 'random:LAYERS:HIDDEN', e.g. 'random:2:64'") from None
+  if hidden % 64:
+    raise SpecError(f"model spec {model!r}: the width must be a multiple of 64 (heads of 64)")
+  heads = hidden // 64
+  cfg = llama.LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 3))
+  return llama.split_params(llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def batches(apply, params, vocab: int, pairs: int, old: int, seq: int, k: int, seed: int = 0):
+  """A preference batch with stored reference log-probabilities, and an earlier round's sequences with their
+  stored top-k reference distributions."""
+  rng = np.random.default_rng(seed)
+  seqs = lambda n: {"input_ids": jnp.asarray(rng.integers(0, vocab, (n, seq)), jnp.int32),
+                    "attention_mask": jnp.ones((n, seq), jnp.int32),
+                    "response_mask": jnp.asarray(np.arange(seq) >= seq // 2, jnp.int32)[None].repeat(n, 0)}
+  new = {"chosen": seqs(pairs), "rejected": seqs(pairs)}
+  new.update(jax.jit(lambda p, b: dpo.reference_logprobs(apply, p, b))(params, new))
+  replay = seqs(old)
+  replay["ref"] = tuple(jax.jit(lambda p, b: sequences.reference_topk(apply, p, b, k))(params, replay))
+  return new, replay
+
+
+def run(args) -> dict:
+  graphdef, params = load(args.model)
+  apply = llama.make_apply(graphdef)
+  vocab = params["model"]["embed_tokens"]["embedding"].shape[0]
+  new, replay = batches(apply, params, vocab, args.pairs, args.old, args.seq, args.top_k)
+  task = dpo.task_loss(apply, beta=args.beta)
+  optimizer = optax.adamw(1e-5)
+  methods = {"dpo": continual.naive(task, optimizer),
+             "fip-dpo": continual.penalised("fip-dpo", task, sequences.fip_penalty(apply, beta=1.0), optimizer)}
+  config = lora.LoraConfig(targets=llama.LORA_TARGETS, rank=8, alpha=16)
+  methods.update({f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in list(methods.items())})
+  calls, peaks = {}, {}
+  for name, method in methods.items():
+    step, *state = train_step(method, params)
+    batch = {"new": new, **({"replay": replay} if method.needs_replay else {})}
+    calls[name], compiled = compiled_call(step, *state, batch)
+    peaks[name] = peak_bytes(compiled)
+  times = interleaved_times(calls, args.repeats)
+  stored = sequences.TopK(*replay["ref"]).bytes_per_token()
+  return {
+      "config": {"model": args.model, "params": tu.tree_size(params), "vocab": vocab, "pairs": args.pairs,
+                 "old_sequences": args.old, "seq": args.seq, "top_k": args.top_k,
+                 "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "repeats": args.repeats},
+      "times_s": times, "peak_bytes": peaks,
+      "fipdpo_over_dpo_peak_memory": peaks["fip-dpo"] / peaks["dpo"],
+      "lorafipdpo_over_loradpo_peak_memory": peaks["lora-fip-dpo"] / peaks["lora-dpo"],
+      "fipdpo_over_dpo_step_time": times["fip-dpo"] / times["dpo"],
+      "lorafipdpo_over_loradpo_step_time": times["lora-fip-dpo"] / times["lora-dpo"],
+      "stored_reference_bytes_per_token": stored,
+      "stored_reference_fraction": stored / (4 * vocab),
+  }
+
+
+def table(result: dict) -> str:
+  keys = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
+          "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
+  rows = [f"{k:40s} {result[k]:.4g}" for k in keys]
+  rows += [f"{n:40s} {result['times_s'][n] * 1e3:9.1f} ms  {result['peak_bytes'][n] / 2**20:9.1f} MiB"
+           for n in result["times_s"]]
+  return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2", help="'smollm2', 'random:L:H', a .gguf file, a directory or hub id")
+  p.add_argument("--seq", type=int, default=64, help="tokens per sequence (the second half is the response)")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--json", type=pathlib.Path, default=None)
+  p.add_argument("--pairs", type=int, default=4, help="preference pairs per step")
+  p.add_argument("--old", type=int, default=4, help="earlier rounds' sequences per step (FIP's replay)")
+  p.add_argument("--top-k", type=int, default=32, help="stored reference tokens per position")
+  p.add_argument("--beta", type=float, default=0.1, help="DPO's β")
+  return cli(p, run, table, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

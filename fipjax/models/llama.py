@@ -1,0 +1,324 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, a KV cache.
+
+Covers Llama 2/3 (with Llama 3's RoPE scaling), SmolLM and Qwen2-style configs (bias on q/k/v). Parameter names
+mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``, ``model/norm/weight``, ``lm_head/kernel``) so
+that loading (:mod:`fipjax.models.hub`, :mod:`fipjax.models.gguf`) is a renaming plus kernel transposes. The rest
+of fipjax sees ``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a plain parameter dict.
+
+Padding: a row's positions are counted over its unmasked tokens (``cumsum(mask) - 1``), so left-padded prompts
+(generation) and right-padded sequences (scoring) give the same logits as the unpadded row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fipjax.models.bert import param_count, split_params  # noqa: F401  (re-exported: one API for all models)
+
+PyTree = Any
+
+LORA_TARGETS = (r"self_attn/(q_proj|v_proj)/kernel$",)
+"""LoRA's usual targets in a decoder (query and value projections), for :class:`fipjax.lora.LoraConfig`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_hidden_layers: int = 30
+  num_attention_heads: int = 9
+  num_key_value_heads: int = 3
+  head_dim: int | None = None            # hidden_size // num_attention_heads when None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None      # Llama 3: (("factor", 32.0), ("low_freq_factor", 1.0), ...), hashable
+  max_position_embeddings: int = 8192
+  tie_word_embeddings: bool = True
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    """From a Hugging Face ``config.json`` dict (``model_type`` llama, qwen2 or mistral); unknown keys ignored."""
+    kind = d.get("model_type", "llama")
+    if kind not in ("llama", "qwen2", "mistral"):
+      raise ValueError(f"model_type {kind!r} is not a Llama-family decoder this port covers (llama, qwen2, "
+                       "mistral)")
+    if d.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"hidden_act {d['hidden_act']!r}: only SwiGLU (silu) is supported")
+    if d.get("use_sliding_window") or (kind == "mistral" and d.get("sliding_window")):
+      raise ValueError("sliding-window attention is not supported")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names and v is not None}
+    kw.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
+    rope = d.get("rope_scaling") or d.get("rope_parameters")
+    kw["rope_scaling"] = None
+    if isinstance(rope, Mapping):
+      kw.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+      kind_rope = rope.get("rope_type", rope.get("type", "default"))
+      if kind_rope == "llama3":
+        kw["rope_scaling"] = tuple(sorted((k, v) for k, v in rope.items() if k != "rope_theta"))
+      elif kind_rope != "default":
+        raise ValueError(f"rope type {kind_rope!r} is not supported (default, llama3)")
+    if kind == "qwen2":
+      kw["qkv_bias"] = True
+    elif d.get("attention_bias"):
+      kw["qkv_bias"] = kw["o_bias"] = True
+    return cls(**kw)
+
+
+def _wide(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+  """Inverse frequencies ``[head_size / 2]``, with Llama 3's long-context scaling when configured."""
+  d = cfg.head_size
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling is None:
+    return inv
+  s = dict(cfg.rope_scaling)
+  factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+  old = s["original_max_position_embeddings"]
+  wavelength = 2 * math.pi / inv
+  smooth = (old / wavelength - lo) / (hi - lo)
+  mid = (1 - smooth) * inv / factor + smooth * inv
+  return jnp.where(wavelength > old / lo, inv / factor, jnp.where(wavelength < old / hi, inv, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate ``x [B, T, H, D]`` by ``positions [B, T]`` (Hugging Face's rotate-half convention)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, T, D/2]
+  cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, :, None] for f in (jnp.cos, jnp.sin))
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return (x * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, size: int, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((size,), _wide(dtype)))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x):
+    x32 = x.astype(_wide(self.dtype))
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    return (self.weight[...] * x32).astype(self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs):
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=_wide(dtype),
+                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer ``[L, B, S, KV, D]``, which slots hold a token ``[B, S]``, and the number of
+  slots written so far (the same for every row: prompts are left-padded)."""
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: LlamaConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_size)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    self.q_proj = _linear(cfg.hidden_size, h * d, cfg.qkv_bias, dtype, rngs)
+    self.k_proj = _linear(cfg.hidden_size, kv * d, cfg.qkv_bias, dtype, rngs)
+    self.v_proj = _linear(cfg.hidden_size, kv * d, cfg.qkv_bias, dtype, rngs)
+    self.o_proj = _linear(h * d, cfg.hidden_size, cfg.o_bias, dtype, rngs)
+    self.heads, self.kv_heads, self.head_size = h, kv, d
+
+  def __call__(self, x, positions, inv_freq, bias, cache_kv=None, offset=None):
+    """x ``[B, T, H]``; bias ``[B, 1, 1, T, S]`` over the S key slots; cache_kv ``([B, S, KV, D], ...)`` to write
+    the T new keys into at ``offset``, or None (the keys are the T tokens themselves)."""
+    b, t, _ = x.shape
+    q = apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_size), positions, inv_freq)
+    k = apply_rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_size), positions, inv_freq)
+    v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_size)
+    if cache_kv is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), offset, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), offset, axis=1)
+    groups = self.heads // self.kv_heads
+    q = q.reshape(b, t, self.kv_heads, groups, self.head_size)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(_wide(x.dtype))
+    probs = jax.nn.softmax(scores / math.sqrt(self.head_size) + bias, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
+    return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype, rngs)
+    self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype, rngs)
+    self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype, rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.self_attn = Attention(cfg, dtype, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, h, positions, inv_freq, bias, cache_kv=None, offset=None):
+    a, kv = self.self_attn(self.input_layernorm(h), positions, inv_freq, bias, cache_kv, offset)
+    h = h + a
+    return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Body(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=_wide(dtype),
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+  """``(input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` (``promote_types(dtype, float32)``).
+
+  Args:
+    cfg: architecture.
+    dtype: compute dtype; parameters, norms, softmax and logits are float32 (float64 for float64).
+    remat: rematerialise each decoder layer in the backward pass.
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+    self.model = Body(cfg, dtype, rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+    self.cfg, self.remat = cfg, remat
+
+  def _logits(self, h):
+    if self.cfg.tie_word_embeddings:
+      return self.model.embed_tokens.attend(h).astype(_wide(h.dtype))
+    return self.lm_head(h).astype(_wide(h.dtype))
+
+  def __call__(self, input_ids, attention_mask=None):
+    mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+    t = input_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    h = self.model.embed_tokens(input_ids)
+    bias = _bias(causal[None] & (mask[:, None, :] > 0), h.dtype)
+    inv_freq = rope_frequencies(self.cfg)
+    call = lambda layer, h: layer(h, positions, inv_freq, bias)[0]
+    if self.remat:
+      call = nnx.remat(call)
+    for layer in self.model.layers:
+      h = call(layer, h)
+    return self._logits(self.model.norm(h))
+
+  def extend(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run ``input_ids [B, T]`` after the tokens in ``cache``: (logits ``[B, T, V]``, the cache with them added).
+
+    A prompt is one call on an empty cache (left-padded, ``attention_mask`` 0 on the padding); each generated
+    token is one more call with ``T = 1``. Equal to :meth:`__call__` on the concatenated tokens.
+    """
+    b, t = input_ids.shape
+    size = cache.mask.shape[1]
+    slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, 1)
+    positions = (jnp.sum(cache.mask, -1, keepdims=True) + jnp.cumsum(attention_mask, -1) - 1)
+    positions = jnp.maximum(positions, 0)
+    slots = jnp.arange(size)
+    causal = slots[None, :] <= (cache.length + jnp.arange(t))[:, None]           # [T, S]
+    h = self.model.embed_tokens(input_ids)
+    bias = _bias(causal[None] & (slot_mask[:, None, :] > 0), h.dtype)
+    inv_freq = rope_frequencies(self.cfg)
+    ks, vs = [], []
+    for i, layer in enumerate(self.model.layers):
+      h, (k, v) = layer(h, positions, inv_freq, bias, (cache.k[i], cache.v[i]), cache.length)
+      ks.append(k)
+      vs.append(v)
+    new = KVCache(jnp.stack(ks), jnp.stack(vs), slot_mask, cache.length + t)
+    return self._logits(self.model.norm(h)), new
+
+
+def _bias(allowed: jax.Array, dtype) -> jax.Array:
+  """Additive attention bias ``[B, 1, 1, T, S]`` from a boolean ``[B, T, S]`` (a row that may see nothing, a
+  left-padding query, attends uniformly instead of producing NaN)."""
+  wide = _wide(dtype)
+  return jnp.where(allowed, 0.0, jnp.finfo(wide).min).astype(wide)[:, None, None]
+
+
+def make_apply(graphdef):
+  """``apply(params, batch) -> logits [B, T, V]``, pure over the plain params dict; ``batch`` holds
+  ``input_ids`` and optionally ``attention_mask`` ``[B, T]``."""
+
+  def apply(params, batch: Mapping[str, jax.Array], **_):
+    return nnx.merge(graphdef, params)(batch["input_ids"], batch.get("attention_mask"))
+
+  return apply
+
+
+class Generated(NamedTuple):
+  tokens: jax.Array     # [B, N] new tokens (pad_id after a row's end token)
+  mask: jax.Array       # [B, N] 1 for tokens up to and including the end token
+  logprobs: jax.Array   # [B, N] log-probability of each sampled token under the sampling distribution
+
+
+def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens: int, eos_id: int | None,
+             pad_id: int = 0, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+             cache_dtype=jnp.float32) -> Generated:
+  """Sample continuations of left-padded prompts ``[B, P]`` with a KV cache (jit-able; a row stops at
+  ``eos_id``).
+
+  ``greedy`` takes the argmax; otherwise tokens are drawn from softmax(logits / temperature) restricted to the
+  smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
+  """
+  model = nnx.merge(graphdef, params)
+  b, p = input_ids.shape
+  cache = KVCache.empty(model.cfg, b, p + max_new_tokens, cache_dtype)
+  logits, cache = model.extend(input_ids, attention_mask, cache)
+
+  def pick(logits, key):
+    scaled = logits / temperature
+    if top_p < 1.0:
+      order = jnp.sort(scaled, -1)[:, ::-1]
+      probs = jax.nn.softmax(order, -1)
+      keep = jnp.cumsum(probs, -1) - probs < top_p                          # always keeps the top token
+      cutoff = jnp.min(jnp.where(keep, order, jnp.inf), -1, keepdims=True)
+      scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    token = jnp.argmax(scaled, -1) if greedy else jax.random.categorical(key, scaled)
+    return token, jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
+
+  def step(carry, key):
+    logits, cache, done = carry
+    token, logprob = pick(logits, key)
+    token = jnp.where(done, pad_id, token)
+    live = ~done
+    done = done | (token == eos_id) if eos_id is not None else done
+    logits, cache = model.extend(token[:, None], live[:, None].astype(jnp.int32), cache)
+    return (logits[:, -1], cache, done), (token, live, jnp.where(live, logprob, 0.0))
+
+  init = (logits[:, -1], cache, jnp.zeros((b,), bool))
+  _, (tokens, mask, logprobs) = jax.lax.scan(step, init, jax.random.split(key, max_new_tokens))
+  return Generated(tokens.T, mask.T.astype(jnp.int32), logprobs.T)
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+  """``log p(x_{t+1} | x_{≤t})`` ``[B, T-1]`` from logits ``[B, T, V]``."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(_wide(logits.dtype)), -1)
+  return jnp.take_along_axis(logp, input_ids[:, 1:, None], -1)[..., 0]
