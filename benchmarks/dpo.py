@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.run import SpecError, cli, compiled_call, interleaved_times, peak_bytes, train_step
+from benchmarks.run import cli, compiled_call, interleaved_times, peak_bytes, random_spec, train_step
 from fipjax import continual, dpo, lora, sequences
 from fipjax import tree as tu
 from fipjax.models import hub, llama
@@ -29,20 +29,15 @@ from fipjax.models import hub, llama
 
 def load(model: str):
   """(graphdef, params) of ``'smollm2'``, a checkpoint, or ``'random:L:H'`` (L layers of width H, 64-wide heads,
-  a third as many key-value heads, SmolLM2's vocabulary)."""
+  at most a third as many key-value heads, SmolLM2's vocabulary and tied embeddings)."""
   if not model.startswith("random:"):
     graphdef, params, _, _ = hub.load_llama(model)
     return graphdef, params
-  try:
-    _, layers, hidden = model.split(":")
-    layers, hidden = int(layers), int(hidden)
-  except ValueError:
-    raise SpecError(f"model spec {model!r}: expected 'random:LAYERS:HIDDEN', e.g. 'random:2:64'") from None
-  if hidden % 64:
-    raise SpecError(f"model spec {model!r}: the width must be a multiple of 64 (heads of 64)")
+  layers, hidden = random_spec(model)
   heads = hidden // 64
+  kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 3))   # SmolLM2's 3:1 or less
   cfg = llama.LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 3))
+                          num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)
   return llama.split_params(llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
 

@@ -87,9 +87,8 @@ class SpecError(ValueError):
   """A model spec that names no model."""
 
 
-def random_config(spec: str) -> dict:
-  """``'random:L:H'`` → a randomly initialised BERT with L layers of width H (H/64 heads, 4H feed-forward), for
-  timing how cost grows with model size where no checkpoint of that size is at hand."""
+def random_spec(spec: str) -> tuple[int, int]:
+  """``'random:L:H'`` → (L layers, width H), H a multiple of 64 (heads of 64); SpecError otherwise."""
   try:
     _, layers, hidden = spec.split(":")
     layers, hidden = int(layers), int(hidden)
@@ -97,6 +96,13 @@ def random_config(spec: str) -> dict:
     raise SpecError(f"model spec {spec!r}: expected 'random:LAYERS:HIDDEN', e.g. 'random:12:768'") from None
   if hidden % 64:
     raise SpecError(f"model spec {spec!r}: the width must be a multiple of 64 (heads of 64)")
+  return layers, hidden
+
+
+def random_config(spec: str) -> dict:
+  """``'random:L:H'`` → a randomly initialised BERT with L layers of width H (H/64 heads, 4H feed-forward), for
+  timing how cost grows with model size where no checkpoint of that size is at hand."""
+  layers, hidden = random_spec(spec)
   return dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
               intermediate_size=4 * hidden)
 

@@ -24,42 +24,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TINY = 1e-30
+_LOG_FLOOR = -69.0     # log(1e-30): a tail below this counts as 1e-30 (keeps −∞ − (−∞) out of the KL term)
 
 
 class TopK(NamedTuple):
-  """The k most likely tokens ``ids [..., k]`` and their log-probabilities ``logprobs [..., k]``."""
+  """The k most likely tokens ``ids [..., k]``, their log-probabilities ``logprobs [..., k]``, and the log of the
+  remaining mass ``log_tail [...]`` (computed from the tokens themselves, not as 1 − Σ top: in float32 that
+  difference loses every tail below about 1e-6, which a language model's top 32 often leave)."""
   ids: jax.Array
   logprobs: jax.Array
+  log_tail: jax.Array
 
   def bytes_per_token(self) -> int:
-    return int(self.ids.shape[-1] * (self.ids.dtype.itemsize + self.logprobs.dtype.itemsize))
+    return int(self.ids.shape[-1] * (self.ids.dtype.itemsize + self.logprobs.dtype.itemsize)
+               + self.log_tail.dtype.itemsize)
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+  return jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+
+
+def _log_rest(logp: jax.Array, ids: jax.Array) -> jax.Array:
+  """log Σ_{i ∉ ids} p_i ``[...]`` from ``logp [..., V]`` and ``ids [..., k]``, floored at :data:`_LOG_FLOOR`."""
+  flat, flat_ids = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1, ids.shape[-1]).astype(jnp.int32)
+  rest = flat.at[jnp.arange(flat.shape[0])[:, None], flat_ids].set(-jnp.inf)
+  return jnp.maximum(jax.nn.logsumexp(rest, -1), _LOG_FLOOR).reshape(logp.shape[:-1])
 
 
 def compress(logits: jax.Array, k: int, *, logprob_dtype=jnp.float32) -> TopK:
-  """Top-k of ``softmax(logits [..., V])``; token ids as uint16 when V ≤ 65,536 (else int32).
+  """Top-k of ``softmax(logits [..., V])`` and the log of the rest; token ids as uint16 when V ≤ 65,536.
 
-  float32 log-probabilities make the compressed distance exactly 0 at the reference (k = 32: 192 bytes a
-  token, 0.1% of SmolLM2's full float32 distribution); float16 halves that, at a floor of about 1e-7 nats.
+  float32 log-probabilities make the compressed distance exactly 0 at the reference (k = 32: 196 bytes a
+  token, 0.1% of SmolLM2's full float32 distribution); float16 saves a third, at a floor of about 1e-7 nats.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+  logp = _log_softmax(logits)
   top, ids = jax.lax.top_k(logp, k)
   id_dtype = jnp.uint16 if logits.shape[-1] <= 2 ** 16 else jnp.int32
-  return TopK(ids.astype(id_dtype), top.astype(logprob_dtype))
-
-
-def _log_tail(log_top: jax.Array) -> jax.Array:
-  """log(1 − Σ exp(log_top)) over the last axis, floored at log(1e-30)."""
-  return jnp.log(jnp.maximum(-jnp.expm1(jax.nn.logsumexp(log_top, -1)), _TINY))
+  return TopK(ids.astype(id_dtype), top.astype(logprob_dtype), _log_rest(logp, ids).astype(logprob_dtype))
 
 
 def _buckets(logits: jax.Array, ref: TopK):
   """(log p_top, log p_tail, log q_top, log q_tail): the reference ``p`` and the model ``q`` on the buckets."""
-  logq = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
-  log_q_top = jnp.take_along_axis(logq, ref.ids.astype(jnp.int32), -1)
-  log_p_top = ref.logprobs.astype(logq.dtype)
-  log_p_top = log_p_top - jnp.maximum(jax.nn.logsumexp(log_p_top, -1, keepdims=True), 0.0)  # rounding: Σ ≤ 1
-  return log_p_top, _log_tail(log_p_top), log_q_top, _log_tail(log_q_top)
+  logq = _log_softmax(logits)
+  ids = ref.ids.astype(jnp.int32)
+  log_q_top, log_q_tail = jnp.take_along_axis(logq, ids, -1), _log_rest(logq, ids)
+  log_p = jnp.concatenate([ref.logprobs, ref.log_tail[..., None]], -1).astype(logq.dtype)
+  log_p = log_p - jax.nn.logsumexp(log_p, -1, keepdims=True)        # stored rounding: the buckets sum to 1
+  return log_p[..., :-1], log_p[..., -1], log_q_top, log_q_tail
 
 
 def bhattacharyya_topk(logits: jax.Array, ref: TopK) -> jax.Array:

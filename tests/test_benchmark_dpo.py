@@ -15,8 +15,8 @@ def test_dpo_benchmark_reports_memory_time_and_stored_bytes(tmp_path):
   for key in ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
               "lorafipdpo_over_loradpo_step_time"):
     assert math.isfinite(result[key]) and result[key] > 0, key
-  assert result["stored_reference_bytes_per_token"] == 4 * (2 + 4)       # uint16 ids, float32 log-probs
-  assert result["stored_reference_fraction"] == 24 / (4 * 49152)
+  assert result["stored_reference_bytes_per_token"] == 4 * (2 + 4) + 4   # uint16 ids, float32 log-probs, tail
+  assert result["stored_reference_fraction"] == 28 / (4 * 49152)
   assert set(result["times_s"]) == {"dpo", "fip-dpo", "lora-dpo", "lora-fip-dpo"}
 
 

@@ -98,6 +98,8 @@ def test_sampling_stops_at_eos_and_respects_top_p(tmp_path):
   samples = llama.generate(graphdef, params, np.repeat(ids[:1], 64, 0), np.repeat(mask[:1], 64, 0),
                            jax.random.key(1), max_new_tokens=1, eos_id=None).tokens
   assert len(np.unique(np.asarray(samples))) > 5        # temperature-1 sampling over a random model is diverse
+  with pytest.raises(ValueError, match="top_p"):
+    llama.generate(graphdef, params, ids, mask, jax.random.key(0), max_new_tokens=1, eos_id=None, top_p=0.0)
 
 
 def test_strict_loading_names_the_problem(tmp_path):
@@ -109,6 +111,14 @@ def test_strict_loading_names_the_problem(tmp_path):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(hub.CheckpointError, match=r"(?s)unused.*mlp/extra.*missing.*model/norm/weight"):
     hub.load_llama(tmp_path)
+  tensors["model.norm.weight"] = np.ones(48, np.float32)
+  del tensors["model.layers.0.mlp.extra.weight"]
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps({**TINY, "tie_word_embeddings": True}))
+  with pytest.raises(hub.CheckpointError, match="lm_head.weight differs"):      # a trained head is not a copy
+    hub.load_llama(tmp_path)
+  with pytest.raises(ValueError, match="6 attention heads cannot share 4"):
+    llama.LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
   (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "gpt_neox"}))
   with pytest.raises(hub.CheckpointError, match="gpt_neox"):
     hub.load_llama(tmp_path)

@@ -31,6 +31,18 @@ def test_compressed_distances_bracket_the_full_ones(x64, k):
   assert np.all(comp_kl >= -1e-12)
 
 
+def test_bound_holds_in_float32_for_a_tiny_reference_tail():
+  """A reference whose top 8 hold all but 3e-7 of the mass (1 − Σ top would round that tail to 0 in float32)
+  against a model that puts most of its mass elsewhere."""
+  ref = jnp.full((1, 1000), -20.0).at[0, :8].set(jnp.linspace(0.0, -2.0, 8))
+  new = jnp.zeros((1, 1000)).at[0, :8].set(jnp.linspace(0.0, -2.0, 8))
+  top = sequences.compress(ref, 8)
+  gap = geometry.bhattacharyya(new, ref) - sequences.bhattacharyya_topk(new, top)
+  assert float(top.log_tail[0]) == pytest.approx(float(jax.nn.logsumexp(jax.nn.log_softmax(ref[0])[8:])), rel=1e-5)
+  assert -1e-6 <= float(gap[0]) <= float(sequences.bhattacharyya_error_bound(new, top)[0]) + 1e-6
+  assert sequences.kl_topk(new, top)[0] <= geometry.kl_divergence(new, ref)[0] + 1e-5
+
+
 def test_all_tokens_kept_is_exact_and_reference_is_zero(x64):
   ref, new = _pair(jax.random.key(0), vocab=30)
   top = sequences.compress(ref, 30, logprob_dtype=jnp.float64)
@@ -66,8 +78,8 @@ def test_storage_and_choose_k():
   logits = -2.0 * jnp.log(rank.astype(jnp.float32)) + 0.1 * jax.random.normal(jax.random.key(2), rank.shape)
   top = sequences.compress(logits, 32)
   assert top.ids.dtype == jnp.uint16 and top.logprobs.dtype == jnp.float32
-  assert top.bytes_per_token() == 32 * 6 and top.bytes_per_token() / (4 * vocab) < 0.002
-  assert sequences.compress(logits, 32, logprob_dtype=jnp.float16).bytes_per_token() == 32 * 4
+  assert top.bytes_per_token() == 32 * 6 + 4 and top.bytes_per_token() / (4 * vocab) < 0.002
+  assert sequences.compress(logits, 32, logprob_dtype=jnp.float16).bytes_per_token() == 32 * 4 + 2
   k, tail = sequences.choose_k(logits, jnp.ones(64), tolerance=0.05)
   logp = np.sort(np.asarray(jax.nn.log_softmax(logits)), -1)[..., ::-1]
   tail_at = lambda k: np.quantile(1 - np.exp(logp[..., :k]).sum(-1), 0.99)

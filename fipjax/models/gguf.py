@@ -39,7 +39,6 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _DIGITS = "digits"      # numerals one at a time (tokenizers' Digits(individual_digits=True); llama.cpp's \p{N})
 _SPLITS = {
     "gpt2": [_GPT2_SPLIT],
-    "default": [_GPT2_SPLIT],
     # SmolLM's own tokenizer.json and llama.cpp: single numerals, then GPT-2's split.
     "smollm": [_DIGITS, _GPT2_SPLIT],
     "starcoder": [_DIGITS, _GPT2_SPLIT],
@@ -146,14 +145,14 @@ def read_tensors(reader, config: dict[str, Any]) -> dict[str, np.ndarray]:
 def build_tokenizer(reader):
   """A ``transformers.PreTrainedTokenizerFast`` from the file's byte-level BPE vocabulary, merges, pre-tokenizer
   type, special tokens and chat template (no torch, no network)."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
   from fipjax.models.hub import quiet_transformers
   with quiet_transformers():
     from transformers import PreTrainedTokenizerFast
   kind = _field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise GGUFError(f"GGUF tokenizer type {kind!r} is not supported (byte-level BPE, 'gpt2')")
-  pre = _field(reader, "tokenizer.ggml.pre", "default")
+  pre = _field(reader, "tokenizer.ggml.pre", "gpt2")
   if pre not in _SPLITS:
     raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(sorted(_SPLITS))})")
   tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -166,12 +165,17 @@ def build_tokenizer(reader):
        pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS[pre]]
       + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                          for t, kind in zip(tokens, types) if kind == 3])      # 3: CONTROL
+  # Token types: 3 CONTROL (special, never split), 4 USER_DEFINED (never split, decoded as text).
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3])
+  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == 4])
   special = lambda key: (None if _field(reader, f"tokenizer.ggml.{key}") is None
                          else tokens[int(_field(reader, f"tokenizer.ggml.{key}"))])
+  bos = special("bos_token_id")
+  if _field(reader, "tokenizer.ggml.add_bos_token") and bos is not None:      # Llama 3 files: a leading BOS
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(_field(reader, "tokenizer.ggml.bos_token_id")))])
   return PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=special("bos_token_id"), eos_token=special("eos_token_id"),
+      tokenizer_object=tok, bos_token=bos, eos_token=special("eos_token_id"),
       unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"),
       chat_template=_field(reader, "tokenizer.chat_template"))
 

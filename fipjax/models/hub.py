@@ -354,7 +354,12 @@ def load_llama(name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: boo
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{model_dir / weights_file}: {e}") from e
   dropped = _LLAMA_DROPPED
-  if cfg.tie_word_embeddings:     # some tied checkpoints store the head's copy of the embedding too
+  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+    # Some tied checkpoints store the head's copy of the embedding too; a different head is not a copy.
+    if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+      raise CheckpointError(f"{model_dir / weights_file}: the config ties the output head to the embedding, but "
+                            "the checkpoint's lm_head.weight differs from model.embed_tokens.weight; set "
+                            "tie_word_embeddings to false in config.json if the head is trained on its own.")
     dropped = dropped + (re.compile(r"^lm_head\.weight$"),)
   # Every weight comes from the file: an abstract template (shapes and dtypes) spares a random initialisation.
   abstract = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))

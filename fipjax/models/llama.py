@@ -36,14 +36,19 @@ class LlamaConfig:
   num_attention_heads: int = 9
   num_key_value_heads: int = 3
   head_dim: int | None = None            # hidden_size // num_attention_heads when None
-  rms_norm_eps: float = 1e-5
+  rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: tuple | None = None      # Llama 3: (("factor", 32.0), ("low_freq_factor", 1.0), ...), hashable
   max_position_embeddings: int = 8192
-  tie_word_embeddings: bool = True
+  tie_word_embeddings: bool = False      # Hugging Face's default for Llama, Qwen2 and Mistral configs
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"{self.num_attention_heads} attention heads cannot share {self.num_key_value_heads} "
+                       "key-value heads evenly (grouped-query attention needs a divisor)")
 
   @property
   def head_size(self) -> int:
@@ -288,6 +293,9 @@ def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens
   ``greedy`` takes the argmax; otherwise tokens are drawn from softmax(logits / temperature) restricted to the
   smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
   """
+  if not (0 < top_p <= 1 and temperature > 0):
+    raise ValueError(f"generate needs 0 < top_p ≤ 1 and temperature > 0 (got top_p={top_p}, "
+                     f"temperature={temperature}); for the most likely token pass greedy=True")
   model = nnx.merge(graphdef, params)
   b, p = input_ids.shape
   cache = KVCache.empty(model.cfg, b, p + max_new_tokens, cache_dtype)
