@@ -1,7 +1,7 @@
 """Where a step's time goes: our jitted steps from an XLA profiler trace, the PyTorch ones from ``torch.profiler``.
 
     python -m benchmarks.profile --json runs/profile-minilm.json       # MiniLM, batch 16 + replay 16, 128 tokens
-    python -m benchmarks.profile --model tiny --seq 32 --batch 4 --replay-batch 4 --repeats 1   # CI size
+    python -m benchmarks.profile --model tiny --seq 32 --batch 4 --replay-batch 4 --repeats 3   # CI size
 
 Each operation's time is attributed to a pass and to a kind of work (matmul, transcendental, reduction, layout,
 dropout RNG, …). Our passes are the named scopes of ``continual.make_train_step`` and ``geometry.pullback_metric``
@@ -20,6 +20,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +80,10 @@ def xla_profile(call, compiled, repeats: int) -> dict:
   call()
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    t0 = time.perf_counter()
     for _ in range(repeats):
       call()
+    window = (time.perf_counter() - t0) / repeats
     jax.profiler.stop_trace()
     trace_file = next(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))
     events = json.load(gzip.open(trace_file))["traceEvents"]
@@ -94,7 +97,7 @@ def xla_profile(call, compiled, repeats: int) -> dict:
     by_category[category(op_names[name].rsplit("/", 1)[-1], op_names[name])] += seconds
   if not by_category:
     raise RuntimeError(f"no operation events of the compiled step in the {jax.default_backend()} trace")
-  return {"by_pass": dict(by_pass), "by_category": dict(by_category)}
+  return {"by_pass": dict(by_pass), "by_category": dict(by_category), "profiled_wall_s": window}
 
 
 def torch_profile(step, repeats: int) -> dict:
@@ -103,8 +106,10 @@ def torch_profile(step, repeats: int) -> dict:
   import torch
   step()
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
     for _ in range(repeats):
       step()
+    window = (time.perf_counter() - t0) / repeats
   by_pass, by_category = collections.Counter(), collections.Counter()
   for e in prof.events():
     if e.name in bench.PASSES:
@@ -112,7 +117,7 @@ def torch_profile(step, repeats: int) -> dict:
   for avg in prof.key_averages():
     if avg.key.startswith("aten::"):
       by_category[category(avg.key)] += avg.self_cpu_time_total * 1e-6 / repeats
-  return {"by_pass": dict(by_pass), "by_category": dict(by_category)}
+  return {"by_pass": dict(by_pass), "by_category": dict(by_category), "profiled_wall_s": window}
 
 
 def run(args) -> dict:

@@ -14,7 +14,7 @@ KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "f
 
 def test_benchmark_json_has_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
-  assert bench.main(["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "1",
+  assert bench.main(["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "3",
                      "--cg-iters", "1", "--model-sizes", "random:1:64", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
@@ -33,7 +33,6 @@ def test_bad_model_spec_exits_2(capsys):
 
 def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
   out = tmp_path / "profile.json"
-  # A median of 3 walls: one wall of a millisecond step can be stretched several-fold by the other test worker.
   assert profile.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8", "--repeats", "3",
                        "--json", str(out)]) == 0
   steps = json.loads(out.read_text())["steps"]
@@ -45,7 +44,8 @@ def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
   assert set(steps["torch authors' FIP step"]["by_pass"]) == set(bench.PASSES)
   for name, step in steps.items():
     assert step["by_category"]["matmul"] > 0, name
-    assert sum(step["by_category"].values()) > 0.2 * step["wall_s"], name
+    # Against the wall of the profiled window itself: a wall timed apart can be stretched by the other worker.
+    assert sum(step["by_category"].values()) > 0.2 * step["profiled_wall_s"], name
 
 
 def test_category_names_the_kind_of_work():
