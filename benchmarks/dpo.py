@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.run import cli, compiled_call, interleaved_times, peak_bytes, random_spec, train_step
+from benchmarks.run import cli, compiled_call, interleaved_times, random_spec
 from fipjax import continual, dpo, lora, sequences
 from fipjax import tree as tu
 from fipjax.models import hub, llama
@@ -68,10 +68,10 @@ def run(args) -> dict:
   methods.update({f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in list(methods.items())})
   calls, peaks = {}, {}
   for name, method in methods.items():
-    step, *state = train_step(method, params)
+    step, *state = continual.train_step(method, params, donate=False)
     batch = {"new": new, **({"replay": replay} if method.needs_replay else {})}
     calls[name], compiled = compiled_call(step, *state, batch)
-    peaks[name] = peak_bytes(compiled)
+    peaks[name] = continual.peak_bytes(compiled)
   times = interleaved_times(calls, args.repeats)
   stored = sequences.TopK(*replay["ref"]).bytes_per_token()
   return {

@@ -31,7 +31,10 @@ from fipjax.models import bert, hub
 
 TARGETS = {"gv_over_grad_time": 1.3, "fip_overhead_time": 1.05, "fip_over_naive_peak_memory": 1.05,
            "lorafip_over_lora_peak_memory": 1.05, "ours_fip_over_authors_fip_time": 0.67,
-           "ours_over_torch_step_time": 1.0}
+           "ours_over_torch_step_time": 1.0, "fipdpo_over_dpo_peak_memory": 1.05,
+           "lorafipdpo_over_loradpo_peak_memory": 1.05, "stored_reference_fraction": 0.02}
+DPO_KEYS = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
+            "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
 TINY = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -73,14 +76,6 @@ def interleaved_times(calls: dict, repeats: int) -> dict[str, float]:
       call()
       samples[name].append(time.perf_counter() - t0)
   return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def peak_bytes(compiled) -> int:
-  stats = compiled.memory_analysis()
-  peak = getattr(stats, "peak_memory_in_bytes", 0) if stats is not None else 0
-  if peak:
-    return int(peak)
-  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
 class SpecError(ValueError):
@@ -142,22 +137,12 @@ class Setup:
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
   def step(self, method: continual.Method):
-    return train_step(method, self.params)
+    return continual.train_step(method, self.params, donate=False)   # repeats reuse the buffers
 
   def step_call(self, method, batch) -> tuple:
     """:func:`compiled_call` of one training step of ``method`` on ``batch`` (with a dropout key)."""
     step, *args = self.step(method)
     return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
-
-
-def train_step(method: continual.Method, params):
-  """(jitted step, its arguments but the batch) for one training step of ``method`` — the library's own step."""
-  method = continual.dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
-  state, mask = continual.init_train_state(method, params)
-  trainable = state.train_params if mask is None else tu.select(state.train_params, mask)
-  frozen = None if mask is None else tu.select(state.train_params, jax.tree.map(lambda m: not m, mask))
-  step = continual.make_train_step(method, mask, donate=False)   # repeats reuse the same buffers
-  return step, trainable, frozen, state.opt_state
 
 
 def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5) -> dict[str, continual.Method]:
@@ -285,7 +270,7 @@ def run(args) -> dict:
                               ("gem", "gem", fip_batch), ("agem", "agem", fip_batch), ("bir", "bir", s.bir_batch)):
     calls[name], compiled = s.step_call(ms[method], batch)
     if name != "naive_combined":
-      peaks[name] = peak_bytes(compiled)
+      peaks[name] = continual.peak_bytes(compiled)
   if not args.no_torch:
     calls.update({f"torch_{k}": fn for k, fn in torch_steps(s, os.cpu_count()).items()})
   times = interleaved_times(calls, args.repeats)
@@ -329,6 +314,11 @@ def run(args) -> dict:
     # Dropping the frozen copy removes at most this share of the authors' step: at equal kernel speed, our FIP
     # step can reach no less than 1 − share of theirs.
     result["authors_frozen_forward_share"] = tt["frozen_forward"] / tt["fip"]
+  if args.dpo_model != "none":
+    from benchmarks import dpo     # continual DPO's costs on a decoder (benchmarks/dpo.py), in the same JSON
+    d = dpo.run(argparse.Namespace(model=args.dpo_model, seq=args.dpo_seq, repeats=args.repeats, pairs=4, old=4,
+                                   top_k=32, beta=0.1))
+    result.update({"dpo": d, **{k: d[k] for k in DPO_KEYS}})
   return result
 
 
@@ -338,7 +328,7 @@ def table(result: dict) -> str:
               "gv_with_linearization_over_grad_flops", "fip_overhead_time", "fip_over_naive_step_time",
               "fip_over_naive_peak_memory", "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time",
               "ours_over_torch_step_time", "authors_frozen_forward_share",
-              *(f"{m}_over_naive_step_time" for m in BASELINES)):
+              *(f"{m}_over_naive_step_time" for m in BASELINES), *DPO_KEYS):
     if key in result:
       target = TARGETS.get(key)
       mark = "" if target is None else ("  ok" if result[key] <= target else "  MISSED")
@@ -391,6 +381,10 @@ def main(argv=None) -> int:
   p.add_argument("--sizes", type=int, nargs="*", default=[], help="batch sizes for the scaling table")
   p.add_argument("--model-sizes", nargs="*", default=[], metavar="random:L:H",
                  help="random BERTs of L layers, width H, for the model-size scaling table")
+  p.add_argument("--dpo-model", default="smollm2",
+                 help="decoder for the continual-DPO ratios (benchmarks.dpo): 'smollm2', 'random:L:H', a .gguf, a "
+                      "directory or hub id; 'none' skips them")
+  p.add_argument("--dpo-seq", type=int, default=64, help="tokens per sequence of the DPO ratios")
   return cli(p, run, table, argv)
 
 

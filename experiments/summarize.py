@@ -1,4 +1,5 @@
-"""Mean ± std over seeds of several ``results.json`` files of a task-stream experiment (``experiments.yelp_imdb``).
+"""Mean ± std over seeds of several ``results.json`` files of one experiment (``experiments.yelp_imdb``,
+``experiments.split_digits`` or ``experiments.continual_dpo``).
 
     python -m experiments.summarize runs/seed0/results.json runs/seed1/results.json runs/seed2/results.json
 
@@ -20,8 +21,13 @@ def first_stage(result: dict) -> str:
   """What identifies a file's first-stage network and later data: everything but the method hyperparameters
   (and the seed, which groups files), plus the first-stage accuracies."""
   cfg = {k: v for k, v in result["config"].items() if k not in ("method", "run", "seed")}
-  rows = {json.dumps(m["accuracy_matrix"][0]) for m in result["methods"].values()}
+  rows = {json.dumps(_first_rows(m)) for m in result["methods"].values()}
   return json.dumps([cfg, sorted(rows)], sort_keys=True)
+
+
+def _first_rows(m: dict) -> list:
+  """What every method of a seed shares: the first-stage accuracies, or the base and round-1 rewards."""
+  return m["accuracy_matrix"][:1] if "accuracy_matrix" in m else m["reward_matrix"][:2]
 
 
 def merge_by_seed(results: list[dict]) -> list[dict]:
@@ -40,15 +46,45 @@ def merge_by_seed(results: list[dict]) -> list[dict]:
   return list(by_seed.values())
 
 
-def summarize(results: list[dict]) -> str:
-  results = merge_by_seed(results)
-  methods = list(dict.fromkeys(name for r in results for name in r["methods"]))
-  tasks = next(iter(results[0]["methods"].values()))["tasks"]
-  seeds = [r["seed"] for r in results]
-
+def _cell(results: list[dict]):
   def cell(name, get, digits=3):
     vals = np.array([get(r["methods"][name]) for r in results if name in r["methods"]], float)
     return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.{digits}f}"
+  return cell
+
+
+def summarize_alignment(results: list[dict], methods: list[str]) -> str:
+  """Continual DPO: each round's reward after its own round and at the end, forgetting, preference accuracy,
+  KL to the base model and perplexity, validation rewards."""
+  rounds = next(iter(results[0]["methods"].values()))["rounds"]
+  cell, last = _cell(results), rounds[-1]
+  cols = [c for r in rounds[:-1] for c in (f"{r} after its round", f"{r} final", f"forgetting {r}")]
+  cols += [f"{last} final", "pref. acc. " + " / ".join(rounds), "KL to base", "perplexity"]
+  lines = [f"Seeds {[r['seed'] for r in results]}; mean ± sample std over seeds; rewards on test prompts.", "",
+           "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for name in methods:
+    cells = []
+    for j in range(len(rounds) - 1):
+      cells += [cell(name, lambda m: m["reward_matrix"][j + 1][j]), cell(name, lambda m: m["reward_matrix"][-1][j]),
+                cell(name, lambda m: m["reward_forgetting"][j])]
+    cells += [cell(name, lambda m: m["reward_matrix"][-1][-1]),
+              " / ".join(cell(name, lambda m: m["preference_accuracy_matrix"][-1][j], 2) for j in range(len(rounds))),
+              cell(name, lambda m: m["kl_to_base"][-1], 4), cell(name, lambda m: m["perplexity"][-1], 2)]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", f"Validation reward after the last round ({' / '.join(rounds)}; the split used for tuning):", ""]
+  for name in methods:
+    lines.append(f"- {name}: " + " / ".join(cell(name, lambda m: m["validation_reward"][r]) for r in rounds))
+  return "\n".join(lines) + "\n"
+
+
+def summarize(results: list[dict]) -> str:
+  results = merge_by_seed(results)
+  methods = list(dict.fromkeys(name for r in results for name in r["methods"]))
+  if "reward_matrix" in next(iter(results[0]["methods"].values())):
+    return summarize_alignment(results, methods)
+  tasks = next(iter(results[0]["methods"].values()))["tasks"]
+  seeds = [r["seed"] for r in results]
+  cell = _cell(results)
 
   cols = [c for t in tasks for c in (f"{t} after stage 1", f"{t} final", f"Δ {t}")]
   lines = [f"Seeds {seeds}; mean ± sample std over seeds.", "",
@@ -85,7 +121,7 @@ def main(argv=None) -> int:
   try:
     print(summarize([json.loads(r.read_text()) for r in args.results]))
   except (ValueError, KeyError) as e:
-    print(f"error: {e} (is every file a results.json of a task-stream experiment?)", file=sys.stderr)
+    print(f"error: {e} (is every file a results.json of one experiment?)", file=sys.stderr)
     return 2
   return 0
 

@@ -336,6 +336,9 @@ class OldTask:
   buffer_inputs: Callable[[int], PyTree]  # the first n inputs of its replay buffer
   from_features: Callable[[PyTree, jax.Array], jax.Array] | None = None   # ``outputs`` from split-point features
   memory: Mapping[str, Any] = dataclasses.field(default_factory=dict)    # what its stage left: SI's ω and Δ
+  # FIP's distance to the stored reference on a replay batch, ``(params, batch, distance name) -> scalar``, where
+  # it is not a distance between ``outputs`` and stored logits (a sequence model's compressed token distributions).
+  reference_distance: Callable[[PyTree, Any, str], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +348,7 @@ class StageContext:
   old: Mapping[str, OldTask]
   params: PyTree                          # the model at the stage's start (EWC's anchor)
   trainable: Callable[[PyTree], PyTree] | None   # full-model trainable mask (None: everything)
-  head: str                               # regex of the new task's head parameters (LoRA trains them too)
+  head: str | tuple[str, ...]             # regex(es) of the new task's head parameters (LoRA trains them too)
   seed: int
   below: str | None = None                # regex of the parameters below the model's split point (none: no split)
 
@@ -357,6 +360,17 @@ def _build_ewc(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
     f = diagonal_fisher(t.own_outputs, ctx.params, t.buffer_inputs(hp.ewc_samples), batch_size=4)
     fisher = f if fisher is None else tu.tree_add(fisher, f)
   return ewc(ctx.task_loss, optimizer, ctx.params, fisher, strength=hp.ewc_strength)
+
+
+def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  olds = ctx.old
+  if not all(t.reference_distance is not None for t in olds.values()):
+    return fip(ctx.task_loss, {n: t.outputs for n, t in olds.items()}, optimizer, distance=hp.distance, beta=hp.beta)
+
+  def penalty(params, replay):
+    return hp.beta * sum(t.reference_distance(params, replay[n], hp.distance) for n, t in olds.items()) / len(olds)
+
+  return penalised("fip", ctx.task_loss, penalty, optimizer)
 
 
 def _build_geodesic(ctx: StageContext, hp: MethodConfig, in_lora: bool) -> Method:
@@ -391,8 +405,7 @@ def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
 
 REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
     "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
-    "fip": lambda ctx, hp, opt, in_lora: fip(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, opt,
-                                             distance=hp.distance, beta=hp.beta),
+    "fip": lambda ctx, hp, opt, in_lora: _build_fip(ctx, hp, opt),
     "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, in_lora),
     "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
     "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),
@@ -528,6 +541,32 @@ def init_train_state(method: Method, model_params: PyTree) -> tuple[TrainState, 
   trainable = train_params if mask is None else tu.select(train_params, mask)
   optimizer = optax.with_extra_args_support(method.optimizer)
   return TrainState(0, train_params, optimizer.init(trainable)), mask
+
+
+def train_step(method: Method, model_params: PyTree, *, donate: bool = True):
+  """(jitted step, its arguments but the batch: trainable, frozen, optimiser state) of ``method`` at
+  ``model_params``: the step :func:`fit` runs."""
+  method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
+  state, mask = init_train_state(method, model_params)
+  trainable = state.train_params if mask is None else tu.select(state.train_params, mask)
+  frozen = None if mask is None else tu.select(state.train_params, jax.tree.map(lambda m: not m, mask))
+  return make_train_step(method, mask, donate=donate), trainable, frozen, state.opt_state
+
+
+def peak_bytes(compiled) -> int:
+  """Peak device memory of a compiled program from XLA's memory analysis (arguments, outputs and temporaries
+  where the backend reports no peak)."""
+  stats = compiled.memory_analysis()
+  peak = getattr(stats, "peak_memory_in_bytes", 0) if stats is not None else 0
+  if peak:
+    return int(peak)
+  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+
+
+def step_peak_bytes(method: Method, model_params: PyTree, batch: Batch) -> int:
+  """Peak memory of one training step of ``method`` on ``batch`` (compiled once more, not run)."""
+  step, *args = train_step(method, model_params, donate=False)
+  return peak_bytes(step.lower(*args, batch).compile())
 
 
 def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_steps: int, *,

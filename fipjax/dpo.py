@@ -59,6 +59,13 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta: float,
   return -jax.nn.log_sigmoid(beta * margin), margin
 
 
+def implicit_margins(apply: Callable, params, batch: Mapping, *, kind: str = "sigmoid") -> jax.Array:
+  """``Δ [B]``: how much more the policy ``params`` raised the chosen response than the rejected one over the
+  stored reference (the implicit reward's margin, divided by β)."""
+  chosen, rejected = _both(apply, params, batch, kind == "ipo")
+  return (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
+
+
 def task_loss(apply: Callable, *, beta: float = 0.1, kind: str = "sigmoid") -> Callable:
   """A :data:`fipjax.continual.TaskLoss` for preference batches: ``loss(params, batch, rng) -> (scalar,
   {"reward_accuracy", "margin"})``; the implicit reward of a response is ``β (log π − log π_ref)``."""

@@ -1,4 +1,5 @@
-"""Reports of a task stream's run: ``report.md`` (accuracy matrices, CL metrics) and figures, for any T."""
+"""Reports: ``report.md`` and figures of a task stream's run (accuracy matrices, CL metrics, any T) and of a
+continual-alignment run (reward matrices, preference accuracy, KL, memory)."""
 
 from __future__ import annotations
 
@@ -62,17 +63,42 @@ def write(out: pathlib.Path, results: dict, title: str) -> str:
             "", "![weight change](weight_change.png)"]
   if any(m["path"]["step"] for m in methods.values()):
     lines.append("![path](fip_path.png)")
+  return _finish(out, lines, lambda: plot(out, methods))
+
+
+def _finish(out: pathlib.Path, lines: list[str], plot_fn) -> str:
   text = "\n".join(lines) + "\n"
   (out / "report.md").write_text(text)
-  plot(out, methods)
+  plot_fn()
   return text
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _path_figure(path: pathlib.Path, curves: dict, xlabel: str, distance_label: str, loss_label: str) -> None:
+  """Two panels over steps, one line per method: ``curves[name] = (steps, distances, new-task losses)``."""
+  plt = _pyplot()
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+  for n, (step, distance, loss) in curves.items():
+    ax0.plot(step, distance, "o-", ms=3, label=n)
+    ax1.plot(step, loss, "o-", ms=3, label=n)
+  for ax, label in ((ax0, distance_label), (ax1, loss_label)):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(label)
+  ax0.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot(out: pathlib.Path, methods: dict) -> None:
   """``weight_change.png`` (overall and per layer) and ``fip_path.png`` (old-task distance, new-task loss)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
   names = list(methods)
   ax0.bar(names, [methods[n]["weight_change"] for n in names], color="tab:blue")
@@ -91,15 +117,70 @@ def plot(out: pathlib.Path, methods: dict) -> None:
   plt.close(fig)
   tracked = {n: m["path"] for n, m in methods.items() if m["path"]["step"]}
   if tracked:
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-    for n, p in tracked.items():
-      ax0.plot(p["step"], p["functional_distance"], "o-", ms=3, label=n)
-      ax1.plot(p["step"], p["new_loss"], "o-", ms=3, label=n)
-    ax0.set_xlabel("step after the first task")
-    ax0.set_ylabel("distance of old-task outputs to their reference\n(probe of the replay buffers)")
-    ax1.set_xlabel("step after the first task")
-    ax1.set_ylabel("new-task training loss")
-    ax0.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fip_path.png", dpi=110)
-    plt.close(fig)
+    _path_figure(out / "fip_path.png", {n: (p["step"], p["functional_distance"], p["new_loss"])
+                                        for n, p in tracked.items()}, "step after the first task",
+                 "distance of old-task outputs to their reference\n(probe of the replay buffers)",
+                 "new-task training loss")
+
+
+ALIGNMENT_DEFINITIONS = """Definitions. R[i, j] = mean reward of round j's test prompts (one sampled completion each, the
+same sampling keys for every policy) after round i; row 0 is the base model. Reward forgetting = R[j, j] − R[T, j]
+for each earlier round j. Preference accuracy = share of a round's held-out pairs (sampled from the policy
+entering that round) whose implicit reward β(log π − log π_ref) ranks the chosen completion first. KL to base =
+mean per-token KL(π ‖ π_base) and perplexity = exp(mean NLL), both teacher-forced on held-out reviews. Peak step
+memory = XLA's memory analysis of one training step. Stored references = the bytes FIP keeps of the old rounds'
+token distributions (top-k ids, log-probabilities and the tail's mass per response token). Drift = mean
+compressed Bhattacharyya distance of the old rounds' token distributions to those of the policy entering the
+round, on a probe of each buffer."""
+
+
+def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
+  """``report.md``, ``rewards.png`` and ``drift.png`` of a continual-alignment run; returns the markdown."""
+  methods = results["methods"]
+  rounds = next(iter(methods.values()))["rounds"]
+  t = len(rounds)
+  cols = ["base"] + [f"after {i + 1}" for i in range(t)]
+  lines = [f"# {title}, seed {results['seed']}", "", f"Command: `{results['command']}`", "",
+           "Rewards: " + "; ".join(f"{n}: {r['reward']}" + (
+               f" (test accuracy {r['classifier']['test_accuracy']:.3f} on {r['classifier']['test_rows']} reviews)"
+               if "classifier" in r else "") for n, r in results["rewards"].items()), "",
+           "## Table 1: mean reward of each round's test prompts, R[i, j]", "",
+           "| method | round | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+  for name, m in methods.items():
+    for j, rnd in enumerate(rounds):
+      lines.append(f"| {name} | {rnd} | " + " | ".join(_fmt(row[j]) for row in m["reward_matrix"]) + " |")
+  lines += ["", "## Table 2: the final policy", "",
+            "| method | " + " | ".join(f"forgetting {r}" for r in rounds[:-1]) + " | " +
+            " | ".join(f"pref. acc. {r}" for r in rounds) +
+            " | KL to base | perplexity | peak step memory (MiB) | stored references (KiB) | time (s) |",
+            "|---" * (2 * t + 5) + "|"]
+  for name, m in methods.items():
+    acc = m["preference_accuracy_matrix"][-1]
+    lines.append(f"| {name} | " + " | ".join(f"{f:+.3f}" for f in m["reward_forgetting"]) + " | " +
+                 " | ".join(_fmt(a) for a in acc) + f" | {m['kl_to_base'][-1]:.4f} | {m['perplexity'][-1]:.2f} | "
+                 f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
+                 f"{m['train_time_s']:.0f} |")
+  lines += ["", ALIGNMENT_DEFINITIONS, "",
+            "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), "",
+            "![rewards](rewards.png)", "![drift](drift.png)"]
+  return _finish(out, lines, lambda: plot_alignment(out, methods))
+
+
+def plot_alignment(out: pathlib.Path, methods: dict) -> None:
+  """``rewards.png`` (each round's reward after every round, per method) and ``drift.png``."""
+  plt = _pyplot()
+  rounds = next(iter(methods.values()))["rounds"]
+  fig, axes = plt.subplots(1, len(rounds), figsize=(5 * len(rounds), 4), squeeze=False)
+  for j, (ax, rnd) in enumerate(zip(axes[0], rounds)):
+    for name, m in methods.items():
+      ax.plot(range(len(m["reward_matrix"])), [row[j] for row in m["reward_matrix"]], "o-", label=name)
+    ax.set_xticks(range(len(rounds) + 1), ["base"] + [f"after {i + 1}" for i in range(len(rounds))])
+    ax.set_title(f"reward of {rnd} (test prompts)")
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "rewards.png", dpi=110)
+  plt.close(fig)
+  _path_figure(out / "drift.png", {n: (m["drift"]["step"], m["drift"]["distance"], m["drift"]["new_loss"])
+                                   for n, m in methods.items()}, "step of the round",
+               "old rounds' token distributions:\nBhattacharyya distance to the round's start",
+               "DPO loss of the new round")

@@ -502,11 +502,13 @@ class Runner:
     return results
 
 
-def run_experiment(build: Callable[[], tuple[Runner, PyTree]], *, methods: Sequence[str], config: dict,
-                   out: pathlib.Path, cache_dir: pathlib.Path | None, title: str, command: str) -> dict:
+def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence[str], config: dict,
+                   out: pathlib.Path, cache_dir: pathlib.Path | None, title: str, command: str,
+                   write: Callable[[pathlib.Path, dict, str], str] = report.write) -> dict:
   """Everything an experiment's command line does after parsing: check ``out`` and ``cache_dir`` (writing
   nothing), ``build()`` the runner and the initial parameters (loading the model and data: bad input fails here),
-  open the run directory, run, write ``results.json`` (last, atomically), ``report.md`` and the figures."""
+  open the run directory, ``runner.run_all(methods, init, run_dir)``, write ``results.json`` (last, atomically),
+  and ``write`` ``report.md`` and the figures (a :class:`Runner` or :class:`fipjax.alignment.AlignmentRunner`)."""
   identity = {"config": config, "methods": list(methods)}
   runs.RunDir.check(out, identity)
   if cache_dir is not None:
@@ -517,7 +519,7 @@ def run_experiment(build: Callable[[], tuple[Runner, PyTree]], *, methods: Seque
            f"({jax.devices()[0].device_kind})")
   results = runner.run_all(methods, init_params, run_dir)
   results = {"config": config, "seed": runner.seed, "command": command, "versions": report.versions(), **results}
-  print(report.write(run_dir.path, results, title))
+  print(write(run_dir.path, results, title))
   run_dir.finish(results)
   runs.log(f"wrote {run_dir.path / 'results.json'}, {run_dir.path / 'report.md'}")
   return results

@@ -87,3 +87,22 @@ def small_bert(tmp_path_factory):
   save_file({k: v for k, v in load_file(str(src / "model.safetensors")).items() if keep(k)},
             str(out / "model.safetensors"))
   return out
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory):
+  """A one-layer random Llama (width 64) with SmolLM2's tokenizer and vocabulary, as a Hugging Face directory:
+  the causal LM of end-to-end runs."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  from fipjax.models import hub
+  out = tmp_path_factory.mktemp("small_llama")
+  tokenizer = hub.load_llama_tokenizer("smollm2")
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=128, tie_word_embeddings=True,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+  transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+  tokenizer.save_pretrained(out)
+  return out

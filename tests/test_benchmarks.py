@@ -9,13 +9,14 @@ from benchmarks import run as bench
 KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "fip_over_naive_peak_memory",
         "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time", "ours_over_torch_step_time",
         "gv_with_linearization_over_grad_time", "gv_over_grad_flops", "gv_with_linearization_over_grad_flops",
-        *(f"{m}_over_naive_step_time" for m in bench.BASELINES))
+        *(f"{m}_over_naive_step_time" for m in bench.BASELINES), *bench.DPO_KEYS)
 
 
 def test_benchmark_json_has_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
   assert bench.main(["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "3",
-                     "--cg-iters", "1", "--model-sizes", "random:1:64", "--json", str(out)]) == 0
+                     "--cg-iters", "1", "--model-sizes", "random:1:64", "--dpo-model", "random:1:64", "--dpo-seq", "8",
+                     "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
@@ -27,7 +28,7 @@ def test_benchmark_json_has_every_ratio(tmp_path):
 
 
 def test_bad_model_spec_exits_2(capsys):
-  assert bench.main(["--model", "random:two:64", "--no-torch"]) == 2
+  assert bench.main(["--model", "random:two:64", "--no-torch", "--dpo-model", "none"]) == 2
   assert "random:LAYERS:HIDDEN" in capsys.readouterr().err
 
 

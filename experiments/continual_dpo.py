@@ -1,0 +1,184 @@
+"""Monthly DPO rounds on a causal LM: does the second round undo what the first one taught?
+
+    python -m experiments.continual_dpo --preset cpu --method all     # packaged SmolLM2-135M, ../shared/data, 2 cores
+    python -m experiments.continual_dpo --method fip-dpo              # the paper preset (hub model and data, GPU)
+
+After the DPO paper's controlled-sentiment task: round 1's prompts are the first tokens of IMDB reviews and the
+preferred completion of two is the more positive (an IMDB sentiment classifier's P(positive)); round 2's prompts
+are Yelp review openings and the preferred completion is the more negative (a Yelp star classifier's expected
+stars, reversed), a preference that pulls against round 1's. Both classifiers are MiniLM fine-tuned with fipjax's
+own BERT pipeline (their test accuracy is reported). Pairs are two samples per prompt from the policy entering the
+round, cached. Round 1 is plain DPO, shared by every method; round 2 is learnt by each method from that policy.
+Reports go under ``--out`` (default ``runs/<timestamp>/``): ``results.json``, ``report.md``, ``rewards.png`` and
+``drift.png``. A run killed at any point resumes when started again with the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from fipjax import alignment, continual, data, report, rewards, runs, streams
+from fipjax import config as cf
+from fipjax.models import hub, llama
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_LOCAL_DATA = REPO.parent / "shared" / "data"
+METHODS = ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")
+EXTRA_METHODS = ("fip-geodesic-dpo", "lora-fip-geodesic-dpo")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  model: str = cf.option("HuggingFaceTB/SmolLM2-360M-Instruct",
+                         "causal LM: hub id, directory, .gguf file, or 'smollm2' (the packaged SmolLM2-135M GGUF)")
+  dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)", cf.one_of(*DTYPES))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  data_dir: str | None = cf.option(None, "folder with <task>/{train,test}.jsonl (none: the Hugging Face hub)")
+  train_prompts: int = cf.option(2000, "training prompts per round (one pair each)", cf.positive)
+  val_prompts: int = cf.option(200, "validation prompts per round (tuning), held out of training", cf.positive)
+  test_prompts: int = cf.option(500, "test prompts per round (from the test split)", cf.positive)
+  held_out_texts: int = cf.option(200, "test reviews per dataset for perplexity and KL to the base model",
+                                  cf.positive)
+  text_tokens: int = cf.option(64, "tokens of each held-out review", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(streams.StreamConfig):
+  """Everything that determines a run's numbers (where it is written is not part of it)."""
+  model: ModelConfig = cf.section(ModelConfig)
+  data: DataConfig = cf.section(DataConfig)
+  pref: alignment.PreferenceConfig = cf.section(alignment.PreferenceConfig)
+  rewards: rewards.ClassifierConfig = cf.section(rewards.ClassifierConfig)
+
+
+_LLAMA_LORA = llama.LORA_TARGETS[0]
+PRESETS = {
+    # A GPU: SmolLM2-360M from the hub, full datasets from the hub, longer rounds and completions.
+    "paper": cf.with_values(
+        Config(), batch_size=16, lr=5e-6, stage1_steps=250, steps=250, replay_batch_size=8, buffer_size=500,
+        lora_targets=_LLAMA_LORA, lora_lr=2e-4, response_tokens=48, prompt_tokens=8, eval_batch_size=32,
+        checkpoint_every=100, record_every=25, probe_size=32, dropout=False, beta=1.0),
+    # Offline, 2 CPU cores: the packaged SmolLM2-135M GGUF, ../shared/data, rounds sized for `--method all`.
+    "cpu": cf.with_values(
+        Config(), model="smollm2", dtype="float32", data_dir=str(DEFAULT_LOCAL_DATA), train_prompts=128,
+        val_prompts=64, test_prompts=64, held_out_texts=24, text_tokens=48, batch_size=4, lr=5e-5,
+        stage1_steps=32, steps=32, replay_batch_size=4, buffer_size=64, lora_targets=_LLAMA_LORA, lora_lr=5e-4,
+        response_tokens=24, eval_batch_size=16, generate_batch_size=64, checkpoint_every=16, record_every=8,
+        probe_size=16, dropout=False, beta=4.0),
+}
+
+
+def method_argument(value: str) -> str:
+  """An argparse ``type`` for ``--method``: ``all`` or comma-separated names of :data:`METHODS` (and extras)."""
+  known = METHODS + EXTRA_METHODS
+  unknown = [m for m in value.split(",") if m not in known] if value != "all" else []
+  if unknown:
+    raise cf.argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}; choose from {', '.join(known)} "
+                                        "(several comma-separated) or 'all'")
+  return value
+
+
+def parse_args(argv=None):
+  p = cf.ArgumentParser(prog="python -m experiments.continual_dpo", description=__doc__,
+                        formatter_class=cf.argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--method", default="fip-dpo", type=method_argument,
+                 help=f"round-2 method: {', '.join(METHODS + EXTRA_METHODS)}, several comma-separated, or 'all' "
+                      f"({', '.join(METHODS)}); all from the same round-1 policy")
+  p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                 help="'paper' (SmolLM2-360M from the hub, GPU) or 'cpu' (packaged SmolLM2-135M, local data)")
+  p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
+  p.add_argument("--cache-dir", type=pathlib.Path, default=REPO / "runs" / "cache",
+                 help="where reward classifiers, pairs and round-1 policies are kept for reuse")
+  p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+  p.add_argument("--stop-after", type=int, default=None, help=cf.argparse.SUPPRESS)   # tests: simulate a kill
+  return cf.parse(p, PRESETS, argv)
+
+
+def _texts(task: str, split: str, cfg: Config) -> list[str]:
+  d = data.load_task(task, split, cfg.data.data_dir)
+  return d.texts
+
+
+def check(cfg: Config) -> None:
+  """The configuration's problems that need no data or model, raised before anything is loaded or written."""
+  for flag, value in (("--batch-size", cfg.optim.batch_size), ("--replay-batch-size", cfg.stages.replay_batch_size)):
+    if cfg.data.train_prompts < value:
+      raise runs.UsageError(f"--train-prompts {cfg.data.train_prompts} gives fewer pairs per round than one batch "
+                            f"of {value} ({flag}); use more prompts or a smaller {flag}.")
+
+
+def load_rounds(cfg: Config, tokenizer, cache: runs.StageCache, progress: bool):
+  """(the two rounds, held-out text)."""
+  rounds, held_out = [], []
+  # (round, dataset, reward weights over the classifier's classes, what the reward is)
+  specs = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMDB sentiment classifier"),
+           ("yelp-negative", "yelp", np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
+            "1 − (expected stars − 1)/4 of a Yelp star classifier"))
+  n_train, n_val, n_test = cfg.data.train_prompts, cfg.data.val_prompts, cfg.data.test_prompts
+  for j, (name, task, weights, what) in enumerate(specs):
+    train, test = _texts(task, "train", cfg), _texts(task, "test", cfg)
+    need = {"train": (n_train + n_val, len(train), "--train-prompts + --val-prompts"),
+            "test": (n_test + cfg.data.held_out_texts, len(test), "--test-prompts + --held-out-texts")}
+    for split, (want, have, flags) in need.items():
+      if want > have:
+        raise runs.UsageError(f"{task} {split}: {flags} = {want} rows are asked for, but it holds {have}; "
+                              "choose smaller values.")
+    order = np.random.default_rng([cfg.seed, 31 + j]).permutation(len(train))
+    test_order = np.random.default_rng([cfg.seed, 41 + j]).permutation(len(test))
+    pick = lambda texts, idx: [texts[i] for i in idx]
+    prompts = {"train": pick(train, order[:n_train]), "val": pick(train, order[n_train:n_train + n_val]),
+               "test": pick(test, test_order[:n_test])}
+    held_out += pick(test, test_order[n_test:n_test + cfg.data.held_out_texts])
+    classifier, info = rewards.sentiment_classifier(task, cfg.rewards, data_dir=cfg.data.data_dir,
+                                                    cache=cache, progress=progress)
+    runs.log(f"round {j + 1} ({name}): reward = {what}; classifier test accuracy {info['test_accuracy']:.3f} "
+             f"({info['test_rows']} rows)")
+    rounds.append(alignment.Round(
+        name, {s: alignment.encode_prompts(t, tokenizer, cfg.pref.prompt_tokens) for s, t in prompts.items()},
+        rewards.Reward(classifier, weights),
+        {"reward": what, "classifier": info, "weights": weights.tolist(), "config": cf.to_dict(cfg.rewards)}))
+  return rounds, alignment.encode_texts(held_out, tokenizer, cfg.data.text_tokens)
+
+
+def build(cfg: Config, args):
+  """(runner, the base policy's parameters): loads the model, the data and the rewards; input errors are raised
+  here."""
+  cache = runs.StageCache(args.cache_dir)
+  graphdef, params, _, load_report = hub.load_llama(cfg.model.model, dtype=DTYPES[cfg.model.dtype])
+  runs.log(str(load_report))
+  tokenizer = hub.load_llama_tokenizer(cfg.model.model)
+  rounds, held_out = load_rounds(cfg, tokenizer, cache, not args.no_progress)
+  runner = alignment.AlignmentRunner(
+      graphdef, tokenizer, rounds, held_out, **cfg.runner_args(), pref=cfg.pref, model_key=cf.to_dict(cfg.model),
+      cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
+  return runner, params
+
+
+def main(argv=None) -> int:
+  cfg, args = parse_args(argv)
+  methods = continual.method_list(args.method, METHODS)
+  command = " ".join(["python -m experiments.continual_dpo"] + list(sys.argv[1:] if argv is None else argv))
+  config = cf.to_dict(cfg)
+
+  def run():
+    check(cfg)
+    out = args.out or runs.default_out(REPO / "runs", {"config": config, "methods": methods})
+    runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
+    streams.run_experiment(lambda: build(cfg, args), methods=methods, config=config, out=out,
+                           cache_dir=args.cache_dir, title="Continual DPO: IMDB positive → Yelp negative",
+                           command=command, write=report.write_alignment)
+
+  return runs.cli_main(run, user_errors=(data.DataError, hub.CheckpointError))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,495 @@
+"""Continual alignment: rounds ("months") of preference pairs learnt by DPO in order, by any method of the registry.
+
+A :class:`Round` is a prompt set (train / val / test) and a reward on completions. Entering a round, the runner
+samples two completions per prompt from the policy entering it, ranks them by the reward, and stores each pair with
+that policy's log-probabilities (DPO's reference: no reference model is kept). The first round is learnt by DPO
+once (cached and shared by every method); every later round by the chosen method, whose old rounds are
+
+* their training pairs with their own stored reference log-probabilities (``replay``: DPO on old pairs), and
+* the chosen sequences of a buffer of them with the token distributions of the network entering the round,
+  stored as top-k (:mod:`fipjax.sequences`; ``fip``: the Bhattacharyya penalty on them, ``fip-geodesic``: G pulled
+  back through the token distributions).
+
+After every round each round's held-out prompts are answered by the policy and scored by that round's reward (the
+R matrix of rewards), and the implicit-reward preference accuracy on held-out pairs, the per-token KL to the base
+model and the perplexity on held-out text are measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fipjax import checkpoint, continual, data, dpo, runs, sequences
+from fipjax import config as cf
+from fipjax.models import llama
+
+PyTree = Any
+
+
+class Prompts(NamedTuple):
+  """Left-padded prompts: ``input_ids``, ``attention_mask`` ``[N, P]`` int32."""
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+
+def encode_prompts(texts: Sequence[str], tokenizer, length: int) -> Prompts:
+  """The first ``length`` tokens of each text, left-padded with the tokenizer's pad (or end) token."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  ids = np.full((len(texts), length), pad, np.int32)
+  mask = np.zeros((len(texts), length), np.int32)
+  for i, row in enumerate(tokenizer(list(texts))["input_ids"]):
+    row = row[:length]
+    ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+  return Prompts(ids, mask)
+
+
+def encode_texts(texts: Sequence[str], tokenizer, length: int) -> dict[str, np.ndarray]:
+  """Right-padded ``{"input_ids", "attention_mask"}`` ``[N, length]`` (held-out text for KL and perplexity)."""
+  p = encode_prompts(texts, tokenizer, length)
+  order = np.argsort(p.attention_mask == 0, axis=1, kind="stable")     # padding to the right, tokens in order
+  return {"input_ids": np.take_along_axis(p.input_ids, order, 1), "attention_mask": np.take_along_axis(
+      p.attention_mask, order, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+  """One round of preferences: its prompts and the reward that ranks completions.
+
+  Attributes:
+    name: the round's name (reports, cache keys).
+    prompts: ``{"train", "val", "test"}`` → :class:`Prompts`.
+    reward: ``completion texts -> rewards [N]`` (higher is preferred).
+    reward_id: what the reward is (reports, cache keys; JSON): e.g. its description, classifier and configuration.
+  """
+  name: str
+  prompts: Mapping[str, Prompts]
+  reward: Callable[[Sequence[str]], np.ndarray]
+  reward_id: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+  """Pairs, DPO and the stored references."""
+  dpo_beta: float = cf.option(0.1, "DPO's β (the implicit reward's scale)", cf.positive)
+  dpo_loss: str = cf.option("sigmoid", "preference loss: 'sigmoid' (DPO) or 'ipo'", cf.one_of(*dpo.KINDS))
+  prompt_tokens: int = cf.option(8, "tokens of each review that make its prompt (left-padded)", cf.positive)
+  response_tokens: int = cf.option(24, "tokens sampled per completion", cf.positive)
+  temperature: float = cf.option(1.0, "sampling temperature of pairs and evaluations", cf.positive)
+  top_p: float = cf.option(1.0, "nucleus sampling's p", lambda v: 0 < v <= 1)
+  top_k: int = cf.option(32, "stored reference tokens per position (FIP's compressed token distributions)",
+                         cf.positive)
+  generate_batch_size: int = cf.option(32, "prompts per generation call", cf.positive)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched, jitted calls of the policy.
+
+
+def in_batches(fn: Callable[[PyTree, int], PyTree], rows: PyTree, size: int) -> PyTree:
+  """``fn(batch, i)`` over ``rows`` (leaves ``[N, ...]``) in batches of ``size`` (the last one padded with its
+  first row, so one shape compiles), outputs ``[N, ...]`` concatenated on the host."""
+  n = len(jax.tree.leaves(rows)[0])
+  outs = []
+  for i, start in enumerate(range(0, n, size)):
+    idx = np.arange(start, min(start + size, n))
+    padded = np.concatenate([idx, np.repeat(idx[:1], size - len(idx))])
+    out = jax.device_get(fn(jax.tree.map(lambda a: a[padded], rows), i))
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def response_sequences(prompts: Prompts, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """Prompt + completion as one sequence ``[N, P + R]`` with the completion's ``response_mask``."""
+  return {"input_ids": np.concatenate([prompts.input_ids, tokens], 1).astype(np.int32),
+          "attention_mask": np.concatenate([prompts.attention_mask, mask], 1).astype(np.int32),
+          "response_mask": np.concatenate([np.zeros_like(prompts.attention_mask), mask], 1).astype(np.int32)}
+
+
+def fip_outputs(apply: Callable) -> Callable:
+  """``f(params, pairs) -> [B, T−1, V]``: next-token logits on the chosen sequences' response positions (others
+  zeroed, so they have no Jacobian): the outputs G is pulled back through in the geodesic form."""
+
+  def f(params, pairs):
+    seq = pairs["chosen"]
+    return apply(params, seq)[:, :-1] * sequences.response_positions(seq)[..., None]
+
+  return f
+
+
+class Policy:
+  """A causal LM's sampling, reference log-probabilities, stored top-k references and held-out statistics,
+  each jitted once."""
+
+  def __init__(self, graphdef, tokenizer, pref: PreferenceConfig):
+    self.graphdef, self.apply, self.tokenizer, self.pref = graphdef, llama.make_apply(graphdef), tokenizer, pref
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    self._generate = jax.jit(lambda p, ids, m, key: llama.generate(
+        graphdef, p, ids, m, key, max_new_tokens=pref.response_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
+        temperature=pref.temperature, top_p=pref.top_p)[:2])
+    self._ref = jax.jit(lambda p, b: dpo.reference_logprobs(self.apply, p, b, kind=pref.dpo_loss))
+    self._topk = jax.jit(lambda p, b: tuple(sequences.reference_topk(self.apply, p, b, pref.top_k)))
+    distance = jax.jit(lambda p, b: sequences.bhattacharyya_topk(self.apply(p, b)[:, :-1], sequences.TopK(*b["ref"])))
+    self._distance = lambda p, b: (distance(p, b), sequences.response_positions(b))
+
+    def text_stats(p, base, b):
+      """Per row: summed next-token NLL, summed KL(π ‖ π_base), predicted tokens ``[B]``."""
+      logits = self.apply(p, b)
+      logp = jax.nn.log_softmax(logits[:, :-1], -1)
+      logq = jax.nn.log_softmax(self.apply(base, b)[:, :-1], -1)
+      m = b["attention_mask"][:, 1:].astype(jnp.float32)
+      nll = -llama.token_logprobs(logits, b["input_ids"])
+      kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
+      return jnp.sum(nll * m, -1), jnp.sum(kl * m, -1), jnp.sum(m, -1)
+
+    self._text_stats = jax.jit(text_stats)
+    self._margins = jax.jit(lambda p, b: dpo.implicit_margins(self.apply, p, b, kind=pref.dpo_loss))
+
+  def sample(self, params, prompts: Prompts, key) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) ``[N, R]`` of one sampled completion per prompt."""
+    fn = lambda b, i: self._generate(params, b.input_ids, b.attention_mask, jax.random.fold_in(key, i))
+    return in_batches(fn, prompts, self.pref.generate_batch_size)
+
+  def texts(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    return [self.tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
+
+  def pairs(self, params, prompts: Prompts, reward: Callable, key) -> dict[str, Any]:
+    """Two completions per prompt ranked by ``reward``, as DPO pairs with ``params``' stored log-probabilities:
+    ``{"chosen", "rejected"}`` sequences, ``ref_chosen``/``ref_rejected`` and ``reward_chosen``/``reward_rejected``
+    ``[N]``."""
+    samples = [self.sample(params, prompts, jax.random.fold_in(key, i)) for i in range(2)]
+    rewards = [np.asarray(reward(self.texts(*s)), np.float32) for s in samples]
+    first = rewards[0] >= rewards[1]
+    seqs = [response_sequences(prompts, *s) for s in samples]
+    pick = lambda a, b: {k: np.where(first[:, None], a[k], b[k]) for k in a}
+    out = {"chosen": pick(*seqs), "rejected": pick(*seqs[::-1]),
+           "reward_chosen": np.where(first, *rewards), "reward_rejected": np.where(first, *rewards[::-1])}
+    out.update(in_batches(lambda b, _: self._ref(params, b), {k: out[k] for k in ("chosen", "rejected")},
+                          self.pref.generate_batch_size))
+    return out
+
+  def preference_accuracy(self, params, pairs: Mapping[str, Any], batch_size: int) -> float:
+    """Share of pairs whose implicit reward ranks the chosen response first (margin Δ > 0)."""
+    rows = {k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
+    return float(np.mean(in_batches(lambda b, _: self._margins(params, b), rows, batch_size) > 0))
+
+  def reference_topk(self, params, seqs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The stored top-k reference of ``params`` on sequences: (ids, logprobs, log_tail) ``[N, T−1(, k)]``."""
+    return in_batches(lambda b, _: self._topk(params, b), dict(seqs), self.pref.generate_batch_size)
+
+  def mean_distance(self, params, probe: Mapping[str, Any]) -> float:
+    """Mean compressed Bhattacharyya distance to the stored reference over the probe's response tokens."""
+    d, m = jax.device_get(self._distance(params, probe))
+    return float(np.sum(d * m) / max(np.sum(m), 1.0))
+
+  def text_statistics(self, params, base, texts: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced)."""
+    stats = in_batches(lambda b, _: self._text_stats(params, base, b), dict(texts), batch_size)
+    nll, kl, n = (float(np.sum(s)) for s in stats)
+    return {"perplexity": float(np.exp(nll / n)), "kl_to_base": kl / n}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records along a round.
+
+
+class DriftTracker(runs.Observer):
+  """Every ``record_every`` steps: the new round's DPO loss and the mean compressed Bhattacharyya distance of the
+  old rounds' token distributions (a probe of each buffer) to those of the network entering the round."""
+
+  def __init__(self, policy: Policy, probes: Mapping[str, Mapping], to_model: Callable, record_every: int):
+    self.policy, self.probes, self.to_model, self.every = policy, probes, to_model, record_every
+    self.rows: list[dict] = []
+
+  def observe(self, state, row, last):
+    if self.probes and (last or state.step % self.every == 0):
+      params = self.to_model(state.train_params)
+      d = np.mean([self.policy.mean_distance(params, p) for p in self.probes.values()])
+      self.rows.append({"step": state.step, "new_loss": row["new_loss"], "distance": float(d)})
+
+  def dump(self):
+    return self.rows
+
+  def restore(self, state):
+    self.rows = list(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runner.
+
+
+def registry_name(method: str) -> str:
+  """The registry's name of an alignment method: ``dpo`` → naive, ``lora-dpo`` → lora, ``<m>-dpo`` → ``<m>``."""
+  if method == "dpo":
+    return "naive"
+  if not method.endswith("-dpo"):
+    raise ValueError(f"alignment methods are named <method>-dpo (dpo, lora-dpo, replay-dpo, fip-dpo, …), got "
+                     f"{method!r}")
+  return method[:-len("-dpo")]
+
+
+def _numpy(tree) -> PyTree:
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+class AlignmentRunner:
+  """Learns ``rounds`` in order with any method; see the module docstring.
+
+  Args:
+    graphdef, tokenizer: the causal LM (its weights entering the first round are passed to :meth:`run_all`).
+    rounds: the rounds in order (at least two).
+    held_out_text: right-padded ``{"input_ids", "attention_mask"}`` for perplexity and KL to the base model.
+    optim, first, stages, hp, run: the sections of :class:`fipjax.streams.StreamConfig` (first: round 1's length,
+      stages: later rounds' length and buffers, hp: the methods' hyperparameters).
+    pref: pairs, DPO and stored references.
+    seed, model_key, cache, progress, stop_after: as :class:`fipjax.streams.Runner`.
+  """
+
+  def __init__(self, graphdef, tokenizer, rounds: Sequence[Round],
+               held_out_text: Mapping[str, np.ndarray], *, optim: continual.OptimConfig, first, stages,
+               hp: continual.MethodConfig, run, pref: PreferenceConfig, seed: int, model_key: dict,
+               cache: runs.StageCache | None = None, progress: bool = True, stop_after: int | None = None):
+    if len(rounds) < 2 or len({r.name for r in rounds}) != len(rounds):
+      raise ValueError(f"continual alignment needs at least two rounds with distinct names, got "
+                       f"{[r.name for r in rounds]}")
+    for r in rounds:
+      if len(r.prompts["train"]) < optim.batch_size:
+        raise runs.UsageError(f"round {r.name} has {len(r.prompts['train'])} training prompts, fewer than one "
+                              f"batch of {optim.batch_size} pairs; lower --batch-size or use more prompts.")
+      if len(r.prompts["train"]) < stages.replay_batch_size:
+        raise runs.UsageError(f"round {r.name} keeps at most {len(r.prompts['train'])} pairs for replay, fewer "
+                              f"than --replay-batch-size {stages.replay_batch_size}; lower it.")
+    self.rounds, self.held_out, self.base = tuple(rounds), held_out_text, None
+    self.optim, self.first, self.stages, self.hp, self.run, self.pref = optim, first, stages, hp, run, pref
+    self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
+    self.budget = None if stop_after is None else runs.StepBudget(stop_after)
+    self.policy = Policy(graphdef, tokenizer, pref)
+    self.task_loss = self._pair_loss()
+    self.timings: dict[str, float] = {}
+
+  def _pair_loss(self) -> continual.TaskLoss:
+    loss = dpo.task_loss(self.policy.apply, beta=self.pref.dpo_beta, kind=self.pref.dpo_loss)
+    return lambda params, batch, rng=None: loss(params, batch["inputs"])
+
+  def _time(self, key: str, t0: float) -> None:
+    self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+  # -- pairs and evaluation ---------------------------------------------------------------------------------------
+
+  def pairs(self, params, k: int, split: str) -> dict:
+    """Round k's pairs on its ``split`` prompts from the policy ``params`` entering it (cached by its weights)."""
+    rnd = self.rounds[k]
+    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + {"train": 0, "val": 1, "test": 2}[split])
+    make = lambda: self.policy.pairs(params, rnd.prompts[split], rnd.reward, key)
+    t0 = time.perf_counter()
+    if self.cache is None:
+      out = make()
+    else:
+      prompts = rnd.prompts[split]
+      parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
+               "policy": data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))), "model": self.model_key,
+               "pref": cf.to_dict(self.pref), "seed": self.seed}
+      with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
+        if checkpoint.is_complete(path):
+          out = _numpy(checkpoint.restore_tree(path))
+        else:
+          runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
+          out = make()
+          checkpoint.save(path.with_name(path.name + ".tmp"), out, keep_structure=True)
+          runs.StageCache.publish(path.with_name(path.name + ".tmp"), path)
+    self._time("pairs", t0)
+    return out
+
+  def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
+    """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every
+    policy), the implicit-reward preference accuracy on the held-out pairs given, KL to base and perplexity."""
+    t0 = time.perf_counter()
+    rewards = []
+    for j, rnd in enumerate(self.rounds):
+      key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 7), j)
+      rewards.append(float(np.mean(rnd.reward(self.policy.texts(*self.policy.sample(params, rnd.prompts[split],
+                                                                                      key))))))
+    out = {"reward": rewards}
+    if split == "test":
+      acc = {name: self.policy.preference_accuracy(params, pairs, self.run.eval_batch_size)
+             for name, pairs in held_out_pairs.items()}
+      out["preference_accuracy"] = [acc.get(r.name) for r in self.rounds]
+      out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
+    self._time(f"eval_{split}", t0)
+    return out
+
+  # -- training ----------------------------------------------------------------------------------------------------
+
+  def _batches(self, pairs: dict, seed: int, buffers: Mapping[str, data.ReplayBuffer] | None):
+    rows = data.Arrays({k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")},
+                       np.zeros(len(pairs["ref_chosen"]), np.int32))
+
+    def start(step0):
+      for step, b in enumerate(data.train_batches(rows, self.optim.batch_size, seed, start_step=step0), start=step0):
+        batch = {"new": b}
+        if buffers is not None:
+          batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
+        yield batch
+    return start
+
+  def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
+    return runs.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
+                      name=name, ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every,
+                      rng=jax.random.PRNGKey(seed), observer=observer, progress=self.progress, budget=self.budget)
+
+  def first_round(self) -> tuple[PyTree, dict]:
+    """(the policy after DPO on the first round, that round's training pairs), trained once per key."""
+    pairs = self.pairs(self.base, 0, "train")
+    steps = _num_steps(self.first.stage1_steps, self.first.stage1_epochs, pairs, self.optim.batch_size)
+    method = continual.naive(self.task_loss, optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay))
+    name = f"round 1 ({self.rounds[0].name})"
+    if self.cache is None:
+      return self._train(method, self.base, pairs, steps, self.seed, None, name=name)[0], pairs
+    parts = {"model": self.model_key, "init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(self.base))),
+             "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
+             "first": cf.to_dict(self.first), "pref": cf.to_dict(self.pref), "seed": self.seed}
+    with self.cache.lock(self.cache.key("round1", parts)) as path:
+      if checkpoint.is_complete(path / "final"):
+        runs.log(f"{name}: reusing the policy in {path}")
+        return checkpoint.restore(path / "final", self.base), pairs
+      runs.log(f"{name}: DPO for {steps} steps on {len(pairs['ref_chosen'])} pairs")
+      t0 = time.perf_counter()
+      params, history, _ = self._train(method, self.base, pairs, steps, self.seed, path / "checkpoints", name=name)
+      self._time("round1", t0)
+      checkpoint.save(path / "final.tmp", params, {"history": history, "key": parts})
+      runs.StageCache.publish(path / "final.tmp", path / "final")
+      checkpoint.remove(path / "checkpoints")
+    return params, pairs
+
+  def _old_rounds(self, params, old_pairs: Mapping[str, dict], k: int):
+    """(OldTask per earlier round, its replay buffer, its drift probe, stored reference bytes): each buffer holds
+    pairs with their own reference log-probabilities and, on the chosen sequences, the top-k distributions of
+    ``params`` (the policy entering round k)."""
+    olds, buffers, probes, stored = {}, {}, {}, 0
+    for j, (name, pairs) in enumerate(old_pairs.items()):
+      n = len(pairs["ref_chosen"])
+      idx = np.sort(np.random.default_rng([self.seed, 11 + j]).choice(n, size=min(self.stages.buffer_size, n),
+                                                                      replace=False))
+      rows = jax.tree.map(lambda a: a[idx], {k_: pairs[k_] for k_ in ("chosen", "rejected", "ref_chosen",
+                                                                         "ref_rejected")})
+      rows["ref"] = self.policy.reference_topk(params, rows["chosen"])
+      stored += sequences.TopK(*rows["ref"]).bytes_per_token() * int(rows["chosen"]["response_mask"].sum())
+      buffers[name] = data.ReplayBuffer(data.Arrays(rows, np.zeros(len(idx), np.int32)), None, seed=self.seed + j)
+      probe = min(self.run.probe_size, len(idx))
+      probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["chosen"]),
+                      "ref": tuple(a[:probe] for a in rows["ref"])}
+      olds[name] = continual.OldTask(
+          fip_outputs(self.policy.apply), fip_outputs(self.policy.apply), self.task_loss,
+          lambda m, rows=rows: jax.tree.map(lambda a: a[:m], rows), reference_distance=self._reference_distance)
+    return olds, buffers, probes, stored
+
+  def _reference_distance(self, params, batch, distance: str) -> jax.Array:
+    if distance not in sequences.DISTANCES:
+      raise ValueError(f"--distance {distance} has no compressed form for token distributions; choose one of "
+                       f"{', '.join(sequences.DISTANCES)}")
+    seq = {**batch["inputs"]["chosen"], "ref": batch["inputs"]["ref"]}
+    return sequences.fip_penalty(self.policy.apply, beta=1.0, distance=distance)(params, seq)
+
+  def run_method(self, name: str, first: tuple[PyTree, dict], rows01: list[dict], held_out: dict,
+                 run_dir: runs.RunDir) -> dict:
+    """Rounds 2..T with method ``name`` from the first round's policy; the result is kept in ``run_dir``."""
+    done = run_dir.part(name)
+    if done is not None:
+      runs.log(f"{name}: already finished in an earlier invocation, reusing it")
+      return done
+    params, old_pairs = first[0], {self.rounds[0].name: first[1]}
+    held_out = dict(held_out)
+    rows, history, drift, steps_run, peaks, stored = list(rows01), [], [], [], [], []
+    ckpt, t0 = run_dir.checkpoints(name), time.perf_counter()
+    for k in range(1, len(self.rounds)):
+      rnd, stage_dir = self.rounds[k], ckpt / f"after_round{k + 1}"
+      pairs = self.pairs(params, k, "train")
+      held_out.setdefault(rnd.name, self.pairs(params, k, "test"))
+      if checkpoint.is_complete(stage_dir):          # an intermediate round finished before a kill
+        meta = checkpoint.load_meta(stage_dir)
+        params = checkpoint.restore(stage_dir, params)
+        rows, history, drift, steps_run, peaks, stored = (meta[x] for x in ("rows", "history", "drift", "steps",
+                                                                            "peaks", "stored"))
+        old_pairs[rnd.name] = pairs
+        continue
+      olds, buffers, probes, stored_bytes = self._old_rounds(params, old_pairs, k)
+      ctx = continual.StageContext(self.task_loss, olds, params, None, (), self.seed)
+      try:
+        method = continual.build(registry_name(name), ctx, self.hp, self.optim)
+      except ValueError as e:
+        raise runs.UsageError(str(e)) from None
+      steps = _num_steps(self.stages.steps, self.stages.epochs, pairs, self.optim.batch_size)
+      batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
+      peaks.append(continual.step_peak_bytes(method, params, next(batches(0))))
+      stored.append(stored_bytes if continual.parse_name(registry_name(name))[0] == "fip" else 0)
+      tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every)
+      runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
+      params, hist, _ = self._train(method, params, pairs, steps, self.seed + 100 * k, ckpt / f"round{k + 1}",
+                                    buffers, tracker, name=f"{name} ({rnd.name})")
+      steps_run.append(steps)
+      history += hist
+      drift += [{**r, "round": k + 1} for r in tracker.rows]
+      rows.append(self.evaluate(params, held_out))
+      old_pairs[rnd.name] = pairs
+      if k < len(self.rounds) - 1:
+        checkpoint.save(stage_dir, params, {"rows": rows, "history": history, "drift": drift, "steps": steps_run,
+                                            "peaks": peaks, "stored": stored})
+    train_time = time.perf_counter() - t0
+    names = [r.name for r in self.rounds]
+    reward = np.array([r["reward"] for r in rows])          # row 0: the base model; row i: after round i
+    result = {
+        "rounds": names,
+        "reward_matrix": reward.tolist(),
+        "preference_accuracy_matrix": [r["preference_accuracy"] for r in rows],
+        "kl_to_base": [r["kl_to_base"] for r in rows],
+        "perplexity": [r["perplexity"] for r in rows],
+        "reward_forgetting": [float(reward[j + 1, j] - reward[-1, j]) for j in range(len(names) - 1)],
+        "validation_reward": dict(zip(names, self.evaluate(params, {}, "val")["reward"])),
+        "weight_change": continual.fractional_weight_change(params, first[0]),
+        "steps": steps_run,
+        "train_time_s": train_time,
+        "steps_per_s": sum(steps_run) / train_time,
+        "peak_step_memory_bytes": max(peaks),
+        "stored_reference_bytes": int(max(stored)),
+        "stored_reference_bytes_per_token": sequences.TopK(
+            np.zeros((1, self.pref.top_k), np.uint16), np.zeros((1, self.pref.top_k), np.float32),
+            np.zeros(1, np.float32)).bytes_per_token(),
+        "final_loss": history[-1]["loss"],
+        "loss_curve": [r["loss"] for r in history],
+        "drift": {k_: [r[k_] for r in drift] for k_ in ("step", "distance", "new_loss")},
+    }
+    run_dir.save_part(name, result)
+    runs.log(f"{name}: reward after round 1 → after round {len(names)}: " + ", ".join(
+        f"{n} {reward[1, j]:.3f} → {reward[-1, j]:.3f}" for j, n in enumerate(names)) +
+        f"; KL to base {rows[-1]['kl_to_base']:.4f}")
+    return result
+
+  def run_all(self, methods: Sequence[str], base_params: PyTree, run_dir: runs.RunDir) -> dict:
+    """The first round from ``base_params`` (cached), then every method over the later rounds:
+    ``{"methods", "rewards", "timings"}``."""
+    self.base = base_params
+    first = self.first_round()
+    held_out = {self.rounds[0].name: self.pairs(self.base, 0, "test")}
+    rows01 = [self.evaluate(self.base, {}), self.evaluate(first[0], held_out)]
+    runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
+                                            zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])))
+    results = {"methods": {}, "rewards": {r.name: r.reward_id for r in self.rounds}}
+    for name in methods:
+      results["methods"][name] = self.run_method(name, first, rows01, held_out, run_dir)
+      self.timings[f"rounds_{name}"] = results["methods"][name]["train_time_s"]
+    results["timings"] = self.timings
+    return results
+
+
+def _num_steps(explicit: int | None, epochs: float, pairs: dict, batch_size: int) -> int:
+  n = len(pairs["ref_chosen"])
+  return int(explicit) if explicit is not None else max(1, int(epochs * n // batch_size))

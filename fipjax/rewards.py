@@ -1,0 +1,115 @@
+"""Reward models: sentiment classifiers fine-tuned with fipjax's own BERT pipeline, scoring generated text.
+
+:func:`sentiment_classifier` fine-tunes a BERT (the packaged MiniLM offline) on one labelled task with the one
+training loop, reports its test accuracy, and keeps it in the stage cache; a :class:`Classifier` maps texts to
+class probabilities, and a :class:`Reward` to one number per text: ``probs @ weights``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+import optax
+
+from fipjax import checkpoint, continual, data, runs
+from fipjax import config as cf
+from fipjax.models import bert, hub
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+  """How a reward classifier is fine-tuned (offline defaults: MiniLM on ../shared/data, about 2 minutes)."""
+  reward_model: str = cf.option("minilm", "BERT the reward classifiers fine-tune: hub id, directory or 'minilm'")
+  reward_train_rows: int = cf.option(2400, "labelled training rows per classifier", cf.positive)
+  reward_test_rows: int = cf.option(1000, "labelled test rows on which its accuracy is reported", cf.positive)
+  reward_max_len: int = cf.option(64, "tokens per text the classifiers read (truncated)", cf.positive)
+  reward_steps: int = cf.option(150, "fine-tuning steps (batch 16, AdamW)", cf.positive)
+  reward_lr: float = cf.option(5e-5, "fine-tuning learning rate", cf.positive)
+  reward_seed: int = cf.option(0, "seed of the classifiers' data and training: the environment, the same for every "
+                               "run's --seed", cf.non_negative)
+
+
+class Classifier:
+  """``probs(texts) -> [N, K]`` of a fine-tuned BERT classifier (jitted per length bucket)."""
+
+  def __init__(self, graphdef, params, tokenizer, max_len: int, batch_size: int = 64):
+    apply = bert.make_apply(graphdef)
+    self._probs = jax.jit(lambda p, x: jax.nn.softmax(apply(p, x)["cls"], -1))
+    self.params, self.tokenizer, self.max_len, self.batch_size = params, tokenizer, max_len, batch_size
+
+  def encode(self, texts: Sequence[str], labels: np.ndarray | None = None) -> data.Encoded:
+    ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_len)["input_ids"]
+    labels = np.zeros(len(ids), np.int32) if labels is None else np.asarray(labels, np.int32)
+    return data.Encoded([np.asarray(x, np.int32) for x in ids], labels, self.max_len)
+
+  def probs(self, texts: Sequence[str] | data.Encoded) -> np.ndarray:
+    enc = texts if isinstance(texts, data.Encoded) else self.encode(texts)
+    out = None
+    for batch, idx in data.eval_batches(enc, self.batch_size):
+      p = np.asarray(self._probs(self.params, batch["inputs"]))
+      out = np.empty((len(enc), p.shape[-1]), np.float32) if out is None else out
+      out[idx] = p[:len(idx)]
+    return out
+
+
+@dataclasses.dataclass
+class Reward:
+  """A text's reward ``probs(text) @ weights`` (e.g. P(positive), or 1 − expected stars rescaled to [0, 1])."""
+  classifier: Classifier
+  weights: np.ndarray
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    return self.classifier.probs(texts) @ np.asarray(self.weights, np.float32)
+
+
+def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | None, cache: runs.StageCache | None,
+                         progress: bool = True) -> tuple[Classifier, dict]:
+  """(classifier, {"task", "test_accuracy", "train_rows", "test_rows", "steps"}) for ``task`` ('imdb' or 'yelp'),
+  fine-tuned once per configuration and kept in ``cache``."""
+  train, test = (data.load_task(task, split, data_dir) for split in ("train", "test"))
+  seed = cfg.reward_seed
+  tokenizer = hub.load_tokenizer(cfg.reward_model)
+  k = train.num_labels
+  graphdef, init, _, _ = hub.load_bert(cfg.reward_model, {"cls": k}, seed=seed)
+  clf = Classifier(graphdef, init, tokenizer, cfg.reward_max_len)
+  train_enc = data.encode(data.subsample(train, cfg.reward_train_rows, seed), tokenizer, cfg.reward_max_len)
+  test_rows = data.subsample(test, cfg.reward_test_rows, seed)
+  parts = {"task": task, "config": cf.to_dict(cfg), "data": train_enc.digest()}
+
+  def fit(ckpt_dir: pathlib.Path | None):
+    apply = bert.make_apply(graphdef)
+
+    def loss(params, batch, rng=None):
+      z = apply(params, batch["inputs"], deterministic=rng is None, rng=rng)["cls"]
+      return optax.softmax_cross_entropy_with_integer_labels(z, batch["labels"]).mean()
+
+    method = continual.naive(loss, optax.adamw(cfg.reward_lr, weight_decay=0.01))
+    batches = lambda s: ({"new": b} for b in data.train_batches(train_enc, 16, seed, start_step=s))
+    params, _, _ = runs.train(method, init, batches,
+                              cfg.reward_steps, name=f"reward classifier ({task})", ckpt_dir=ckpt_dir,
+                              checkpoint_every=100, rng=jax.random.PRNGKey(seed), progress=progress)
+    clf.params = params
+    acc = float(np.mean(np.argmax(clf.probs(test_rows.texts), -1) == test_rows.labels))
+    return params, {"task": task, "test_accuracy": acc, "train_rows": len(train_enc),
+                    "test_rows": len(test_rows.texts), "steps": cfg.reward_steps, "classes": k}
+
+  if cache is None:
+    _, info = fit(None)
+    return clf, info
+  with cache.lock(cache.key(f"reward-{task}", parts)) as path:
+    if checkpoint.is_complete(path / "final"):
+      clf.params = checkpoint.restore(path / "final", init)
+      return clf, checkpoint.load_meta(path / "final")["info"]
+    t0 = time.perf_counter()
+    params, info = fit(path / "checkpoints")
+    runs.log(f"reward classifier ({task}): test accuracy {info['test_accuracy']:.3f} on {info['test_rows']} rows "
+             f"({time.perf_counter() - t0:.0f} s)")
+    checkpoint.save(path / "final.tmp", params, {"info": info})
+    runs.StageCache.publish(path / "final.tmp", path / "final")
+    checkpoint.remove(path / "checkpoints")
+  return clf, info

@@ -1,0 +1,178 @@
+"""Continual alignment's pieces: prompts, batching, pairs ranked by a reward with their stored reference
+log-probabilities, held-out statistics, and FIP for token distributions through the method registry."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fipjax import alignment, continual, dpo, sequences
+from fipjax.models import llama
+
+VOCAB = 61
+
+
+class Tokenizer:
+  """Whitespace-separated integers: enough of a tokenizer for the policy's bookkeeping."""
+  pad_token_id, eos_token_id = 0, 1
+
+  def __call__(self, texts):
+    return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
+
+  def decode(self, ids, skip_special_tokens=True):
+    return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+
+@pytest.fixture(scope="module")
+def policy():
+  cfg = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+  graphdef, params = llama.split_params(llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  pref = alignment.PreferenceConfig(prompt_tokens=4, response_tokens=5, top_k=8, generate_batch_size=3)
+  return alignment.Policy(graphdef, Tokenizer(), pref), params
+
+
+def test_prompts_keep_the_first_tokens_left_padded_and_texts_right_padded():
+  p = alignment.encode_prompts(["5 6 7 8 9", "3 4"], Tokenizer(), 4)
+  np.testing.assert_array_equal(p.input_ids, [[5, 6, 7, 8], [0, 0, 3, 4]])
+  np.testing.assert_array_equal(p.attention_mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
+  t = alignment.encode_texts(["5 6 7 8 9", "3 4"], Tokenizer(), 4)
+  np.testing.assert_array_equal(t["input_ids"], [[5, 6, 7, 8], [3, 4, 0, 0]])
+  np.testing.assert_array_equal(t["attention_mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
+
+
+def test_in_batches_equals_one_call_and_compiles_one_shape():
+  rows = {"x": np.arange(14.0).reshape(7, 2)}
+  shapes = set()
+
+  def fn(b, i):
+    shapes.add(b["x"].shape)
+    return {"y": b["x"].sum(-1), "i": np.full(len(b["x"]), i)}
+
+  out = alignment.in_batches(fn, rows, 3)
+  np.testing.assert_array_equal(out["y"], rows["x"].sum(-1))
+  np.testing.assert_array_equal(out["i"], [0, 0, 0, 1, 1, 1, 2])
+  assert shapes == {(3, 2)}
+
+
+def test_method_names_map_to_the_registry():
+  assert [alignment.registry_name(m) for m in ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")] == \
+      ["naive", "lora", "replay", "fip", "lora-fip"]
+  with pytest.raises(ValueError, match="named <method>-dpo"):
+    alignment.registry_name("fip")
+
+
+def test_pairs_are_ranked_by_the_reward_and_store_the_policy_log_probabilities(policy):
+  pol, params = policy
+  prompts = alignment.encode_prompts(["5 6 7", "8 9 10 11 12", "13", "14 15", "16 17 18"], Tokenizer(), 4)
+  reward = lambda texts: np.array([sum(int(w) for w in t.split()) for t in texts], np.float32)   # token id sum
+  pairs = pol.pairs(params, prompts, reward, jax.random.PRNGKey(0))
+  assert (pairs["reward_chosen"] >= pairs["reward_rejected"]).all()
+  assert (pairs["reward_chosen"] > pairs["reward_rejected"]).any()
+  for side in ("chosen", "rejected"):
+    seq = pairs[side]
+    chex.assert_shape(seq["input_ids"], (5, 9))
+    np.testing.assert_array_equal(seq["input_ids"][:, :4], prompts.input_ids)       # the prompt, then the response
+    np.testing.assert_array_equal(seq["response_mask"][:, :4], 0)
+    np.testing.assert_array_equal(seq["response_mask"][:, 4:], seq["attention_mask"][:, 4:])
+    texts = pol.texts(seq["input_ids"][:, 4:], seq["response_mask"][:, 4:])
+    np.testing.assert_allclose(reward(texts), pairs[f"reward_{side}"])
+    logp = dpo.sequence_logprob(pol.apply(params, seq), seq)
+    np.testing.assert_allclose(pairs[f"ref_{side}"], logp, rtol=1e-5, atol=1e-5)
+  # At the reference policy every implicit margin is zero: nothing is preferred yet.
+  margins = jax.jit(lambda p, b: dpo.implicit_margins(pol.apply, p, b))(params, pairs)
+  np.testing.assert_allclose(margins, 0.0, atol=1e-4)
+
+
+def test_held_out_statistics(policy):
+  pol, params = policy
+  texts = alignment.encode_texts(["5 6 7 8 9 10", "3 4", "11 12 13"], Tokenizer(), 6)
+  same = pol.text_statistics(params, params, texts, batch_size=2)
+  assert abs(same["kl_to_base"]) < 1e-6
+  logits = pol.apply(params, texts)
+  m = texts["attention_mask"][:, 1:]
+  nll = -np.sum(np.asarray(llama.token_logprobs(logits, texts["input_ids"])) * m) / m.sum()
+  np.testing.assert_allclose(same["perplexity"], np.exp(nll), rtol=1e-5)
+  other = jax.tree.map(lambda a: a * 1.1, params)
+  assert pol.text_statistics(other, params, texts, batch_size=2)["kl_to_base"] > 1e-4
+
+
+def test_fip_on_token_distributions_through_the_registry(policy):
+  """The registry's fip uses an old task's reference_distance when it has one: zero with zero gradient at the
+  reference, positive away from it, and equal to the compressed Bhattacharyya penalty."""
+  pol, params = policy
+  prompts = alignment.encode_prompts(["5 6 7", "8 9 10 11", "13", "14 15"], Tokenizer(), 4)
+  seqs = alignment.response_sequences(prompts, *pol.sample(params, prompts, jax.random.PRNGKey(1)))
+  rows = {"chosen": seqs, "ref": pol.reference_topk(params, seqs)}
+  distance = lambda p, b, d: sequences.fip_penalty(pol.apply, beta=1.0, distance=d)(
+      p, {**b["inputs"]["chosen"], "ref": b["inputs"]["ref"]})
+  old = continual.OldTask(alignment.fip_outputs(pol.apply), alignment.fip_outputs(pol.apply), None,
+                          lambda n: rows, reference_distance=distance)
+  task = lambda p, b, rng=None: jnp.sum(p["model"]["norm"]["scale"] ** 2)
+  ctx = continual.StageContext(task, {"old": old}, params, None, (), 0)
+  method = continual.build("fip", ctx, continual.MethodConfig(beta=3.0), continual.OptimConfig())
+  batch = {"replay": {"old": {"inputs": rows}}}
+  value, grads = jax.value_and_grad(lambda p: method.replay_loss(p, batch)[0])(params)
+  assert abs(float(value)) < 1e-6
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-5
+  moved = jax.tree.map(lambda a: a * 1.2, params)
+  expected = 3.0 * sequences.fip_penalty(pol.apply, beta=1.0)(moved, {**seqs, "ref": rows["ref"]})
+  np.testing.assert_allclose(method.replay_loss(moved, batch)[0], expected, rtol=1e-6)
+  assert float(expected) > 0
+
+
+def test_geodesic_direction_through_token_distributions_keeps_old_outputs(policy):
+  """G pulled back through the old rounds' next-token distributions (fip_outputs): a step along
+  (G + λI)⁻¹ ∇L_new moves the old distributions far less than a gradient step of the same length."""
+  from fipjax import paths
+  from fipjax import tree as tu
+  pol, params = policy
+  old = alignment.encode_prompts(["5 6 7", "8 9 10 11"], Tokenizer(), 4)
+  old_rows = {"chosen": alignment.response_sequences(old, *pol.sample(params, old, jax.random.PRNGKey(2)))}
+  probe = {**old_rows["chosen"], "ref": pol.reference_topk(params, old_rows["chosen"])}
+  new = alignment.encode_texts(["20 21 22 23 24 25 26", "30 31 32 33 34 35 36"], Tokenizer(), 7)
+  grads = jax.grad(lambda p: -jnp.mean(llama.token_logprobs(pol.apply(p, new), new["input_ids"])))(params)
+  transform = paths.geodesic_direction(alignment.fip_outputs(pol.apply), damping=1e-4, cg_iters=50)
+  direction, _ = jax.jit(lambda g, p, x: transform.update(g, transform.init(p), p, ref_inputs=x))(
+      grads, params, old_rows)
+  step = lambda d: tu.tree_axpy(-0.1 / float(tu.tree_norm(d)), d, params)
+  drift_geodesic = pol.mean_distance(step(direction), probe)
+  drift_gradient = pol.mean_distance(step(grads), probe)
+  assert drift_geodesic < 0.1 * drift_gradient, (drift_geodesic, drift_gradient)
+
+
+def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):
+  """The runner is not bound to two rounds: three rounds with replay-dpo, killed in round 3 (after round 2's
+  checkpoint), resume to the uninterrupted run's numbers."""
+  from fipjax import runs, streams
+  pol, params = policy
+  texts = [" ".join(str(2 + (7 * i + j) % 58) for j in range(3 + i % 3)) for i in range(12)]
+  reward = lambda digit: (lambda out: np.array([t.count(digit) for t in out], np.float32))
+  rounds = [alignment.Round(f"r{k}", {s: alignment.encode_prompts(texts, Tokenizer(), 4)
+                                      for s in ("train", "val", "test")}, reward(str(k + 3)), {"digit": k + 3})
+            for k in range(3)]
+  held_out = alignment.encode_texts(texts[:4], Tokenizer(), 6)
+  sections = streams.StreamConfig(
+      optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
+      first=streams.FirstStageConfig(stage1_steps=2),
+      stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
+      run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
+
+  def run(out, stop_after=None):
+    runner = alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, held_out, **sections.runner_args(),
+                                       pref=pol.pref, model_key={"tiny": 1}, cache=runs.StageCache(out / "cache"),
+                                       progress=False, stop_after=stop_after)
+    run_dir, _ = runs.RunDir.open(out / "run", {"test": 1})
+    return runner.run_all(["replay-dpo"], params, run_dir)["methods"]["replay-dpo"]
+
+  whole = run(tmp_path / "whole")
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "killed", stop_after=2 + 3 + 2)      # round 1, round 2, two steps of round 3
+  assert (tmp_path / "killed" / "run" / "checkpoints" / "replay-dpo" / "after_round2").exists()
+  resumed = run(tmp_path / "killed")
+  assert whole["rounds"] == ["r0", "r1", "r2"] and np.array(whole["reward_matrix"]).shape == (4, 3)
+  assert whole["steps"] == [3, 3] and len(whole["loss_curve"]) == 6
+  for key in ("loss_curve", "reward_matrix", "kl_to_base", "reward_forgetting"):
+    np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, err_msg=key)

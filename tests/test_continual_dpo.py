@@ -1,0 +1,109 @@
+"""End to end: continual DPO on real review prompts with a one-layer random Llama (SmolLM2's tokenizer) and
+one-layer MiniLM reward classifiers: every report, a kill and resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import continual_dpo
+
+TINY = ["--preset", "cpu", "--train-prompts", "8", "--val-prompts", "4", "--test-prompts", "4",
+        "--held-out-texts", "4", "--text-tokens", "16", "--batch-size", "2", "--stage1-steps", "2", "--steps", "4",
+        "--replay-batch-size", "2", "--buffer-size", "4", "--response-tokens", "6", "--prompt-tokens", "4",
+        "--generate-batch-size", "8", "--eval-batch-size", "4", "--checkpoint-every", "2", "--record-every", "2",
+        "--probe-size", "2", "--reward-train-rows", "32", "--reward-test-rows", "16", "--reward-steps", "2",
+        "--reward-max-len", "16", "--top-k", "8", "--lr", "1e-3", "--lora-lr", "1e-2", "--no-progress"]
+# The three methods whose paths differ: plain DPO, DPO on replayed old pairs, LoRA with FIP's penalty on stored
+# token distributions (fip-dpo is the same penalty on the full model; every registry method is tested elsewhere).
+METHODS = ("dpo", "replay-dpo", "lora-fip-dpo")
+MODELS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models(small_llama, small_bert, data_dir):
+  MODELS[:] = ["--model", str(small_llama), "--reward-model", str(small_bert), "--data-dir", str(data_dir)]
+
+
+def _run(tmp, *extra, out="run", cache="cache"):
+  return continual_dpo.main(TINY + MODELS + ["--out", str(tmp / out), "--cache-dir", str(tmp / cache), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, _models):
+  tmp = tmp_path_factory.mktemp("dpo")
+  assert _run(tmp, "--method", ",".join(METHODS)) == 0
+  return tmp
+
+
+def test_every_method_reports(finished):
+  results = json.loads((finished / "run" / "results.json").read_text())
+  assert list(results["methods"]) == list(METHODS)
+  assert set(results["rewards"]) == {"imdb-positive", "yelp-negative"}
+  for reward in results["rewards"].values():
+    assert 0 <= reward["classifier"]["test_accuracy"] <= 1 and reward["classifier"]["test_rows"] == 16
+  for name, m in results["methods"].items():
+    r = np.array(m["reward_matrix"])
+    assert m["rounds"] == ["imdb-positive", "yelp-negative"] and r.shape == (3, 2), name
+    assert ((0 <= r) & (r <= 1)).all(), name
+    acc = m["preference_accuracy_matrix"]
+    assert acc[0] == [None, None] and acc[1][1] is None and all(0 <= a <= 1 for a in acc[2]), name
+    assert m["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and m["kl_to_base"][2] > 0, name
+    assert all(p > 1 for p in m["perplexity"]) and len(m["reward_forgetting"]) == 1
+    assert set(m["validation_reward"]) == set(m["rounds"])
+    assert m["peak_step_memory_bytes"] > 0 and m["weight_change"] > 0
+    assert m["drift"]["step"] == [2, 4] and np.isfinite(m["loss_curve"]).all() and len(m["loss_curve"]) == 4
+  # Every method starts round 2 from the one round-1 policy; only FIP stores token distributions.
+  assert len({json.dumps(m["reward_matrix"][:2]) for m in results["methods"].values()}) == 1
+  stored = {n: m["stored_reference_bytes"] for n, m in results["methods"].items()}
+  assert stored["dpo"] == stored["replay-dpo"] == 0 < stored["lora-fip-dpo"]
+  # LoRA adapts 2 of the attention kernels: its step needs far less memory than full DPO's.
+  assert results["methods"]["lora-fip-dpo"]["peak_step_memory_bytes"] < results["methods"]["dpo"][
+      "peak_step_memory_bytes"]
+  text = (finished / "run" / "report.md").read_text()
+  assert "Table 1" in text and "test accuracy" in text
+  for f in ("rewards.png", "drift.png"):
+    assert (finished / "run" / f).stat().st_size > 0
+  assert not (finished / "run" / "checkpoints").exists()
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path, finished):
+  args = ("--method", "lora-fip-dpo")
+  # Killed at round 2's third step, after its checkpoint at step 2 (round 1 is 2 steps).
+  assert _run(tmp_path, *args, "--stop-after", "5", out="killed", cache="cache_killed") == 130
+  assert not (tmp_path / "killed" / "results.json").exists()
+  assert _run(tmp_path, *args, out="killed", cache="cache_killed") == 0
+  resumed = json.loads((tmp_path / "killed" / "results.json").read_text())["methods"]["lora-fip-dpo"]
+  whole = json.loads((finished / "run" / "results.json").read_text())["methods"]["lora-fip-dpo"]
+  for key in ("loss_curve", "reward_matrix", "kl_to_base", "preference_accuracy_matrix"):
+    np.testing.assert_allclose(np.array(resumed[key], float), np.array(whole[key], float), rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--train-prompts", "100000"), "--train-prompts + --val-prompts"),
+    (("--batch-size", "16"), "than one batch of 16 (--batch-size)"),
+])
+def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
+  assert _run(tmp_path, *args, cache="cache_bad") == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+  assert not (tmp_path / "run").exists() and not (tmp_path / "cache_bad").exists()
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    _run(tmp_path, "--method", "fip")
+  assert e.value.code == 2 and "unknown method 'fip'" in capsys.readouterr().err
+
+
+def test_summary_over_seeds(finished, tmp_path):
+  from experiments import summarize
+  r0 = json.loads((finished / "run" / "results.json").read_text())
+  r1 = json.loads(json.dumps({**r0, "seed": 1}))
+  for m in r1["methods"].values():
+    m["reward_forgetting"] = [f + 0.1 for f in m["reward_forgetting"]]
+  text = summarize.summarize([r0, r1])
+  assert "Seeds [0, 1]" in text and "forgetting imdb-positive" in text
+  f0 = r0["methods"]["dpo"]["reward_forgetting"][0]
+  assert f"{f0 + 0.05:.3f} ± {np.std([f0, f0 + 0.1], ddof=1):.3f}" in text
+  assert all(f"| {name} |" in text for name in METHODS)
