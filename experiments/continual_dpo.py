@@ -22,7 +22,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, continual, data, report, rewards, runs, streams
+from fipjax import alignment, continual, data, report, rewards, runs, sequences, streams
 from fipjax import config as cf
 from fipjax.models import hub, llama
 
@@ -103,47 +103,60 @@ def parse_args(argv=None):
   return cf.parse(p, PRESETS, argv)
 
 
-def _texts(task: str, split: str, cfg: Config) -> list[str]:
-  d = data.load_task(task, split, cfg.data.data_dir)
-  return d.texts
-
-
-def check(cfg: Config) -> None:
+def check(cfg: Config, methods: list[str]) -> None:
   """The configuration's problems that need no data or model, raised before anything is loaded or written."""
   for flag, value in (("--batch-size", cfg.optim.batch_size), ("--replay-batch-size", cfg.stages.replay_batch_size)):
     if cfg.data.train_prompts < value:
       raise runs.UsageError(f"--train-prompts {cfg.data.train_prompts} gives fewer pairs per round than one batch "
                             f"of {value} ({flag}); use more prompts or a smaller {flag}.")
+  if cfg.stages.buffer_size < cfg.stages.replay_batch_size:
+    raise runs.UsageError(f"--buffer-size {cfg.stages.buffer_size} keeps fewer pairs than one replay batch of "
+                          f"{cfg.stages.replay_batch_size} (--replay-batch-size); raise it or lower the batch.")
+  fip = [m for m in methods if continual.parse_name(alignment.registry_name(m))[0] == "fip"]
+  if fip and cfg.method.distance not in sequences.DISTANCES:
+    raise runs.UsageError(f"--distance {cfg.method.distance} has no compressed form for token distributions "
+                          f"({', '.join(fip)}); choose one of {', '.join(sequences.DISTANCES)}.")
 
 
-def load_rounds(cfg: Config, tokenizer, cache: runs.StageCache, progress: bool):
-  """(the two rounds, held-out text)."""
-  rounds, held_out = [], []
-  # (round, dataset, reward weights over the classifier's classes, what the reward is)
-  specs = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMDB sentiment classifier"),
-           ("yelp-negative", "yelp", np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
-            "1 − (expected stars − 1)/4 of a Yelp star classifier"))
+# (round, dataset, reward weights over its classifier's classes, what the reward is)
+ROUNDS = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMDB sentiment classifier"),
+          ("yelp-negative", "yelp", np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
+           "1 − (expected stars − 1)/4 of a Yelp star classifier"))
+
+
+def split_prompts(cfg: Config) -> tuple[list[dict[str, list[str]]], list[str]]:
+  """Each round's train / val / test prompt texts (train and val from the training split, disjoint; test from the
+  test split), and held-out test reviews for KL and perplexity; every size is checked before anything trains."""
   n_train, n_val, n_test = cfg.data.train_prompts, cfg.data.val_prompts, cfg.data.test_prompts
-  for j, (name, task, weights, what) in enumerate(specs):
-    train, test = _texts(task, "train", cfg), _texts(task, "test", cfg)
-    need = {"train": (n_train + n_val, len(train), "--train-prompts + --val-prompts"),
-            "test": (n_test + cfg.data.held_out_texts, len(test), "--test-prompts + --held-out-texts")}
-    for split, (want, have, flags) in need.items():
+  prompts, held_out = [], []
+  for j, (_, task, _, _) in enumerate(ROUNDS):
+    train, test = (data.load_task(task, split, cfg.data.data_dir).texts for split in ("train", "test"))
+    for split, want, have, flags in (("train", n_train + n_val, len(train), "--train-prompts + --val-prompts"),
+                                     ("test", n_test + cfg.data.held_out_texts, len(test),
+                                      "--test-prompts + --held-out-texts")):
       if want > have:
         raise runs.UsageError(f"{task} {split}: {flags} = {want} rows are asked for, but it holds {have}; "
                               "choose smaller values.")
     order = np.random.default_rng([cfg.seed, 31 + j]).permutation(len(train))
     test_order = np.random.default_rng([cfg.seed, 41 + j]).permutation(len(test))
     pick = lambda texts, idx: [texts[i] for i in idx]
-    prompts = {"train": pick(train, order[:n_train]), "val": pick(train, order[n_train:n_train + n_val]),
-               "test": pick(test, test_order[:n_test])}
+    prompts.append({"train": pick(train, order[:n_train]), "val": pick(train, order[n_train:n_train + n_val]),
+                    "test": pick(test, test_order[:n_test])})
     held_out += pick(test, test_order[n_test:n_test + cfg.data.held_out_texts])
+  return prompts, held_out
+
+
+def load_rounds(cfg: Config, tokenizer, cache: runs.StageCache, progress: bool):
+  """(the two rounds, held-out text)."""
+  prompts, held_out = split_prompts(cfg)
+  rounds = []
+  for j, ((name, task, weights, what), texts) in enumerate(zip(ROUNDS, prompts)):
     classifier, info = rewards.sentiment_classifier(task, cfg.rewards, data_dir=cfg.data.data_dir,
                                                     cache=cache, progress=progress)
     runs.log(f"round {j + 1} ({name}): reward = {what}; classifier test accuracy {info['test_accuracy']:.3f} "
              f"({info['test_rows']} rows)")
     rounds.append(alignment.Round(
-        name, {s: alignment.encode_prompts(t, tokenizer, cfg.pref.prompt_tokens) for s, t in prompts.items()},
+        name, {s: alignment.encode_prompts(t, tokenizer, cfg.pref.prompt_tokens) for s, t in texts.items()},
         rewards.Reward(classifier, weights),
         {"reward": what, "classifier": info, "weights": weights.tolist(), "config": cf.to_dict(cfg.rewards)}))
   return rounds, alignment.encode_texts(held_out, tokenizer, cfg.data.text_tokens)
@@ -170,7 +183,7 @@ def main(argv=None) -> int:
   config = cf.to_dict(cfg)
 
   def run():
-    check(cfg)
+    check(cfg, methods)
     out = args.out or runs.default_out(REPO / "runs", {"config": config, "methods": methods})
     runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
     streams.run_experiment(lambda: build(cfg, args), methods=methods, config=config, out=out,

@@ -6,9 +6,9 @@ that policy's log-probabilities (DPO's reference: no reference model is kept). T
 once (cached and shared by every method); every later round by the chosen method, whose old rounds are
 
 * their training pairs with their own stored reference log-probabilities (``replay``: DPO on old pairs), and
-* the chosen sequences of a buffer of them with the token distributions of the network entering the round,
-  stored as top-k (:mod:`fipjax.sequences`; ``fip``: the Bhattacharyya penalty on them, ``fip-geodesic``: G pulled
-  back through the token distributions).
+* the chosen sequences of a buffer of them, for ``fip`` with the token distributions of the network entering the
+  round stored as top-k (:mod:`fipjax.sequences`; the Bhattacharyya penalty on them), for ``fip-geodesic`` as the
+  inputs through whose next-token distributions (at the current weights) G is pulled back.
 
 After every round each round's held-out prompts are answered by the policy and scored by that round's reward (the
 R matrix of rewards), and the implicit-reward preference accuracy on held-out pairs, the per-token KL to the base
@@ -178,9 +178,11 @@ class Policy:
     return out
 
   def preference_accuracy(self, params, pairs: Mapping[str, Any], batch_size: int) -> float:
-    """Share of pairs whose implicit reward ranks the chosen response first (margin Δ > 0)."""
+    """Share of pairs whose implicit reward ranks the chosen response first (margin Δ > 0), over the pairs whose
+    rewards differ (a tie prefers neither)."""
     rows = {k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
-    return float(np.mean(in_batches(lambda b, _: self._margins(params, b), rows, batch_size) > 0))
+    margins = in_batches(lambda b, _: self._margins(params, b), rows, batch_size)
+    return float(np.mean((margins > 0)[pairs["reward_chosen"] != pairs["reward_rejected"]]))
 
   def reference_topk(self, params, seqs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """The stored top-k reference of ``params`` on sequences: (ids, logprobs, log_tail) ``[N, T−1(, k)]``."""
@@ -206,15 +208,16 @@ class DriftTracker(runs.Observer):
   """Every ``record_every`` steps: the new round's DPO loss and the mean compressed Bhattacharyya distance of the
   old rounds' token distributions (a probe of each buffer) to those of the network entering the round."""
 
-  def __init__(self, policy: Policy, probes: Mapping[str, Mapping], to_model: Callable, record_every: int):
+  def __init__(self, policy: Policy, probes: Mapping[str, Mapping], to_model: Callable, record_every: int,
+               step_offset: int = 0):
     self.policy, self.probes, self.to_model, self.every = policy, probes, to_model, record_every
-    self.rows: list[dict] = []
+    self.offset, self.rows = step_offset, []
 
   def observe(self, state, row, last):
     if self.probes and (last or state.step % self.every == 0):
       params = self.to_model(state.train_params)
       d = np.mean([self.policy.mean_distance(params, p) for p in self.probes.values()])
-      self.rows.append({"step": state.step, "new_loss": row["new_loss"], "distance": float(d)})
+      self.rows.append({"step": self.offset + state.step, "new_loss": row["new_loss"], "distance": float(d)})
 
   def dump(self):
     return self.rows
@@ -371,9 +374,9 @@ class AlignmentRunner:
     return params, pairs
 
   def _old_rounds(self, params, old_pairs: Mapping[str, dict], k: int):
-    """(OldTask per earlier round, its replay buffer, its drift probe, stored reference bytes): each buffer holds
-    pairs with their own reference log-probabilities and, on the chosen sequences, the top-k distributions of
-    ``params`` (the policy entering round k)."""
+    """(OldTask per earlier round, its replay buffer, its drift probe, the bytes of the stored top-k references):
+    each buffer holds pairs with their own reference log-probabilities and, on the chosen sequences, the top-k
+    distributions of ``params`` (the policy entering round k) at every position."""
     olds, buffers, probes, stored = {}, {}, {}, 0
     for j, (name, pairs) in enumerate(old_pairs.items()):
       n = len(pairs["ref_chosen"])
@@ -382,7 +385,7 @@ class AlignmentRunner:
       rows = jax.tree.map(lambda a: a[idx], {k_: pairs[k_] for k_ in ("chosen", "rejected", "ref_chosen",
                                                                          "ref_rejected")})
       rows["ref"] = self.policy.reference_topk(params, rows["chosen"])
-      stored += sequences.TopK(*rows["ref"]).bytes_per_token() * int(rows["chosen"]["response_mask"].sum())
+      stored += sum(a.nbytes for a in rows["ref"])
       buffers[name] = data.ReplayBuffer(data.Arrays(rows, np.zeros(len(idx), np.int32)), None, seed=self.seed + j)
       probe = min(self.run.probe_size, len(idx))
       probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["chosen"]),
@@ -408,17 +411,18 @@ class AlignmentRunner:
       return done
     params, old_pairs = first[0], {self.rounds[0].name: first[1]}
     held_out = dict(held_out)
-    rows, history, drift, steps_run, peaks, stored = list(rows01), [], [], [], [], []
+    rows, history, drift, steps_run, peaks, stored, train_s = list(rows01), [], [], [], [], [], 0.0
     ckpt, t0 = run_dir.checkpoints(name), time.perf_counter()
     for k in range(1, len(self.rounds)):
       rnd, stage_dir = self.rounds[k], ckpt / f"after_round{k + 1}"
       pairs = self.pairs(params, k, "train")
-      held_out.setdefault(rnd.name, self.pairs(params, k, "test"))
+      if rnd.name not in held_out:
+        held_out[rnd.name] = self.pairs(params, k, "test")
       if checkpoint.is_complete(stage_dir):          # an intermediate round finished before a kill
         meta = checkpoint.load_meta(stage_dir)
         params = checkpoint.restore(stage_dir, params)
-        rows, history, drift, steps_run, peaks, stored = (meta[x] for x in ("rows", "history", "drift", "steps",
-                                                                            "peaks", "stored"))
+        rows, history, drift, steps_run, peaks, stored, train_s = (
+            meta[x] for x in ("rows", "history", "drift", "steps", "peaks", "stored", "train_s"))
         old_pairs[rnd.name] = pairs
         continue
       olds, buffers, probes, stored_bytes = self._old_rounds(params, old_pairs, k)
@@ -431,10 +435,12 @@ class AlignmentRunner:
       batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
       peaks.append(continual.step_peak_bytes(method, params, next(batches(0))))
       stored.append(stored_bytes if continual.parse_name(registry_name(name))[0] == "fip" else 0)
-      tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every)
+      tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every, len(history))
       runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
+      t_train = time.perf_counter()
       params, hist, _ = self._train(method, params, pairs, steps, self.seed + 100 * k, ckpt / f"round{k + 1}",
                                     buffers, tracker, name=f"{name} ({rnd.name})")
+      train_s += time.perf_counter() - t_train
       steps_run.append(steps)
       history += hist
       drift += [{**r, "round": k + 1} for r in tracker.rows]
@@ -442,8 +448,7 @@ class AlignmentRunner:
       old_pairs[rnd.name] = pairs
       if k < len(self.rounds) - 1:
         checkpoint.save(stage_dir, params, {"rows": rows, "history": history, "drift": drift, "steps": steps_run,
-                                            "peaks": peaks, "stored": stored})
-    train_time = time.perf_counter() - t0
+                                            "peaks": peaks, "stored": stored, "train_s": train_s})
     names = [r.name for r in self.rounds]
     reward = np.array([r["reward"] for r in rows])          # row 0: the base model; row i: after round i
     result = {
@@ -456,13 +461,10 @@ class AlignmentRunner:
         "validation_reward": dict(zip(names, self.evaluate(params, {}, "val")["reward"])),
         "weight_change": continual.fractional_weight_change(params, first[0]),
         "steps": steps_run,
-        "train_time_s": train_time,
-        "steps_per_s": sum(steps_run) / train_time,
+        "train_time_s": train_s,            # the training loops (a round resumed mid-way: its resumed part)
+        "wall_time_s": time.perf_counter() - t0,      # this process: pairs, references, evaluations included
         "peak_step_memory_bytes": max(peaks),
         "stored_reference_bytes": int(max(stored)),
-        "stored_reference_bytes_per_token": sequences.TopK(
-            np.zeros((1, self.pref.top_k), np.uint16), np.zeros((1, self.pref.top_k), np.float32),
-            np.zeros(1, np.float32)).bytes_per_token(),
         "final_loss": history[-1]["loss"],
         "loss_curve": [r["loss"] for r in history],
         "drift": {k_: [r[k_] for r in drift] for k_ in ("step", "distance", "new_loss")},
@@ -485,7 +487,7 @@ class AlignmentRunner:
     results = {"methods": {}, "rewards": {r.name: r.reward_id for r in self.rounds}}
     for name in methods:
       results["methods"][name] = self.run_method(name, first, rows01, held_out, run_dir)
-      self.timings[f"rounds_{name}"] = results["methods"][name]["train_time_s"]
+      self.timings[f"rounds_{name}"] = results["methods"][name]["wall_time_s"]
     results["timings"] = self.timings
     return results
 

@@ -564,8 +564,9 @@ def peak_bytes(compiled) -> int:
 
 
 def step_peak_bytes(method: Method, model_params: PyTree, batch: Batch) -> int:
-  """Peak memory of one training step of ``method`` on ``batch`` (compiled once more, not run)."""
-  step, *args = train_step(method, model_params, donate=False)
+  """Peak memory of one training step of ``method`` on ``batch`` as :func:`fit` runs it (donating the trained
+  parameters' and optimiser state's buffers), compiled once more, not run."""
+  step, *args = train_step(method, model_params)
   return peak_bytes(step.lower(*args, batch).compile())
 
 

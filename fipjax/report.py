@@ -126,10 +126,12 @@ def plot(out: pathlib.Path, methods: dict) -> None:
 ALIGNMENT_DEFINITIONS = """Definitions. R[i, j] = mean reward of round j's test prompts (one sampled completion each, the
 same sampling keys for every policy) after round i; row 0 is the base model. Reward forgetting = R[j, j] − R[T, j]
 for each earlier round j. Preference accuracy = share of a round's held-out pairs (sampled from the policy
-entering that round) whose implicit reward β(log π − log π_ref) ranks the chosen completion first. KL to base =
+entering that round; ties left out) whose implicit reward β(log π − log π_ref) ranks the chosen completion first
+(IPO: per-token mean log-probabilities). KL to base =
 mean per-token KL(π ‖ π_base) and perplexity = exp(mean NLL), both teacher-forced on held-out reviews. Peak step
 memory = XLA's memory analysis of one training step. Stored references = the bytes FIP keeps of the old rounds'
-token distributions (top-k ids, log-probabilities and the tail's mass per response token). Drift = mean
+token distributions (top-k ids, log-probabilities and the tail's mass at every position of the buffer's
+sequences). Time = the training loops of the later rounds. Drift = mean
 compressed Bhattacharyya distance of the old rounds' token distributions to those of the policy entering the
 round, on a probe of each buffer."""
 

@@ -82,6 +82,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, finished):
 @pytest.mark.parametrize("args, message", [
     (("--train-prompts", "100000"), "--train-prompts + --val-prompts"),
     (("--batch-size", "16"), "than one batch of 16 (--batch-size)"),
+    (("--buffer-size", "1"), "fewer pairs than one replay batch"),
+    (("--method", "dpo,fip-dpo", "--distance", "squared_euclidean"), "no compressed form"),
+    (("--test-prompts", "100000"), "--test-prompts + --held-out-texts"),
 ])
 def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
   assert _run(tmp_path, *args, cache="cache_bad") == 2
