@@ -47,9 +47,13 @@ def merge_by_seed(results: list[dict]) -> list[dict]:
 
 
 def _cell(results: list[dict]):
+  """``cell(method, get)``: mean ± sample std over the seeds that ran the method (their count when fewer)."""
   def cell(name, get, digits=3):
     vals = np.array([get(r["methods"][name]) for r in results if name in r["methods"]], float)
-    return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.{digits}f}"
+    if len(vals) == 1 < len(results):
+      return f"{vals[0]:.{digits}f} (1 seed)"
+    fewer = f" ({len(vals)} seeds)" if len(vals) < len(results) else ""
+    return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.{digits}f}{fewer}"
   return cell
 
 
