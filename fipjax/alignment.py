@@ -352,7 +352,8 @@ class AlignmentRunner:
   def first_round(self) -> tuple[PyTree, dict]:
     """(the policy after DPO on the first round, that round's training pairs), trained once per key."""
     pairs = self.pairs(self.base, 0, "train")
-    steps = _num_steps(self.first.stage1_steps, self.first.stage1_epochs, pairs, self.optim.batch_size)
+    steps = continual.num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(pairs["ref_chosen"]),
+                                self.optim.batch_size)
     method = continual.naive(self.task_loss, optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay))
     name = f"round 1 ({self.rounds[0].name})"
     if self.cache is None:
@@ -431,7 +432,8 @@ class AlignmentRunner:
         method = continual.build(registry_name(name), ctx, self.hp, self.optim)
       except ValueError as e:
         raise runs.UsageError(str(e)) from None
-      steps = _num_steps(self.stages.steps, self.stages.epochs, pairs, self.optim.batch_size)
+      steps = continual.num_steps(self.stages.steps, self.stages.epochs, len(pairs["ref_chosen"]),
+                                  self.optim.batch_size)
       batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
       peaks.append(continual.step_peak_bytes(method, params, next(batches(0))))
       stored.append(stored_bytes if continual.parse_name(registry_name(name))[0] == "fip" else 0)
@@ -467,12 +469,13 @@ class AlignmentRunner:
         "stored_reference_bytes": int(max(stored)),
         "final_loss": history[-1]["loss"],
         "loss_curve": [r["loss"] for r in history],
+        **continual.solver_curves(history),
         "drift": {k_: [r[k_] for r in drift] for k_ in ("step", "distance", "new_loss")},
     }
     run_dir.save_part(name, result)
     runs.log(f"{name}: reward after round 1 → after round {len(names)}: " + ", ".join(
         f"{n} {reward[1, j]:.3f} → {reward[-1, j]:.3f}" for j, n in enumerate(names)) +
-        f"; KL to base {rows[-1]['kl_to_base']:.4f}")
+        f"; KL to base {rows[-1]['kl_to_base']:.4f}" + continual.solver_summary(result))
     return result
 
   def run_all(self, methods: Sequence[str], base_params: PyTree, run_dir: runs.RunDir) -> dict:
@@ -490,8 +493,3 @@ class AlignmentRunner:
       self.timings[f"rounds_{name}"] = results["methods"][name]["wall_time_s"]
     results["timings"] = self.timings
     return results
-
-
-def _num_steps(explicit: int | None, epochs: float, pairs: dict, batch_size: int) -> int:
-  n = len(pairs["ref_chosen"])
-  return int(explicit) if explicit is not None else max(1, int(epochs * n // batch_size))

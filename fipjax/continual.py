@@ -153,7 +153,19 @@ def fip_geodesic(task_loss: TaskLoss, f_old: Old, *, learning_rate: float, dampi
       paths.geodesic_direction(f_old, damping=damping, max_norm=max_norm,
                                max_quad=max_quad, cg_iters=cg_iters, chunk_size=chunk_size),
       optax.scale(-learning_rate))
-  method = naive(task_loss, optimizer, **kw)
+  return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name)
+
+
+def fip_preconditioned(task_loss: TaskLoss, f_old: Old, base: optax.GradientTransformation, *, kappa: float,
+                       cg_iters: int = 5, chunk_size: int | None = None, name: str = "fip-geodesic", **kw) -> Method:
+  """FIP, geodesic form on a diagonal optimiser (AdamW): its step solved against ``κ G + its own metric``
+  (:func:`fipjax.paths.functional_precondition`): AdamW's step in G's null space, shrunk in G's range."""
+  optimizer = paths.functional_precondition(base, f_old, kappa=kappa, cg_iters=cg_iters, chunk_size=chunk_size)
+  return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name)
+
+
+def _on_replay_inputs(method: Method, f_old: Old, name: str) -> Method:
+  """``method`` with replay batches whose inputs reach its optimiser as ``ref_inputs`` (G's reference inputs)."""
   ref_inputs = lambda replay: (replay["inputs"] if not isinstance(f_old, Mapping)
                                 else {name_: replay[name_]["inputs"] for name_ in f_old})
   return dataclasses.replace(method, name=name, needs_replay=True,
@@ -307,7 +319,14 @@ class MethodConfig:
   lora_lr: float = cf.option(5e-4, "AdamW learning rate of the LoRA methods", cf.positive)
   ewc_strength: float = cf.option(1e6, "EWC penalty strength λ in (λ/2) Σ F (θ − θ*)²", cf.non_negative)
   ewc_samples: int = cf.option(2000, "buffer rows per old task in EWC's per-example Fisher", cf.positive)
-  geodesic_lr: float = cf.option(2e-5, "fip-geodesic: step size on the CG direction", cf.positive)
+  geodesic_form: str = cf.option(
+      "gradient", "fip-geodesic: 'gradient' solves (G + λI) dθ = −∇L and scales by --geodesic-lr; 'adam' solves "
+      "(κG + D) dθ = D u with u AdamW's step (the methods' learning rate) and D = √v̂ + ε its diagonal metric: "
+      "AdamW in G's null space, shrunk in its range",
+      cf.one_of("gradient", "adam"))
+  geodesic_kappa: float = cf.option(1.0, "fip-geodesic, adam form: weight κ of the functional metric G",
+                                    cf.non_negative)
+  geodesic_lr: float = cf.option(2e-5, "fip-geodesic, gradient form: step size on the CG direction", cf.positive)
   geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
   geodesic_cg_iters: int = cf.option(5, "fip-geodesic: CG iterations per step", cf.positive)
   geodesic_max_norm: float | None = cf.option(None, "fip-geodesic: bound on the direction's norm (none: no bound)",
@@ -373,7 +392,10 @@ def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
   return penalised("fip", ctx.task_loss, penalty, optimizer)
 
 
-def _build_geodesic(ctx: StageContext, hp: MethodConfig, in_lora: bool) -> Method:
+def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: bool) -> Method:
+  if hp.geodesic_form == "adam":
+    return fip_preconditioned(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
+                              kappa=hp.geodesic_kappa, cg_iters=hp.geodesic_cg_iters)
   return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
                       learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
                       max_norm=hp.lora_geodesic_max_norm if in_lora else hp.geodesic_max_norm,
@@ -406,7 +428,7 @@ def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
 REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
     "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
     "fip": lambda ctx, hp, opt, in_lora: _build_fip(ctx, hp, opt),
-    "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, in_lora),
+    "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, opt, in_lora),
     "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
     "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),
     "si": lambda ctx, hp, opt, in_lora: _build_si(ctx, hp, opt),
@@ -528,7 +550,7 @@ def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True)
     with jax.named_scope("update"):
       updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
                                                    **method.extra_args(batch))
-    metrics = {**metrics, "step_length": tu.tree_norm(updates)}
+    metrics = {**metrics, "step_length": tu.tree_norm(updates), **paths.solver_metrics(opt_state)}
     return optax.apply_updates(trainable, updates), opt_state, loss, metrics
 
   return jax.jit(step, donate_argnums=(0, 2) if donate else ())
@@ -541,6 +563,11 @@ def init_train_state(method: Method, model_params: PyTree) -> tuple[TrainState, 
   trainable = train_params if mask is None else tu.select(train_params, mask)
   optimizer = optax.with_extra_args_support(method.optimizer)
   return TrainState(0, train_params, optimizer.init(trainable)), mask
+
+
+def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -> int:
+  """``explicit`` steps, or ``epochs`` passes over ``rows`` in batches of ``batch_size`` (at least one step)."""
+  return int(explicit) if explicit is not None else max(1, int(epochs * rows // batch_size))
 
 
 def train_step(method: Method, model_params: PyTree, *, donate: bool = True):
@@ -634,6 +661,23 @@ def forgetting(r: np.ndarray) -> float:
   r = np.asarray(r)
   t = r.shape[0]
   return float(np.mean([r[:-1, j].max() - r[-1, j] for j in range(t - 1)]))
+
+
+def solver_curves(history: list[dict]) -> dict:
+  """``{"solver": {"cg_residual": [...], "cg_iterations": [...]}}``, one entry per step, for methods whose steps
+  solve with CG (see :func:`fipjax.paths.solver_metrics`); ``{}`` for the others."""
+  if not history or "cg_residual" not in history[0]:
+    return {}
+  return {"solver": {k: [row[k] for row in history] for k in ("cg_residual", "cg_iterations")}}
+
+
+def solver_summary(curves: dict) -> str:
+  """One log line from :func:`solver_curves`' output ('' without a solver)."""
+  if "solver" not in curves:
+    return ""
+  res, its = np.asarray(curves["solver"]["cg_residual"]), np.asarray(curves["solver"]["cg_iterations"])
+  return (f"; CG relative residual median {np.median(res):.2g}, max {res.max():.2g}, "
+          f"{its.mean():.1f} iterations per step")
 
 
 def cl_metrics(r: np.ndarray) -> dict[str, float]:

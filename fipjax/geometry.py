@@ -126,6 +126,13 @@ class Metric:
     """G + λI."""
     return Metric(lambda v: tu.tree_axpy(damping, v, self.matvec(v)), self.like)
 
+  def sandwiched(self, s: PyTree) -> "Metric":
+    """``S G S`` with ``S = diag(s)``, ``s`` a pytree like ``like``: G in coordinates rescaled by s (a diagonal
+    preconditioner's square root)."""
+    tu.check_same_structure(self.like, s, "sandwiching a metric (scales vs parameters)")
+    scale = lambda v: jax.tree.map(jnp.multiply, s, v)
+    return Metric(lambda v: scale(self.matvec(scale(v))), self.like)
+
   def restrict(self, mask: PyTree) -> "Metric":
     """The metric on the parameters where the boolean pytree ``mask`` is True (others frozen at zero change).
 
@@ -161,19 +168,24 @@ class Metric:
     signs = jax.random.rademacher(key, (num_samples, self.dim), dtype=self.dtype)
     return jnp.mean(jax.lax.map(lambda z: jnp.vdot(z, mv(z)), signs))
 
-  def eigh(self, k: int, *, which: str = "largest", num_iters: int | None = None,
-           key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
-    """k extreme eigenpairs by matrix-free Lanczos with full re-orthogonalisation.
+  def eigh(self, k: int, *, which: str = "largest", num_iters: int | None = None, max_iters: int | None = None,
+           tol: float | None = None, key: jax.Array | None = None,
+           on_unconverged: str = "warn") -> linalg.EighResult:
+    """k extreme eigenpairs by matrix-free Lanczos with full re-orthogonalisation, the Krylov space grown until
+    every pair's residual is within ``tol · ‖G‖`` (see :func:`fipjax.linalg.lanczos_eigh`; a
+    :class:`~fipjax.linalg.ConvergenceWarning` when ``max_iters`` is not enough).
 
     The smallest eigenvalues' eigenvectors span the functionally invariant directions.
 
     Returns:
-      (eigenvalues [k], eigenvectors: a pytree like ``like`` whose leaves have a leading axis k).
+      :class:`~fipjax.linalg.EighResult`: eigenvalues ``[k]``, eigenvectors as a pytree like ``like`` whose
+      leaves have a leading axis k, residual norms ``[k]``, the tolerance and the Krylov size used.
     """
-    evals, evecs = linalg.lanczos_eigh(self.flat_matvec(), self.dim, k, which=which, num_iters=num_iters,
-                                       key=key, dtype=self.dtype)
+    result = linalg.lanczos_eigh(self.flat_matvec(), self.dim, k, which=which, num_iters=num_iters,
+                                 max_iters=max_iters, tol=tol, key=key, dtype=self.dtype,
+                                 on_unconverged=on_unconverged)
     _, unravel = tu.ravel_fn(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.like))
-    return evals, jax.vmap(unravel)(evecs)
+    return result._replace(eigenvectors=jax.vmap(unravel)(result.eigenvectors))
 
 
 def num_rows(inputs: PyTree) -> int:

@@ -29,7 +29,8 @@ class GeodesicInfo(NamedTuple):
   step_norm: jax.Array       # ‖dθ‖ after scaling
   quad: jax.Array            # dθᵀ G dθ after scaling (undamped G); NaN where not measured
   scale: jax.Array           # factor applied to the CG solution (≤ 1)
-  cg_residual: jax.Array     # ‖(G+λI)x − (−β∇L)‖ at CG exit
+  cg_residual: jax.Array     # ‖(G+λI)x − rhs‖ at CG exit
+  cg_relative_residual: jax.Array   # the same over ‖rhs‖: what ``cg_tol`` bounds
   cg_iterations: jax.Array
   solution: PyTree           # the unscaled CG solution, to warm-start the next step
 
@@ -62,8 +63,9 @@ def solve_and_scale(metric: geometry.Metric, rhs: PyTree, x0: PyTree | None, *, 
     quad = metric.quad(sol.x)
   if max_quad is not None:
     scale = jnp.minimum(scale, jnp.sqrt(max_quad / jnp.maximum(quad, 1e-30)))
+  relative = sol.residual_norm / jnp.maximum(tu.tree_norm(rhs), jnp.finfo(norm.dtype).tiny)
   info = GeodesicInfo(jnp.zeros((), norm.dtype), norm * scale, quad * scale**2, scale, sol.residual_norm,
-                      sol.iterations, sol.x)
+                      relative, sol.iterations, sol.x)
   return tu.tree_scale(scale, sol.x), info
 
 
@@ -161,6 +163,19 @@ class PathRecord:
     return len(self.rows)
 
 
+def old_task_metric(f: geometry.Apply | Mapping[str, geometry.Apply], params: PyTree, ref_inputs: PyTree,
+                    model_fn: Callable[[PyTree], PyTree] | None, *, output_metric, chunk_size: int | None,
+                    who: str) -> geometry.Metric:
+  """G at ``params``: the pull-back through ``f`` (after ``model_fn``) on ``ref_inputs``; with several old tasks
+  (mappings by name) the mean of their metrics. ``who`` names the caller in the error for missing arguments."""
+  if params is None or ref_inputs is None:
+    raise ValueError(f"{who} needs params and the extra argument ref_inputs")
+  fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
+  pull = lambda fn, x: geometry.pullback_metric(fn if model_fn is None else (lambda p, z: fn(model_fn(p), z)),
+                                                params, x, output_metric, chunk_size=chunk_size)
+  return (1.0 / len(fs)) * sum(pull(fn, xs[name]) for name, fn in fs.items())
+
+
 class GeodesicState(NamedTuple):
   solution: PyTree           # last CG solution (warm start)
   info: GeodesicInfo | None = None
@@ -185,19 +200,94 @@ def geodesic_direction(f: geometry.Apply | Mapping[str, geometry.Apply], *, damp
 
   def init(params):
     zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
-    info = GeodesicInfo(zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32), None)
+    info = GeodesicInfo(zero, zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32), None)
     return GeodesicState(tu.tree_zeros_like(params), info)
 
   def update(grads, state, params=None, *, ref_inputs=None, model_fn=None, **_):
-    if params is None or ref_inputs is None:
-      raise ValueError("geodesic_direction needs params and the extra argument ref_inputs")
-    fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
-    pull = lambda fn, x: geometry.pullback_metric(fn if model_fn is None else (lambda p, z: fn(model_fn(p), z)),
-                                                  params, x, output_metric, chunk_size=chunk_size)
-    metric = (1.0 / len(fs)) * sum(pull(fn, xs[name]) for name, fn in fs.items())
+    metric = old_task_metric(f, params, ref_inputs, model_fn, output_metric=output_metric, chunk_size=chunk_size,
+                             who="geodesic_direction")
     # The quad costs one more G·v per update: measured only when it is bounded.
     direction, info = solve_and_scale(metric, grads, state.solution, damping=damping, max_norm=max_norm,
                                       max_quad=max_quad, cg_iters=cg_iters, cg_tol=cg_tol, measure_quad=False)
     return direction, GeodesicState(info.solution, info._replace(solution=None))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+class PreconditionedState(NamedTuple):
+  base: PyTree               # the diagonal optimiser's state
+  geodesic: GeodesicState    # warm start (in the scaled coordinates) and the last solve's info
+
+
+def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8) -> Callable[[PyTree], PyTree]:
+  """``base_state -> P``, Adam's diagonal preconditioner ``1 / (√v̂ + ε)`` read from the (first)
+  ``optax.ScaleByAdamState`` in an optimiser state (``optax.adam``/``adamw`` with these ``b2``, ``eps``)."""
+  import optax
+
+  def diagonal(base_state):
+    found = [s for s in jax.tree.leaves(base_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    if not found:
+      raise ValueError("adam_diagonal: the base optimiser's state holds no optax.ScaleByAdamState; pass the "
+                       "diagonal of your preconditioner as `diagonal`")
+    nu, count = found[0].nu, found[0].count
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / (1.0 - b2 ** count.astype(v.dtype))) + eps), nu)
+
+  return diagonal
+
+
+def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, kappa: float,
+                            diagonal: Callable[[PyTree], PyTree] | None = None,
+                            output_metric: str | geometry.OutputMetric = "fisher_rao", cg_iters: int = 5,
+                            cg_tol: float = 1e-6, chunk_size: int | None = None):
+  """A diagonal optimiser's step, shrunk in the old task's functional directions.
+
+  With ``u`` the update of ``base`` (e.g. AdamW's, ``−lr·(m̂/(√v̂+ε) + wd·θ)``) and ``P`` its diagonal
+  preconditioner (``diagonal(base_state)``; Adam's ``1/(√v̂+ε)`` by default), the step solves
+  ``(I + κ P G) dθ = u``, i.e. ``(κ G + P⁻¹) dθ = P⁻¹ u``: the optimiser's metric ``P⁻¹`` plus κ times the
+  functional metric G. In G's null space the step is exactly ``base``'s; along an eigendirection of
+  ``P^½ G P^½`` with eigenvalue μ it is shrunk by ``1/(1 + κμ)``. CG runs on the symmetric form
+  ``(I + κ P^½ G P^½) y = P^-½ u``, ``dθ = P^½ y`` (eigenvalues ≥ 1), from ``P^-½ u`` less the previous
+  step's shrinkage: the residual then lies in G's range, where the iterations go. The solve's residual and
+  iterations are in the state (:func:`solver_metrics`). ``κ = 0`` is ``base`` itself.
+
+  ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``: the final update (``base``'s learning rate included).
+  """
+  import optax
+  diagonal = adam_diagonal() if diagonal is None else diagonal
+
+  def init(params):
+    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+    info = GeodesicInfo(zero, zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32), None)
+    return PreconditionedState(base.init(params), GeodesicState(tu.tree_zeros_like(params), info))
+
+  def update(grads, state, params=None, *, ref_inputs=None, model_fn=None, **_):
+    metric = old_task_metric(f, params, ref_inputs, model_fn, output_metric=output_metric, chunk_size=chunk_size,
+                             who="functional_precondition")
+    u, base_state = base.update(grads, state.base, params)
+    root = jax.tree.map(jnp.sqrt, diagonal(base_state))
+    scaled = kappa * metric.sandwiched(root)
+    rhs = jax.tree.map(jnp.divide, u, root)
+    # y = rhs − z with z in G's range: starting CG from rhs − z_prev keeps the null-space part exact (there the
+    # operator is I), so the few iterations go to the range alone; the state keeps z, the shrinkage.
+    x0 = tu.tree_sub(rhs, state.geodesic.solution)
+    y, info = solve_and_scale(scaled, rhs, x0, damping=1.0, cg_iters=cg_iters, cg_tol=cg_tol, measure_quad=False)
+    step = jax.tree.map(jnp.multiply, root, y)
+    info = info._replace(step_norm=tu.tree_norm(step), solution=None)
+    return step, PreconditionedState(base_state, GeodesicState(tu.tree_sub(rhs, y), info))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def solver_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
+  """The last CG solve of a :func:`geodesic_direction` inside an optimiser state, as step metrics:
+  ``cg_residual`` (relative, ‖(G+λI)x − g‖ / ‖g‖) and ``cg_iterations``; empty where there is none."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GeodesicState))
+           if isinstance(s, GeodesicState) and s.info is not None]
+  if not found:
+    return {}
+  info = found[0].info
+  return {"cg_residual": info.cg_relative_residual, "cg_iterations": info.cg_iterations}

@@ -194,10 +194,6 @@ class GeneratedReplay:
     return self._draw(self.generator, self.teacher, jax.random.fold_in(self.key, step), batch_size)
 
 
-def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -> int:
-  return int(explicit) if explicit is not None else max(1, int(epochs * rows // batch_size))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Records along a stage.
 
@@ -342,8 +338,8 @@ class Runner:
              "task": task.name, "data": task.splits["train"].digest(),
              "optim": cf.to_dict(self.optim), "first": cf.to_dict(self.first), "seed": self.seed,
              "records": ["si_path_integral"]}
-    steps = num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(task.splits["train"]),
-                      self.optim.batch_size)
+    steps = continual.num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(task.splits["train"]),
+                                self.optim.batch_size)
     # Every first stage records SI's path integral (one multiply-add per parameter and step), so one cached
     # network serves every method.
     adamw = optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay)
@@ -413,7 +409,8 @@ class Runner:
     ckpt = run_dir.checkpoints(name)
     for k in range(1, len(tasks)):
       task, stage_dir = tasks[k], ckpt / f"after_stage{k + 1}"
-      steps = num_steps(self.stages.steps, self.stages.epochs, len(task.splits["train"]), self.optim.batch_size)
+      steps = continual.num_steps(self.stages.steps, self.stages.epochs, len(task.splits["train"]),
+                                  self.optim.batch_size)
       steps_run.append(steps)
       if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill
         meta = checkpoint.load_meta(stage_dir)
@@ -481,12 +478,13 @@ class Runner:
         "steps_per_s": sum(steps_run) / train_time,
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [row["loss"] for row in history],
+        **continual.solver_curves(history),
         "path": {k: [r[k] for r in records] for k in paths.PathRecord.FIELDS},
         **({"generators": _infos(memory)} if _infos(memory) else {}),
     }
     run_dir.save_part(name, result)
     runs.log(f"{name}: " + ", ".join(f"{n} {r[0, j]:.3f} → {r[-1, j]:.3f}" for j, n in enumerate(names)) +
-             f", weight change {result['weight_change']:.4f}")
+             f", weight change {result['weight_change']:.4f}" + continual.solver_summary(result))
     return result
 
   def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:

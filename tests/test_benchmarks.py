@@ -9,6 +9,7 @@ from benchmarks import run as bench
 KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "fip_over_naive_peak_memory",
         "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time", "ours_over_torch_step_time",
         "gv_with_linearization_over_grad_time", "gv_over_grad_flops", "gv_with_linearization_over_grad_flops",
+        "geodesic_over_penalty_step_time",
         *(f"{m}_over_naive_step_time" for m in bench.BASELINES), *bench.DPO_KEYS)
 
 
@@ -20,7 +21,7 @@ def test_benchmark_json_has_every_ratio(tmp_path):
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
-  assert set(result["geodesic_over_naive_time_by_cg_iters"]) == {"1"}
+  assert set(result["geodesic_over_naive_time_by_cg_iters"]) == {"1"} and result["geodesic_over_penalty_cg_iters"] == 1
   assert set(result["config"]) >= {"model", "batch", "replay_batch", "seq", "dtype", "device", "threads"}
   assert 0 < result["authors_frozen_forward_share"] < 1
   assert set(result["model_scaling"]["random:1:64"]) == {"params", "gv_s", "gv_with_linearization_s", "grad_s",

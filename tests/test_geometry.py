@@ -153,7 +153,9 @@ def test_lanczos_matches_eigh(x64, which):
   dense = np.asarray(metric.dense())
   exact = np.linalg.eigvalsh(dense)
   k = 4
-  evals, evecs = metric.eigh(k, which=which, num_iters=metric.dim, key=jax.random.PRNGKey(0))
+  res = metric.eigh(k, which=which, num_iters=metric.dim, key=jax.random.PRNGKey(0))
+  evals, evecs = res.eigenvalues, res.eigenvectors
+  assert bool(np.all(res.converged)) and res.num_iters == metric.dim
   expected = exact[::-1][:k] if which == "largest" else exact[:k]
   np.testing.assert_allclose(evals, expected, rtol=1e-6, atol=1e-9)
   ravel = tu.ravel_fn(params)[0]
@@ -166,7 +168,9 @@ def test_lanczos_top_eigenvalues_converge_with_small_krylov_space(x64):
   f, params, x = _attention_problem()
   metric = geometry.pullback_metric(f, params, x, "euclidean")
   exact = np.linalg.eigvalsh(np.asarray(metric.dense()))[::-1]
-  evals, _ = metric.eigh(2, num_iters=30, key=jax.random.PRNGKey(1))
+  res = metric.eigh(2, num_iters=30, max_iters=30, key=jax.random.PRNGKey(1))
+  evals = res.eigenvalues
+  assert res.num_iters == 30 and bool(np.all(res.converged))
   np.testing.assert_allclose(evals, exact[:2], rtol=1e-8)
 
 

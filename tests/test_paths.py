@@ -154,3 +154,59 @@ def test_path_record_accumulates():
   assert d["euclidean_length"] == [0.5, 1.0]
   np.testing.assert_allclose(d["functional_length"], [0.2, 0.5])
   assert len(record) == 2
+
+
+@pytest.mark.parametrize("cg_iters", [2, 200])
+def test_training_steps_report_each_cg_solve(x64, cg_iters):
+  """fip-geodesic's step metrics carry its solve's relative residual and iterations, equal to a dense check."""
+  from fipjax import continual
+  params, x_old, new_batch, loss_new = _problem()
+  lr, damping = 0.1, 1e-3
+  method = continual.fip_geodesic(lambda p, b, rng=None: loss_new(p, b), mlp, learning_rate=lr, damping=damping,
+                                  cg_iters=cg_iters)
+  final, _, history = continual.fit(method, params, iter([{"new": new_batch, "replay": {"inputs": x_old}}]), 1)
+  ravel, _ = tu.ravel_fn(params)
+  g_dense = geometry.pullback_metric(mlp, params, x_old, "fisher_rao").damped(damping).dense()
+  grad = ravel(jax.grad(loss_new)(params, new_batch))
+  x = (ravel(params) - ravel(final)) / lr
+  exact = float(jnp.linalg.norm(g_dense @ x - grad) / jnp.linalg.norm(grad))
+  row = history[0]
+  assert row["cg_iterations"] <= cg_iters and row["cg_residual"] == pytest.approx(exact, rel=1e-4, abs=1e-9)
+  assert (row["cg_residual"] > 1e-3) if cg_iters == 2 else (row["cg_residual"] <= 1e-6)
+  curves = continual.solver_curves(history)
+  assert curves == {"solver": {"cg_residual": [row["cg_residual"]], "cg_iterations": [row["cg_iterations"]]}}
+  assert "CG relative residual" in continual.solver_summary(curves)
+  assert continual.solver_curves([{"loss": 1.0}]) == {} and continual.solver_summary({}) == ""
+
+
+def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
+  """Two AdamW steps, each solved as (κG + D) dθ = D u (u AdamW's step, D = √v̂ + ε), against a dense solve;
+  κ = 0 is AdamW itself."""
+  params, x_old, new_batch, loss_new = _problem()
+  base = optax.adamw(1e-2, weight_decay=0.1)
+  kappa = 0.5
+  tx = paths.functional_precondition(base, mlp, kappa=kappa, cg_iters=300, cg_tol=1e-13)
+  plain = paths.functional_precondition(base, mlp, kappa=0.0, cg_iters=3)
+  ravel, unravel = tu.ravel_fn(params)
+  state, plain_state, base_state, theta = tx.init(params), plain.init(params), base.init(params), params
+  for _ in range(2):
+    grads = jax.grad(loss_new)(theta, new_batch)
+    step, state = tx.update(grads, state, theta, ref_inputs=x_old)
+    plain_step, plain_state = plain.update(grads, plain_state, theta, ref_inputs=x_old)
+    u, base_state = base.update(grads, base_state, theta)
+    chex.assert_trees_all_close(plain_step, u, atol=1e-15)
+    d = ravel(jax.tree.map(lambda v: jnp.sqrt(v / (1 - 0.999 ** base_state[0].count)) + 1e-8, base_state[0].nu))
+    g = np.asarray(geometry.pullback_metric(mlp, theta, x_old, "fisher_rao").dense())
+    expected = np.linalg.solve(kappa * g + np.diag(d), d * ravel(u))
+    np.testing.assert_allclose(ravel(step), expected, rtol=1e-8, atol=1e-14)
+    assert float(paths.solver_metrics(state)["cg_residual"]) <= 1e-12
+    theta = optax.apply_updates(theta, step)
+  # The shrinking happens in G's range: the step's functional change is smaller than AdamW's, its length less so.
+  g = np.asarray(geometry.pullback_metric(mlp, params, x_old, "fisher_rao").dense())
+  first = lambda t: ravel(t.update(jax.grad(loss_new)(params, new_batch), t.init(params), params, ref_inputs=x_old)[0])
+  s_fip, s_adam = first(tx), first(plain)
+  assert s_fip @ g @ s_fip < 0.5 * (s_adam @ g @ s_adam)
+  with pytest.raises(ValueError, match="ScaleByAdamState"):
+    paths.functional_precondition(optax.sgd(0.1), mlp, kappa=1.0).update(
+        jax.grad(loss_new)(params, new_batch), paths.functional_precondition(optax.sgd(0.1), mlp, kappa=1.0).init(
+            params), params, ref_inputs=x_old)
