@@ -157,19 +157,22 @@ def fip_geodesic(task_loss: TaskLoss, f_old: Old, *, learning_rate: float, dampi
 
 
 def fip_preconditioned(task_loss: TaskLoss, f_old: Old, base: optax.GradientTransformation, *, kappa: float,
-                       cg_iters: int = 5, chunk_size: int | None = None, name: str = "fip-geodesic", **kw) -> Method:
+                       corrector: bool = True, cg_iters: int = 5, name: str = "fip-geodesic", **kw) -> Method:
   """FIP, geodesic form on a diagonal optimiser (AdamW): its step solved against ``κ G + its own metric``
-  (:func:`fipjax.paths.functional_precondition`): AdamW's step in G's null space, shrunk in G's range."""
-  optimizer = paths.functional_precondition(base, f_old, kappa=kappa, cg_iters=cg_iters, chunk_size=chunk_size)
-  return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name)
+  (:func:`fipjax.paths.functional_precondition`): AdamW's step in G's null space, shrunk in G's range, and with
+  ``corrector`` pulled back towards the old outputs stored with the replay inputs."""
+  optimizer = paths.functional_precondition(base, f_old, kappa=kappa, corrector=corrector, cg_iters=cg_iters)
+  return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name, with_outputs=corrector)
 
 
-def _on_replay_inputs(method: Method, f_old: Old, name: str) -> Method:
-  """``method`` with replay batches whose inputs reach its optimiser as ``ref_inputs`` (G's reference inputs)."""
-  ref_inputs = lambda replay: (replay["inputs"] if not isinstance(f_old, Mapping)
-                                else {name_: replay[name_]["inputs"] for name_ in f_old})
+def _on_replay_inputs(method: Method, f_old: Old, name: str, *, with_outputs: bool = False) -> Method:
+  """``method`` with replay batches whose inputs reach its optimiser as ``ref_inputs`` (G's reference inputs),
+  and with ``with_outputs`` their stored old outputs as ``ref_outputs``."""
+  keys = {"ref_inputs": "inputs", **({"ref_outputs": "ref_outputs"} if with_outputs else {})}
+  pick = lambda replay, key: (replay[key] if not isinstance(f_old, Mapping)
+                              else {name_: replay[name_][key] for name_ in f_old})
   return dataclasses.replace(method, name=name, needs_replay=True,
-                             extra_args=lambda batch: {"ref_inputs": ref_inputs(batch["replay"])})
+                             extra_args=lambda batch: {arg: pick(batch["replay"], key) for arg, key in keys.items()})
 
 
 def ewc(task_loss: TaskLoss, optimizer: optax.GradientTransformation, anchor: PyTree, fisher: PyTree, *,
@@ -326,6 +329,8 @@ class MethodConfig:
       cf.one_of("gradient", "adam"))
   geodesic_kappa: float = cf.option(1.0, "fip-geodesic, adam form: weight κ of the functional metric G",
                                     cf.non_negative)
+  geodesic_corrector: bool = cf.option(True, "fip-geodesic, adam form: also pull the old outputs back towards "
+                                       "their stored references in the same solve (Gauss–Newton corrector)")
   geodesic_lr: float = cf.option(2e-5, "fip-geodesic, gradient form: step size on the CG direction", cf.positive)
   geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
   geodesic_cg_iters: int = cf.option(5, "fip-geodesic: CG iterations per step", cf.positive)
@@ -395,7 +400,8 @@ def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
 def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: bool) -> Method:
   if hp.geodesic_form == "adam":
     return fip_preconditioned(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
-                              kappa=hp.geodesic_kappa, cg_iters=hp.geodesic_cg_iters)
+                              kappa=hp.geodesic_kappa, corrector=hp.geodesic_corrector,
+                              cg_iters=hp.geodesic_cg_iters)
   return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
                       learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
                       max_norm=hp.lora_geodesic_max_norm if in_lora else hp.geodesic_max_norm,

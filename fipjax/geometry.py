@@ -10,7 +10,7 @@ weight-space metric ``G(θ) = Σ_n w_n J_nᵀ M_n J_n / Σ_n w_n`` with ``J_n = 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,19 @@ def matrix_metric(metric_matrix: Callable[[jax.Array], jax.Array]) -> OutputMetr
 
 
 OUTPUT_METRICS: dict[str, OutputMetric] = {"euclidean": euclidean, "fisher_rao": fisher_rao}
+
+
+def _fisher_rao_factor(z: jax.Array, u: jax.Array, transpose: bool) -> jax.Array:
+  """B u (or Bᵀ u) with ``BᵀB = diag(p) − p pᵀ``: ``B = diag(√p)(I − 1pᵀ)`` over the last axis."""
+  p = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1).astype(u.dtype)
+  if transpose:
+    su = jnp.sqrt(p) * u
+    return su - p * jnp.sum(su, axis=-1, keepdims=True)
+  return jnp.sqrt(p) * (u - jnp.sum(p * u, axis=-1, keepdims=True))
+
+
+OUTPUT_FACTORS = {"euclidean": lambda z, u, transpose: u, "fisher_rao": _fisher_rao_factor}
+"""``name -> factor(z, u, transpose)``: B u or Bᵀ u with ``M(z) = BᵀB`` (for :func:`pullback_factor`)."""
 
 
 def leafwise(metric: OutputMetric) -> Callable[[PyTree, PyTree], PyTree]:
@@ -186,6 +199,38 @@ class Metric:
                                  on_unconverged=on_unconverged)
     _, unravel = tu.ravel_fn(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.like))
     return result._replace(eigenvectors=jax.vmap(unravel)(result.eigenvectors))
+
+
+class Factor(NamedTuple):
+  """``Ĵ`` with ``G = ĴᵀĴ``: ``apply`` maps parameter pytrees to output space (``Ĵ v``), ``transpose`` back
+  (``Ĵᵀ w``); ``residual(z_ref)`` is ``N^-½ B (f(θ, x) − z_ref)`` (``‖·‖²`` the metric's squared distance to
+  reference outputs, to second order); ``outputs`` is a zero pytree of the output space's shape."""
+  apply: Callable[[PyTree], PyTree]
+  transpose: Callable[[PyTree], PyTree]
+  residual: Callable[[PyTree], PyTree]
+  outputs: PyTree
+
+
+def pullback_factor(f: Apply, params: PyTree, inputs: PyTree, output_metric: str = "fisher_rao") -> Factor:
+  """The square-root factor ``Ĵ = N^-½ B J`` of :func:`pullback_metric`'s uniform-weight G (``M = BᵀB``):
+  products in the N·K-dimensional output space, for solves whose parameter-space form is ill-conditioned.
+
+  Args:
+    f, params, inputs: as :func:`pullback_metric`.
+    output_metric: 'fisher_rao' or 'euclidean' (the metrics with a known factor).
+  """
+  if output_metric not in OUTPUT_FACTORS:
+    raise ValueError(f"no square-root factor is known for the output metric {output_metric!r}; use one of "
+                     f"{sorted(OUTPUT_FACTORS)}")
+  b = OUTPUT_FACTORS[output_metric]
+  n = num_rows(inputs)
+  z, lin = jax.linearize(lambda p: f(p, inputs), params)
+  transpose = jax.linear_transpose(lin, params)
+  scale = 1.0 / np.sqrt(n)
+  apply = lambda v: jax.tree.map(lambda zi, ui: scale * b(zi, ui, False), z, lin(v))
+  back = lambda w: tu.tree_scale(scale, transpose(jax.tree.map(lambda zi, wi: b(zi, wi, True), z, w))[0])
+  residual = lambda z_ref: jax.tree.map(lambda zi, ri: scale * b(zi, (zi - ri).astype(zi.dtype), False), z, z_ref)
+  return Factor(apply, back, residual, jax.tree.map(jnp.zeros_like, z))
 
 
 def num_rows(inputs: PyTree) -> int:

@@ -11,6 +11,7 @@ Two forms of the same geometry:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -216,12 +217,16 @@ def geodesic_direction(f: geometry.Apply | Mapping[str, geometry.Apply], *, damp
 
 class PreconditionedState(NamedTuple):
   base: PyTree               # the diagonal optimiser's state
-  geodesic: GeodesicState    # warm start (in the scaled coordinates) and the last solve's info
+  geodesic: GeodesicState    # the last solve's info (no warm start: a placeholder solution)
 
 
-def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8) -> Callable[[PyTree], PyTree]:
-  """``base_state -> P``, Adam's diagonal preconditioner ``1 / (√v̂ + ε)`` read from the (first)
-  ``optax.ScaleByAdamState`` in an optimiser state (``optax.adam``/``adamw`` with these ``b2``, ``eps``)."""
+def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8, floor: float = 0.1) -> Callable[[PyTree], PyTree]:
+  """``base_state -> P``, Adam's diagonal preconditioner ``1 / max(√v̂ + ε, floor · mean √v̂)`` read from the
+  (first) ``optax.ScaleByAdamState`` in an optimiser state (``optax.adam``/``adamw`` with these ``b2``, ``eps``).
+
+  The floor (relative to the mean over every parameter) keeps parameters with no gradient history yet (v̂ = 0:
+  embeddings of tokens not seen so far) from costing nothing in the metric ``P⁻¹``: a solve against
+  ``κG + P⁻¹`` would otherwise move them without bound to cancel the functional change of the others."""
   import optax
 
   def diagonal(base_state):
@@ -231,27 +236,41 @@ def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8) -> Callable[[PyTree],
       raise ValueError("adam_diagonal: the base optimiser's state holds no optax.ScaleByAdamState; pass the "
                        "diagonal of your preconditioner as `diagonal`")
     nu, count = found[0].nu, found[0].count
-    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / (1.0 - b2 ** count.astype(v.dtype))) + eps), nu)
+    root = jax.tree.map(lambda v: jnp.sqrt(v / (1.0 - b2 ** count.astype(v.dtype))) + eps, nu)
+    mean = sum(jnp.sum(r) for r in jax.tree.leaves(root)) / tu.tree_size(root)
+    return jax.tree.map(lambda r: 1.0 / jnp.maximum(r, floor * mean.astype(r.dtype)), root)
 
   return diagonal
 
 
 def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, kappa: float,
-                            diagonal: Callable[[PyTree], PyTree] | None = None,
-                            output_metric: str | geometry.OutputMetric = "fisher_rao", cg_iters: int = 5,
-                            cg_tol: float = 1e-6, chunk_size: int | None = None):
+                            diagonal: Callable[[PyTree], PyTree] | None = None, corrector: bool = False,
+                            output_metric: str = "fisher_rao", cg_iters: int = 5, cg_tol: float = 1e-6):
   """A diagonal optimiser's step, shrunk in the old task's functional directions.
 
-  With ``u`` the update of ``base`` (e.g. AdamW's, ``−lr·(m̂/(√v̂+ε) + wd·θ)``) and ``P`` its diagonal
-  preconditioner (``diagonal(base_state)``; Adam's ``1/(√v̂+ε)`` by default), the step solves
-  ``(I + κ P G) dθ = u``, i.e. ``(κ G + P⁻¹) dθ = P⁻¹ u``: the optimiser's metric ``P⁻¹`` plus κ times the
-  functional metric G. In G's null space the step is exactly ``base``'s; along an eigendirection of
-  ``P^½ G P^½`` with eigenvalue μ it is shrunk by ``1/(1 + κμ)``. CG runs on the symmetric form
-  ``(I + κ P^½ G P^½) y = P^-½ u``, ``dθ = P^½ y`` (eigenvalues ≥ 1), from ``P^-½ u`` less the previous
-  step's shrinkage: the residual then lies in G's range, where the iterations go. The solve's residual and
-  iterations are in the state (:func:`solver_metrics`). ``κ = 0`` is ``base`` itself.
+  With ``u`` the update of ``base`` (e.g. AdamW's, ``−lr·(m̂/(√v̂+ε) + wd·θ)``) and ``P = D⁻¹`` its diagonal
+  preconditioner (``diagonal(base_state)``; Adam's by default, :func:`adam_diagonal`), the step solves
+  ``(κ G + D) dθ = D u``: the optimiser's metric D plus κ times the functional metric ``G = ĴᵀĴ``. In G's null
+  space the step is exactly ``base``'s; along an eigendirection of ``D^-½ G D^-½`` with eigenvalue μ it is shrunk
+  by ``1/(1 + κμ)``. ``κ = 0`` is ``base`` itself.
 
-  ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does.
+  The solve runs in output space (N·K dimensions for N reference inputs of K outputs), by the push-through
+  identity ``dθ = u − κ P Ĵᵀ w`` with ``(I + κ Ĵ P Ĵᵀ) w = Ĵ u`` (CG, eigenvalues ≥ 1, from zero: the reference
+  inputs change every step). The null-space part of ``u`` is never touched, however few the iterations or
+  however wide the spread of P and G: the parameter-space form needs products ``G·v`` on vectors whose
+  G-image should vanish, which float32 does not resolve when ``κ‖P^½GP^½‖`` is large. Each product is one JVP
+  and one transposed JVP, as ``G·v``. The solve's residual and iterations are in the state
+  (:func:`solver_metrics`).
+
+  With ``corrector`` the step also pulls the old outputs back towards their stored references ``z_ref``
+  (``update``'s ``ref_outputs``): it minimises ``½‖dθ − u‖²_D + ½κ‖Ĵ dθ + e‖²`` with
+  ``e = N^-½ B (f(θ, x) − z_ref)``, the Gauss–Newton model of the Fisher–Rao distance to the references after the
+  step, i.e. ``(κG + D) dθ = D u − κ Ĵᵀ e``: a predictor (AdamW, shrunk in G's range) and a corrector (back to the
+  level set ``f(θ, x_ref) = z_ref``) in one solve, the right-hand side ``Ĵ u + e``. Without it, the shrinking
+  only bounds each step's change on the current reference inputs, and drift elsewhere accumulates.
+
+  ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does; several old
+  tasks (mappings by name) give ``G`` the mean of their metrics.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``: the final update (``base``'s learning rate included).
@@ -262,22 +281,34 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
   def init(params):
     zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
     info = GeodesicInfo(zero, zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32), None)
-    return PreconditionedState(base.init(params), GeodesicState(tu.tree_zeros_like(params), info))
+    return PreconditionedState(base.init(params), GeodesicState(zero, info))
 
-  def update(grads, state, params=None, *, ref_inputs=None, model_fn=None, **_):
-    metric = old_task_metric(f, params, ref_inputs, model_fn, output_metric=output_metric, chunk_size=chunk_size,
-                             who="functional_precondition")
+  def update(grads, state, params=None, *, ref_inputs=None, ref_outputs=None, model_fn=None, **_):
+    if params is None or ref_inputs is None:
+      raise ValueError("functional_precondition needs params and the extra argument ref_inputs")
+    if corrector and ref_outputs is None:
+      raise ValueError("functional_precondition with corrector=True needs the extra argument ref_outputs")
+    fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
+    zs = (ref_outputs if isinstance(f, Mapping) else {None: ref_outputs}) if corrector else None
+    factors = {name: geometry.pullback_factor(fn if model_fn is None else (lambda p, z, fn=fn: fn(model_fn(p), z)),
+                                              params, xs[name], output_metric) for name, fn in fs.items()}
+    share = 1.0 / np.sqrt(len(factors))                       # G = mean of the tasks' metrics
+    jhat = lambda v: {k: tu.tree_scale(share, fa.apply(v)) for k, fa in factors.items()}
+    jhat_t = lambda w: tu.tree_scale(share, functools.reduce(
+        tu.tree_add, [fa.transpose(w[k]) for k, fa in factors.items()]))
     u, base_state = base.update(grads, state.base, params)
-    root = jax.tree.map(jnp.sqrt, diagonal(base_state))
-    scaled = kappa * metric.sandwiched(root)
-    rhs = jax.tree.map(jnp.divide, u, root)
-    # y = rhs − z with z in G's range: starting CG from rhs − z_prev keeps the null-space part exact (there the
-    # operator is I), so the few iterations go to the range alone; the state keeps z, the shrinkage.
-    x0 = tu.tree_sub(rhs, state.geodesic.solution)
-    y, info = solve_and_scale(scaled, rhs, x0, damping=1.0, cg_iters=cg_iters, cg_tol=cg_tol, measure_quad=False)
-    step = jax.tree.map(jnp.multiply, root, y)
-    info = info._replace(step_norm=tu.tree_norm(step), solution=None)
-    return step, PreconditionedState(base_state, GeodesicState(tu.tree_sub(rhs, y), info))
+    p = diagonal(base_state)
+    scaled = lambda v: jax.tree.map(jnp.multiply, p, v)
+    rhs = jhat(u)
+    if corrector:       # + N^-½ B (f(θ, x) − z_ref): the Gauss–Newton pull back to the reference outputs
+      rhs = {k: tu.tree_add(rhs[k], tu.tree_scale(share, fa.residual(zs[k]))) for k, fa in factors.items()}
+    sol = linalg.cg(lambda w: tu.tree_axpy(kappa, jhat(scaled(jhat_t(w))), w), rhs, maxiter=cg_iters, tol=cg_tol)
+    step = tu.tree_axpy(-kappa, scaled(jhat_t(sol.x)), u)
+    zero = jnp.zeros((), sol.residual_norm.dtype)
+    relative = sol.residual_norm / jnp.maximum(tu.tree_norm(rhs), jnp.finfo(zero.dtype).tiny)
+    info = GeodesicInfo(zero, tu.tree_norm(step), jnp.full((), jnp.nan, zero.dtype), jnp.ones((), zero.dtype),
+                        sol.residual_norm, relative, sol.iterations, None)
+    return step, PreconditionedState(base_state, GeodesicState(zero, info))
 
   return optax.GradientTransformationExtraArgs(init, update)
 

@@ -146,6 +146,20 @@ def test_composition_errors():
     geometry.pullback_metric(f, params, x, "cosine")
 
 
+@pytest.mark.parametrize("output_metric", ["euclidean", "fisher_rao"])
+def test_pullback_factor_squares_to_the_metric(x64, output_metric):
+  f, params, x = _attention_problem()
+  factor = geometry.pullback_factor(f, params, x, output_metric)
+  g = np.asarray(geometry.pullback_metric(f, params, x, output_metric).dense())
+  ravel, unravel = tu.ravel_fn(params)
+  jhat = jax.vmap(lambda e: jnp.ravel(factor.apply(unravel(e))))(jnp.eye(g.shape[0])).T    # [N·K, P]
+  np.testing.assert_allclose(jhat.T @ jhat, g, atol=1e-12)
+  w = jax.random.normal(jax.random.PRNGKey(4), factor.outputs.shape)
+  np.testing.assert_allclose(ravel(factor.transpose(w)), jhat.T @ jnp.ravel(w), atol=1e-12)
+  with pytest.raises(ValueError, match="no square-root factor"):
+    geometry.pullback_factor(f, params, x, USER_METRIC)
+
+
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_lanczos_matches_eigh(x64, which):
   f, params, x = _attention_problem()

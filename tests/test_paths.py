@@ -195,7 +195,9 @@ def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
     plain_step, plain_state = plain.update(grads, plain_state, theta, ref_inputs=x_old)
     u, base_state = base.update(grads, base_state, theta)
     chex.assert_trees_all_close(plain_step, u, atol=1e-15)
-    d = ravel(jax.tree.map(lambda v: jnp.sqrt(v / (1 - 0.999 ** base_state[0].count)) + 1e-8, base_state[0].nu))
+    root = ravel(jax.tree.map(lambda v: jnp.sqrt(v / (1 - 0.999 ** base_state[0].count)) + 1e-8, base_state[0].nu))
+    d = np.maximum(root, 0.1 * np.mean(root))      # adam_diagonal's floor
+    assert np.any(root < 0.1 * np.mean(root))      # (and it acts here)
     g = np.asarray(geometry.pullback_metric(mlp, theta, x_old, "fisher_rao").dense())
     expected = np.linalg.solve(kappa * g + np.diag(d), d * ravel(u))
     np.testing.assert_allclose(ravel(step), expected, rtol=1e-8, atol=1e-14)
@@ -210,3 +212,32 @@ def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
     paths.functional_precondition(optax.sgd(0.1), mlp, kappa=1.0).update(
         jax.grad(loss_new)(params, new_batch), paths.functional_precondition(optax.sgd(0.1), mlp, kappa=1.0).init(
             params), params, ref_inputs=x_old)
+
+
+def test_functional_precondition_corrector_pulls_back_to_the_references(x64):
+  """With the corrector the step solves (κG + D) dθ = D u − κ (1/N) Σ J_nᵀ M_n (z_n − z_ref,n), the Gauss–Newton
+  pull back to stored outputs, checked against a dense solve and an autodiff gradient of the quadratic model."""
+  params, x_old, new_batch, loss_new = _problem()
+  z_ref = mlp(params, x_old) + 0.3 * jax.random.normal(jax.random.PRNGKey(5), (16, 3))
+  theta = jax.tree.map(lambda p: p + 0.05, params)
+  base, kappa = optax.adamw(1e-2, weight_decay=0.1), 0.5
+  tx = paths.functional_precondition(base, mlp, kappa=kappa, corrector=True, cg_iters=300, cg_tol=1e-13)
+  grads = jax.grad(loss_new)(theta, new_batch)
+  step, state = tx.update(grads, tx.init(theta), theta, ref_inputs=x_old, ref_outputs=z_ref)
+  u, base_state = base.update(grads, base.init(theta), theta)
+  ravel, _ = tu.ravel_fn(theta)
+  root = ravel(jax.tree.map(lambda v: jnp.sqrt(v / (1 - 0.999)) + 1e-8, base_state[0].nu))
+  d = np.maximum(root, 0.1 * np.mean(root))
+  g = np.asarray(geometry.pullback_metric(mlp, theta, x_old, "fisher_rao").dense())
+
+  def model(p):     # ½ (1/N) Σ (z − z_ref)ᵀ M (z − z_ref), M at θ held fixed: its gradient is (1/N) Σ Jᵀ M (z − z_ref)
+    z = mlp(p, x_old)
+    m = jax.lax.stop_gradient(jax.vmap(lambda zi: jnp.diag(jax.nn.softmax(zi)) - jnp.outer(jax.nn.softmax(zi),
+                                                                                     jax.nn.softmax(zi)))(mlp(theta, x_old)))
+    return 0.5 * jnp.mean(jnp.einsum("nk,nkl,nl->n", z - z_ref, m, z - z_ref))
+
+  pull = ravel(jax.grad(model)(theta))
+  expected = np.linalg.solve(kappa * g + np.diag(d), d * ravel(u) - kappa * pull)
+  np.testing.assert_allclose(ravel(step), expected, rtol=1e-8, atol=1e-14)
+  with pytest.raises(ValueError, match="ref_outputs"):
+    tx.update(grads, tx.init(theta), theta, ref_inputs=x_old)
