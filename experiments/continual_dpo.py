@@ -112,6 +112,11 @@ def check(cfg: Config, methods: list[str]) -> None:
   if cfg.stages.buffer_size < cfg.stages.replay_batch_size:
     raise runs.UsageError(f"--buffer-size {cfg.stages.buffer_size} keeps fewer pairs than one replay batch of "
                           f"{cfg.stages.replay_batch_size} (--replay-batch-size); raise it or lower the batch.")
+  geodesic = [m for m in methods if continual.parse_name(alignment.registry_name(m))[0] == "fip-geodesic"]
+  if geodesic and cfg.method.geodesic_form == "adam" and cfg.method.geodesic_corrector:
+    raise runs.UsageError(f"--geodesic-form adam with its corrector pulls old outputs back to stored logits, and "
+                          f"{', '.join(geodesic)} store token distributions as top-k references, not logits; add "
+                          "--geodesic-corrector false, or use --geodesic-form gradient.")
   fip = [m for m in methods if continual.parse_name(alignment.registry_name(m))[0] == "fip"]
   if fip and cfg.method.distance not in sequences.DISTANCES:
     raise runs.UsageError(f"--distance {cfg.method.distance} has no compressed form for token distributions "

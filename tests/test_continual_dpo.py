@@ -84,6 +84,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, finished):
     (("--batch-size", "16"), "than one batch of 16 (--batch-size)"),
     (("--buffer-size", "1"), "fewer pairs than one replay batch"),
     (("--method", "dpo,fip-dpo", "--distance", "squared_euclidean"), "no compressed form"),
+    (("--method", "fip-geodesic-dpo", "--geodesic-form", "adam"), "add --geodesic-corrector false"),
     (("--test-prompts", "100000"), "--test-prompts + --held-out-texts"),
 ])
 def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
