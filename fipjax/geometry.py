@@ -139,13 +139,6 @@ class Metric:
     """G + λI."""
     return Metric(lambda v: tu.tree_axpy(damping, v, self.matvec(v)), self.like)
 
-  def sandwiched(self, s: PyTree) -> "Metric":
-    """``S G S`` with ``S = diag(s)``, ``s`` a pytree like ``like``: G in coordinates rescaled by s (a diagonal
-    preconditioner's square root)."""
-    tu.check_same_structure(self.like, s, "sandwiching a metric (scales vs parameters)")
-    scale = lambda v: jax.tree.map(jnp.multiply, s, v)
-    return Metric(lambda v: scale(self.matvec(scale(v))), self.like)
-
   def restrict(self, mask: PyTree) -> "Metric":
     """The metric on the parameters where the boolean pytree ``mask`` is True (others frozen at zero change).
 
