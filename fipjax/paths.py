@@ -164,17 +164,25 @@ class PathRecord:
     return len(self.rows)
 
 
+def old_tasks(f: geometry.Apply | Mapping[str, geometry.Apply], params: PyTree, ref_inputs: PyTree,
+              model_fn: Callable[[PyTree], PyTree] | None, *, who: str) -> dict[Any, tuple[geometry.Apply, PyTree]]:
+  """``{task: (its f on the trained parameters (after model_fn), its reference inputs)}`` for one old task (key
+  None) or a mapping of several; ``who`` names the caller in the error for missing arguments."""
+  if params is None or ref_inputs is None:
+    raise ValueError(f"{who} needs params and the extra argument ref_inputs")
+  fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
+  on_trained = lambda fn: fn if model_fn is None else (lambda p, z: fn(model_fn(p), z))
+  return {name: (on_trained(fn), xs[name]) for name, fn in fs.items()}
+
+
 def old_task_metric(f: geometry.Apply | Mapping[str, geometry.Apply], params: PyTree, ref_inputs: PyTree,
                     model_fn: Callable[[PyTree], PyTree] | None, *, output_metric, chunk_size: int | None,
                     who: str) -> geometry.Metric:
   """G at ``params``: the pull-back through ``f`` (after ``model_fn``) on ``ref_inputs``; with several old tasks
-  (mappings by name) the mean of their metrics. ``who`` names the caller in the error for missing arguments."""
-  if params is None or ref_inputs is None:
-    raise ValueError(f"{who} needs params and the extra argument ref_inputs")
-  fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
-  pull = lambda fn, x: geometry.pullback_metric(fn if model_fn is None else (lambda p, z: fn(model_fn(p), z)),
-                                                params, x, output_metric, chunk_size=chunk_size)
-  return (1.0 / len(fs)) * sum(pull(fn, xs[name]) for name, fn in fs.items())
+  (mappings by name) the mean of their metrics."""
+  tasks = old_tasks(f, params, ref_inputs, model_fn, who=who)
+  return (1.0 / len(tasks)) * sum(geometry.pullback_metric(fn, params, x, output_metric, chunk_size=chunk_size)
+                                  for fn, x in tasks.values())
 
 
 class GeodesicState(NamedTuple):
@@ -284,14 +292,11 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
     return PreconditionedState(base.init(params), GeodesicState(zero, info))
 
   def update(grads, state, params=None, *, ref_inputs=None, ref_outputs=None, model_fn=None, **_):
-    if params is None or ref_inputs is None:
-      raise ValueError("functional_precondition needs params and the extra argument ref_inputs")
     if corrector and ref_outputs is None:
       raise ValueError("functional_precondition with corrector=True needs the extra argument ref_outputs")
-    fs, xs = (f, ref_inputs) if isinstance(f, Mapping) else ({None: f}, {None: ref_inputs})
+    tasks = old_tasks(f, params, ref_inputs, model_fn, who="functional_precondition")
     zs = (ref_outputs if isinstance(f, Mapping) else {None: ref_outputs}) if corrector else None
-    factors = {name: geometry.pullback_factor(fn if model_fn is None else (lambda p, z, fn=fn: fn(model_fn(p), z)),
-                                              params, xs[name], output_metric) for name, fn in fs.items()}
+    factors = {name: geometry.pullback_factor(fn, params, x, output_metric) for name, (fn, x) in tasks.items()}
     share = 1.0 / np.sqrt(len(factors))                       # G = mean of the tasks' metrics
     jhat = lambda v: {k: tu.tree_scale(share, fa.apply(v)) for k, fa in factors.items()}
     jhat_t = lambda w: tu.tree_scale(share, functools.reduce(
