@@ -83,8 +83,9 @@ def lanczos_tridiag(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num
     w = orthogonalise(w, basis)
     beta = jnp.linalg.norm(w)
     restart = beta <= scale * w_norm + jnp.finfo(v0.dtype).tiny
-    fresh = orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (n,), v0.dtype), basis)
-    w = jnp.where(restart, fresh, w)
+    # A cond, not a select: a fresh vector costs as much as a product with a large operator's basis.
+    w = jax.lax.cond(restart, lambda: orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (n,), v0.dtype),
+                                                    basis), lambda: w)
     beta = jnp.where(restart, 0.0, beta)
     basis = basis.at[j + 1].set(w / jnp.linalg.norm(w))
     return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)

@@ -63,6 +63,15 @@ def digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def use_compilation_cache(path: pathlib.Path) -> pathlib.Path:
+  """Keep JAX's compiled programs in ``path`` (JAX's persistent compilation cache), unless a cache directory is
+  already configured (``JAX_COMPILATION_CACHE_DIR``): a resumed run, a rerun, or a later method or seed with the
+  same shapes loads its step and evaluation programs instead of compiling them again. Returns the directory used."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(path))
+  return pathlib.Path(jax.config.jax_compilation_cache_dir)
+
+
 def check_writable_dir(path: pathlib.Path, flag: str) -> None:
   """Raise a :class:`UsageError` now, before any work, if ``path`` could not be created or written."""
   path = pathlib.Path(path).absolute()

@@ -511,6 +511,7 @@ def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence
   runs.RunDir.check(out, identity)
   if cache_dir is not None:
     runs.check_writable_dir(cache_dir, "--cache-dir")
+    runs.use_compilation_cache(pathlib.Path(cache_dir) / "xla")
   runner, init_params = build()
   run_dir, resuming = runs.RunDir.open(pathlib.Path(out), identity)
   runs.log(f"{'resuming' if resuming else 'writing'} {out}; devices: {jax.device_count()} "

@@ -10,20 +10,20 @@ KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "f
         "lorafip_over_lora_peak_memory", "ours_fip_over_authors_fip_time", "ours_over_torch_step_time",
         "gv_with_linearization_over_grad_time", "gv_over_grad_flops", "gv_with_linearization_over_grad_flops",
         "geodesic_over_penalty_step_time",
-        *(f"{m}_over_naive_step_time" for m in bench.BASELINES), *bench.DPO_KEYS)
+        *(f"{m}_over_naive_step_time" for m in bench.BASELINES))
 
 
 def test_benchmark_json_has_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
   assert bench.main(["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "3",
-                     "--cg-iters", "1", "--model-sizes", "random:1:64", "--dpo-model", "random:1:64", "--dpo-seq", "8",
-                     "--json", str(out)]) == 0
+                     "--cg-iters", "1", "--model-sizes", "random:1:64", "--dpo-model", "none", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
   assert set(result["geodesic_over_naive_time_by_cg_iters"]) == {"1"} and result["geodesic_over_penalty_cg_iters"] == 1
   assert set(result["config"]) >= {"model", "batch", "replay_batch", "seq", "dtype", "device", "threads"}
   assert 0 < result["authors_frozen_forward_share"] < 1
+  assert not set(bench.DPO_KEYS) & set(result)          # --dpo-model none; the DPO ratios: test_benchmark_dpo
   assert set(result["model_scaling"]["random:1:64"]) == {"params", "gv_s", "gv_with_linearization_s", "grad_s",
                                                         "fip_step_s"}
 
@@ -35,7 +35,7 @@ def test_bad_model_spec_exits_2(capsys):
 
 def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
   out = tmp_path / "profile.json"
-  assert profile.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8", "--repeats", "3",
+  assert profile.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8", "--repeats", "2",
                        "--json", str(out)]) == 0
   steps = json.loads(out.read_text())["steps"]
   assert set(steps["ours fip step"]["by_pass"]) >= {"new_task forward", "new_task backward", "replay forward",

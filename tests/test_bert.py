@@ -85,6 +85,20 @@ def test_float64_parity(tmp_path, x64):
   chex.assert_type(bert.make_apply(graphdef_c)(params_c, {"input_ids": jnp.asarray(ids)})["shared"], jnp.float64)
 
 
+def test_num_layers_keeps_the_first_layers(tiny_dir):
+  """``num_layers=1`` of the 2-layer checkpoint is the PyTorch model with its second layer removed."""
+  path, model = tiny_dir
+  one = transformers.BertModel(transformers.BertConfig(**{**TINY, "num_hidden_layers": 1}))
+  missing, unexpected = one.load_state_dict(model.state_dict(), strict=False)
+  assert missing == [] and all(k.startswith("encoder.layer.1.") for k in unexpected)
+  ids, mask = _ids_and_mask()
+  h, p, report = _ours(path, ids, mask, num_layers=1)
+  _compare(_torch_outputs(one, ids, mask), (h, p), mask, atol=1e-5)
+  assert report.dropped == sorted(unexpected)
+  for bad in (0, 3):
+    with pytest.raises(hub.CheckpointError, match="has 2 encoder layers"):
+      hub.load_bert(path, num_layers=bad)
+
 def test_old_format_checkpoint_with_prefix_gamma_beta_and_pretraining_heads(tiny_dir, tmp_path):
   """bert-base-uncased's pytorch_model.bin layout: 'bert.' prefix, LayerNorm gamma/beta, cls.* heads."""
   path, model = tiny_dir

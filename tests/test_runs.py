@@ -65,6 +65,21 @@ def test_two_runs_sharing_a_cache_compute_the_first_stage_once(tmp_path):
   assert r0["accuracy_matrix"] == r1["accuracy_matrix"]
 
 
+def test_compilation_cache_goes_beside_the_stage_cache_unless_one_is_configured(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  configured = jax.config.jax_compilation_cache_dir       # the test session's (conftest), or None
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert runs.use_compilation_cache(tmp_path / "xla") == tmp_path / "xla"
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()
+    assert len(list((tmp_path / "xla").iterdir())) > 0
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert runs.use_compilation_cache(tmp_path / "xla") == tmp_path / "mine"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", configured)
+
+
 def test_full_disk_is_one_paragraph_and_exit_1(tmp_path, monkeypatch, capsys):
   from test_streams import run
   usage = checkpoint.shutil.disk_usage

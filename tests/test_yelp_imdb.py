@@ -101,15 +101,16 @@ def test_nan_stops_the_run_and_caches_nothing(tmp_path, capsys, data_dir):
 
 @pytest.mark.slow
 def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
-  """The module's run again on four (virtual) devices, data-parallel: the same losses and accuracies (dropout
-  included: JAX's random bits do not depend on how the batch is sharded)."""
+  """The module's fip run again on four (virtual) devices, data-parallel, from the module run's stage-1 network
+  (its cache): the same losses and accuracies (dropout included: JAX's random bits do not depend on how the
+  batch is sharded). Stage 1 runs the same sharded training loop."""
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "experiments.yelp_imdb", *TINY, *TINY_MODEL, "--method", "fip", "--data-dir",
-         str(data_dir), "--out", str(tmp_path / "four"), "--cache-dir", str(tmp_path / "cache4")]
+         str(data_dir), "--out", str(tmp_path / "four"), "--cache-dir", str(all_methods.parent / "cache")]
   done = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "devices: 4" in done.stdout
+  assert "devices: 4" in done.stdout and "stage 1 (yelp): reusing the network" in done.stdout + done.stderr
   four = json.loads((tmp_path / "four" / "results.json").read_text())["methods"]["fip"]
   one = json.loads((all_methods / "results.json").read_text())["methods"]["fip"]
   np.testing.assert_allclose(four["loss_curve"], one["loss_curve"], rtol=2e-4)

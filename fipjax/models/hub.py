@@ -234,14 +234,22 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix
 
 
 def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None = None, *, dtype=jnp.float32,
-              remat: bool = False, seed: int = 0):
+              remat: bool = False, seed: int = 0, num_layers: int | None = None):
   """Load a pretrained BERT (with fresh classification ``heads``, or the bare encoder when None).
+
+  ``num_layers`` keeps only the first that many encoder layers (the later ones are reported as dropped): a real
+  but cheaper network for notebooks and tests.
 
   Returns:
     (graphdef, params, config, report): ``bert.make_apply(graphdef)`` gives the pure apply.
   """
   model_dir = resolve_model_dir(name_or_path)
   cfg = read_config(model_dir)
+  if num_layers is not None:
+    if not 1 <= num_layers <= cfg.num_hidden_layers:
+      raise CheckpointError(f"num_layers={num_layers}, but {model_dir} has {cfg.num_hidden_layers} encoder layers; "
+                            f"choose 1 to {cfg.num_hidden_layers} (or None for all).")
+    cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
   rngs = nnx.Rngs(seed)
   if heads is None:
     module, prefix, fresh = bert.BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs), "", None
@@ -249,8 +257,11 @@ def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None =
     module, prefix, fresh = bert.BertClassifier(cfg, heads, dtype=dtype, remat=remat, rngs=rngs), "bert/", r"^heads/"
   graphdef, template = bert.split_params(module)
   tensors, weights_file = read_checkpoint(model_dir)
-  params, initialised, dropped = convert_checkpoint(tensors, template, prefix=prefix, fresh=fresh)
-  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped)
+  later = sorted(k for k in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", k))
+                 and int(m.group(1)) >= cfg.num_hidden_layers)
+  params, initialised, dropped = convert_checkpoint({k: v for k, v in tensors.items() if k not in later}, template,
+                                                   prefix=prefix, fresh=fresh)
+  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, later + dropped)
 
 
 _NO_TORCH_ADVICE = "PyTorch was not found."
