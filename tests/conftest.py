@@ -106,3 +106,13 @@ def small_llama(tmp_path_factory):
   transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
   tokenizer.save_pretrained(out)
   return out
+
+
+# The end-to-end files first: with `-n 2 --dist loadfile` a long file scheduled last leaves the other worker idle.
+_LONG_FILES = ("test_yelp_imdb.py", "test_benchmarks.py", "test_streams.py", "test_continual_dpo.py",
+               "test_llama.py", "test_alignment.py", "test_split_digits.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import profile
 from benchmarks import run as bench
 
@@ -33,6 +35,7 @@ def test_bad_model_spec_exits_2(capsys):
   assert "random:LAYERS:HIDDEN" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
   out = tmp_path / "profile.json"
   assert profile.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8", "--repeats", "2",

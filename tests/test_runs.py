@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -66,18 +67,20 @@ def test_two_runs_sharing_a_cache_compute_the_first_stage_once(tmp_path):
 
 
 def test_compilation_cache_goes_beside_the_stage_cache_unless_one_is_configured(tmp_path):
-  import jax
-  import jax.numpy as jnp
-  configured = jax.config.jax_compilation_cache_dir       # the test session's (conftest), or None
-  try:
-    jax.config.update("jax_compilation_cache_dir", None)
-    assert runs.use_compilation_cache(tmp_path / "xla") == tmp_path / "xla"
-    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()
-    assert len(list((tmp_path / "xla").iterdir())) > 0
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
-    assert runs.use_compilation_cache(tmp_path / "xla") == tmp_path / "mine"
-  finally:
-    jax.config.update("jax_compilation_cache_dir", configured)
+  """In a fresh process (this one's cache is the test session's): the cache goes where asked, or stays where the
+  user configured it."""
+  code = ("import pathlib, sys, jax, jax.numpy as jnp; from fipjax import runs; "
+          "print(runs.use_compilation_cache(pathlib.Path(sys.argv[1]))); "
+          "jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  for configured in (None, tmp_path / "mine"):
+    if configured is not None:
+      env["JAX_COMPILATION_CACHE_DIR"] = str(configured)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    used = configured or tmp_path / "xla"
+    assert done.stdout.strip() == str(used) and len(list(used.iterdir())) > 0
 
 
 def test_full_disk_is_one_paragraph_and_exit_1(tmp_path, monkeypatch, capsys):
