@@ -117,6 +117,7 @@ def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
   assert four["accuracy_matrix"] == one["accuracy_matrix"]
 
 
+@pytest.mark.slow
 def test_per_task_heads(tmp_path, data_dir):
   assert _run(tmp_path, "--method", "lora", "--heads", "per-task", "--data-dir", str(data_dir)) == 0
   m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["lora"]
