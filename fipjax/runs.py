@@ -66,7 +66,8 @@ def digest(obj) -> str:
 def use_compilation_cache(path: pathlib.Path) -> pathlib.Path:
   """Keep JAX's compiled programs in ``path`` (JAX's persistent compilation cache), unless a cache directory is
   already configured (``JAX_COMPILATION_CACHE_DIR``): a resumed run, a rerun, or a later method or seed with the
-  same shapes loads its step and evaluation programs instead of compiling them again. Returns the directory used."""
+  same shapes loads its compiled training steps (JAX keeps programs that took over a second to compile) instead of
+  compiling them again. Returns the directory used."""
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", str(path))
   return pathlib.Path(jax.config.jax_compilation_cache_dir)

@@ -257,11 +257,11 @@ def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None =
     module, prefix, fresh = bert.BertClassifier(cfg, heads, dtype=dtype, remat=remat, rngs=rngs), "bert/", r"^heads/"
   graphdef, template = bert.split_params(module)
   tensors, weights_file = read_checkpoint(model_dir)
-  later = sorted(k for k in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", k))
-                 and int(m.group(1)) >= cfg.num_hidden_layers)
+  later = {k for k in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", k))
+           and int(m.group(1)) >= cfg.num_hidden_layers}
   params, initialised, dropped = convert_checkpoint({k: v for k, v in tensors.items() if k not in later}, template,
                                                    prefix=prefix, fresh=fresh)
-  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, later + dropped)
+  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, sorted(later) + dropped)
 
 
 _NO_TORCH_ADVICE = "PyTorch was not found."
