@@ -214,10 +214,10 @@ class DriftTracker(runs.Observer):
     self.offset, self.rows = step_offset, []
 
   def observe(self, state, row, last):
-    if self.probes and (last or state.step % self.every == 0):
+    if self.probes and state is not None:
       params = self.to_model(state.train_params)
       d = np.mean([self.policy.mean_distance(params, p) for p in self.probes.values()])
-      self.rows.append({"step": self.offset + state.step, "new_loss": row["new_loss"], "distance": float(d)})
+      self.rows.append({"step": self.offset + row["step"], "new_loss": row["new_loss"], "distance": float(d)})
 
   def dump(self):
     return self.rows
@@ -277,14 +277,11 @@ class AlignmentRunner:
     self.budget = None if stop_after is None else runs.StepBudget(stop_after)
     self.policy = Policy(graphdef, tokenizer, pref)
     self.task_loss = self._pair_loss()
-    self.timings: dict[str, float] = {}
+    self.timings = runs.Timings()
 
   def _pair_loss(self) -> continual.TaskLoss:
     loss = dpo.task_loss(self.policy.apply, beta=self.pref.dpo_beta, kind=self.pref.dpo_loss)
     return lambda params, batch, rng=None: loss(params, batch["inputs"])
-
-  def _time(self, key: str, t0: float) -> None:
-    self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
   # -- pairs and evaluation ---------------------------------------------------------------------------------------
 
@@ -293,41 +290,39 @@ class AlignmentRunner:
     rnd = self.rounds[k]
     key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + {"train": 0, "val": 1, "test": 2}[split])
     make = lambda: self.policy.pairs(params, rnd.prompts[split], rnd.reward, key)
-    t0 = time.perf_counter()
-    if self.cache is None:
-      out = make()
-    else:
-      prompts = rnd.prompts[split]
-      parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
-               "policy": data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))), "model": self.model_key,
-               "pref": cf.to_dict(self.pref), "seed": self.seed}
-      with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
-        if checkpoint.is_complete(path):
-          out = _numpy(checkpoint.restore_tree(path))
-        else:
-          runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
-          out = make()
-          checkpoint.save(path.with_name(path.name + ".tmp"), out, keep_structure=True)
-          runs.StageCache.publish(path.with_name(path.name + ".tmp"), path)
-    self._time("pairs", t0)
+    with self.timings.phase("pairs"):
+      if self.cache is None:
+        out = make()
+      else:
+        prompts = rnd.prompts[split]
+        parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
+                 "policy": data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))), "model": self.model_key,
+                 "pref": cf.to_dict(self.pref), "seed": self.seed}
+        with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
+          if checkpoint.is_complete(path):
+            out = _numpy(checkpoint.restore_tree(path))
+          else:
+            runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
+            out = make()
+            checkpoint.save(path.with_name(path.name + ".tmp"), out, keep_structure=True)
+            runs.StageCache.publish(path.with_name(path.name + ".tmp"), path)
     return out
 
   def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
     """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every
     policy), the implicit-reward preference accuracy on the held-out pairs given, KL to base and perplexity."""
-    t0 = time.perf_counter()
-    rewards = []
-    for j, rnd in enumerate(self.rounds):
-      key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 7), j)
-      rewards.append(float(np.mean(rnd.reward(self.policy.texts(*self.policy.sample(params, rnd.prompts[split],
-                                                                                      key))))))
-    out = {"reward": rewards}
-    if split == "test":
-      acc = {name: self.policy.preference_accuracy(params, pairs, self.run.eval_batch_size)
-             for name, pairs in held_out_pairs.items()}
-      out["preference_accuracy"] = [acc.get(r.name) for r in self.rounds]
-      out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
-    self._time(f"eval_{split}", t0)
+    with self.timings.phase(f"eval_{split}"):
+      rewards = []
+      for j, rnd in enumerate(self.rounds):
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 7), j)
+        rewards.append(float(np.mean(rnd.reward(self.policy.texts(*self.policy.sample(params, rnd.prompts[split],
+                                                                                        key))))))
+      out = {"reward": rewards}
+      if split == "test":
+        acc = {name: self.policy.preference_accuracy(params, pairs, self.run.eval_batch_size)
+               for name, pairs in held_out_pairs.items()}
+        out["preference_accuracy"] = [acc.get(r.name) for r in self.rounds]
+        out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
     return out
 
   # -- training ----------------------------------------------------------------------------------------------------
@@ -347,7 +342,8 @@ class AlignmentRunner:
   def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
     return runs.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
                       name=name, ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every,
-                      rng=jax.random.PRNGKey(seed), observer=observer, progress=self.progress, budget=self.budget)
+                      rng=jax.random.PRNGKey(seed), observer=observer, progress=self.progress, budget=self.budget,
+                      timings=self.timings)
 
   def first_round(self) -> tuple[PyTree, dict]:
     """(the policy after DPO on the first round, that round's training pairs), trained once per key."""
@@ -366,9 +362,8 @@ class AlignmentRunner:
         runs.log(f"{name}: reusing the policy in {path}")
         return checkpoint.restore(path / "final", self.base), pairs
       runs.log(f"{name}: DPO for {steps} steps on {len(pairs['ref_chosen'])} pairs")
-      t0 = time.perf_counter()
-      params, history, _ = self._train(method, self.base, pairs, steps, self.seed, path / "checkpoints", name=name)
-      self._time("round1", t0)
+      with self.timings.phase("round1"):
+        params, history, _ = self._train(method, self.base, pairs, steps, self.seed, path / "checkpoints", name=name)
       checkpoint.save(path / "final.tmp", params, {"history": history, "key": parts})
       runs.StageCache.publish(path / "final.tmp", path / "final")
       checkpoint.remove(path / "checkpoints")
@@ -489,7 +484,7 @@ class AlignmentRunner:
                                             zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])))
     results = {"methods": {}, "rewards": {r.name: r.reward_id for r in self.rounds}}
     for name in methods:
-      results["methods"][name] = self.run_method(name, first, rows01, held_out, run_dir)
-      self.timings[f"rounds_{name}"] = results["methods"][name]["wall_time_s"]
+      with self.timings.phase(name):
+        results["methods"][name] = self.run_method(name, first, rows01, held_out, run_dir)
     results["timings"] = self.timings
     return results

@@ -11,6 +11,7 @@ import json
 import pathlib
 import pickle
 import shutil
+import threading
 from typing import Any
 
 import jax
@@ -110,3 +111,45 @@ def save_step(directory: str | pathlib.Path, step: int, tree: PyTree, meta: dict
   for old in complete[:-keep]:
     shutil.rmtree(old, ignore_errors=True)
   return path
+
+
+class Writer:
+  """:func:`save_step` on a background thread, one checkpoint at a time: ``submit`` returns at once (after the
+  previous write has finished), so training goes on while a checkpoint is written. A write that fails raises at the
+  next ``submit`` or ``wait``; leaving a ``with Writer() as w:`` block waits for the last write. A kill mid-write
+  leaves an incomplete directory (no ``meta.json``) beside the previous complete checkpoint, which
+  :func:`latest_step` returns."""
+
+  def __init__(self):
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+
+  def submit(self, directory: str | pathlib.Path, step: int, tree: PyTree, meta: dict | None = None,
+             keep: int = 1) -> None:
+    """Write ``tree`` and ``meta`` as ``step_<step>``, as they are now: the arrays are copied to the host, the
+    metadata to JSON, before this returns (the caller may go on changing its lists and reusing device buffers)."""
+    self.wait()
+    tree, meta = jax.device_get(tree), json.loads(json.dumps(meta or {}))
+
+    def write():
+      try:
+        save_step(directory, step, tree, meta, keep)
+      except BaseException as e:       # raised in the caller's thread by wait()
+        self._error = e
+
+    self._thread = threading.Thread(target=write, name=f"checkpoint-step-{step}")
+    self._thread.start()
+
+  def wait(self) -> None:
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+
+  def __enter__(self) -> "Writer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.wait()

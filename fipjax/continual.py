@@ -604,14 +604,20 @@ def step_peak_bytes(method: Method, model_params: PyTree, batch: Batch) -> int:
 
 
 def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_steps: int, *,
-        state: TrainState | None = None, callback: Callable[[TrainState, dict], None] | None = None,
-        rng: jax.Array | None = None) -> tuple[PyTree, TrainState, list[dict]]:
+        state: TrainState | None = None, callback: Callable[[HostState | None, dict], None] | None = None,
+        rng: jax.Array | None = None, sync_every: int = 1,
+        keep_state: Callable[[int], bool] | None = None) -> tuple[PyTree, TrainState, list[dict]]:
   """Train ``method`` for ``num_steps`` on ``batches`` (an iterator of batch dicts), starting at ``model_params``.
 
   Frozen parameters never enter the optimiser and stay bitwise unchanged. ``state`` resumes a run (its
-  ``step`` counts already consumed batches; the caller positions ``batches`` accordingly). ``callback(state,
-  metrics)`` runs after every step on the host (logging, checkpointing, path records); its ``state`` is a
-  :class:`HostState`, whose arrays stay valid. A NaN or infinite loss raises :class:`NonFiniteLoss`.
+  ``step`` counts already consumed batches; the caller positions ``batches`` accordingly).
+
+  The host reads the step metrics every ``sync_every`` steps, at every step where ``keep_state(step)`` (default:
+  every step) and at the last; in between, the loop does not wait for the device, so the next batches are
+  prepared and sent while a step runs. ``callback(state, metrics)`` then runs on the host for each step read, in
+  order (logging, checkpointing, path records); ``state`` is a :class:`HostState`, whose arrays stay valid, at the
+  steps where ``keep_state`` holds, and None at the others. A NaN or infinite loss raises :class:`NonFiniteLoss`
+  naming its step (found at most ``sync_every`` steps later; never after a state was handed to the callback).
 
   Returns:
     (final model parameters, final train state, per-step metrics as host floats).
@@ -619,6 +625,7 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
   init_state, mask = init_train_state(method, model_params)
   state = init_state if state is None else state
+  keep_state = (lambda step: True) if keep_state is None else keep_state
   train_params = state.train_params
   # Copies, so that donating buffers to the step never invalidates the caller's arrays (a state resumes twice).
   trainable = jax.tree.map(jnp.copy, train_params if mask is None else tu.select(train_params, mask))
@@ -626,22 +633,29 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   frozen = None if mask is None else tu.select(train_params, jax.tree.map(lambda m: not m, mask))
   full = lambda t: t if mask is None else tu.merge(t, mask, train_params)
   step_fn = make_train_step(method, mask)
-  history = []
+  history, pending = [], []
   it: Iterator[Batch] = iter(batches)
   for step in range(state.step, num_steps):
     batch = dict(next(it))
     if rng is not None:
       batch["rng"] = jax.random.fold_in(rng, step)
     trainable, opt_state, loss, metrics = step_fn(trainable, frozen, opt_state, batch)
-    row = {"step": step + 1, "loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
-    if not math.isfinite(row["loss"]):
-      raise NonFiniteLoss(step + 1, row["loss"])
-    history.append(row)
-    if callback is not None:
-      snapshot = HostState(step + 1, functools.partial(full, trainable), opt_state)
-      callback(snapshot, row)
-      if sys.getrefcount(snapshot) > 2:   # kept by the callback: copy before the next step reuses the buffers
-        snapshot.materialize()
+    done = step + 1
+    pending.append((done, loss, metrics))
+    kept = keep_state(done)
+    if not (kept or done % sync_every == 0 or done == num_steps):
+      continue
+    for at, loss_at, metrics_at in jax.device_get(pending):
+      row = {"step": at, "loss": float(loss_at), **{k: float(v) for k, v in metrics_at.items()}}
+      if not math.isfinite(row["loss"]):
+        raise NonFiniteLoss(at, row["loss"])
+      history.append(row)
+      if callback is not None:
+        snapshot = HostState(at, functools.partial(full, trainable), opt_state) if at == done and kept else None
+        callback(snapshot, row)
+        if snapshot is not None and sys.getrefcount(snapshot) > 2:   # kept: copy before the buffers are reused
+          snapshot.materialize()
+    pending = []
   return method.to_model(full(trainable)), TrainState(num_steps, full(trainable), opt_state), history
 
 

@@ -59,11 +59,18 @@ def write(out: pathlib.Path, results: dict, title: str) -> str:
                 f"hidden representation (loss {info['loss_curve'][0]:.2f} → {info['loss_curve'][-1]:.2f}), whose "
                 f"samples the {task} network classifies as the class they were drawn for "
                 f"{info['class_agreement']:.1%} of the time."]
-  lines += ["", DEFINITIONS, "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()),
+  lines += ["", DEFINITIONS, "", timings_line(results["timings"]),
             "", "![weight change](weight_change.png)"]
   if any(m["path"]["step"] for m in methods.values()):
     lines.append("![path](fip_path.png)")
   return _finish(out, lines, lambda: plot(out, methods))
+
+
+def timings_line(timings: dict[str, float]) -> str:
+  """The outermost phases of :class:`fipjax.runs.Timings`, with the compilation inside each."""
+  top = {k: v for k, v in timings.items() if "/" not in k}
+  return "Timings (s; compilation in brackets): " + ", ".join(
+      f"{k} {v:.0f} ({timings.get(f'{k}/compile', 0.0):.0f})" for k, v in top.items())
 
 
 def _finish(out: pathlib.Path, lines: list[str], plot_fn) -> str:
@@ -163,7 +170,7 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
                  f"{m['train_time_s']:.0f} |")
   lines += ["", ALIGNMENT_DEFINITIONS, "",
-            "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), "",
+            timings_line(results["timings"]), "",
             "![rewards](rewards.png)", "![drift](drift.png)"]
   return _finish(out, lines, lambda: plot_alignment(out, methods))
 

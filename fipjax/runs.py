@@ -73,6 +73,54 @@ def use_compilation_cache(path: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(jax.config.jax_compilation_cache_dir)
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+_compile_total = [0.0]
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _compile_total[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent tracing, lowering and compiling XLA programs (or loading them from the
+  persistent cache), from JAX's monitoring events."""
+  return _compile_total[0]
+
+
+class Timings(dict):
+  """Wall-clock seconds by phase, flat: ``{"stage1": s, "stage1/train": s, "stage1/train/compile": s, …}``.
+
+  ``with timings.phase(name)`` adds the time spent inside to ``name``, prefixed by the phases open around it
+  (``"fip/eval_test"``), and the XLA compilation inside it to ``<name>/compile``; a phase's total includes the
+  phases nested in it.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._open: list[str] = []
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    key = "/".join([*self._open, name])
+    self._open.append(name)
+    t0, c0 = time.perf_counter(), compile_seconds()
+    try:
+      yield
+    finally:
+      self._open.pop()
+      self[key] = self.get(key, 0.0) + time.perf_counter() - t0
+      self[f"{key}/compile"] = self.get(f"{key}/compile", 0.0) + compile_seconds() - c0
+
+  def top(self) -> dict[str, float]:
+    """The outermost phases alone (no nested ones, no compile shares)."""
+    return {k: v for k, v in self.items() if "/" not in k}
+
+
 def check_writable_dir(path: pathlib.Path, flag: str) -> None:
   """Raise a :class:`UsageError` now, before any work, if ``path`` could not be created or written."""
   path = pathlib.Path(path).absolute()
@@ -256,10 +304,20 @@ class StageCache:
 # Resumable training.
 
 
-class Observer:
-  """Watches a training run after every step; its state rides in the checkpoints (see :class:`PathTracker`)."""
+SYNC_EVERY = 10
+"""Steps between the host's reads of the training metrics in :func:`train`."""
 
-  def observe(self, state: continual.TrainState, row: dict, last: bool) -> None: ...
+
+class Observer:
+  """Watches a training run after every step; its state rides in the checkpoints (see :class:`PathTracker`).
+  ``observe`` receives the state at the steps where ``wants_state`` (every ``every`` steps and the last), else
+  None."""
+  every: int = 1
+
+  def wants_state(self, step: int, last: bool) -> bool:
+    return last or step % self.every == 0
+
+  def observe(self, state: continual.HostState | None, row: dict, last: bool) -> None: ...
   def dump(self) -> Any: ...
   def restore(self, state: Any) -> None: ...
 
@@ -279,8 +337,13 @@ class StepBudget:
 def train(method: continual.Method, params: PyTree, batches: Callable[[int], Iterator[dict]], steps: int, *,
           name: str, ckpt_dir: pathlib.Path | None, checkpoint_every: int, rng: jax.Array,
           observer: Observer | None = None, progress: bool = True, budget: StepBudget | None = None,
-          log_every: int | None = None) -> tuple[PyTree, list[dict], PyTree]:
+          log_every: int | None = None, sync_every: int = SYNC_EVERY,
+          timings: Timings | None = None) -> tuple[PyTree, list[dict], PyTree]:
   """:func:`continual.fit` with orbax checkpoints every ``checkpoint_every`` steps and exact resume.
+
+  Checkpoints are written on a background thread (:class:`checkpoint.Writer`): the steps go on while one is
+  written, and a kill leaves the previous one complete. Metrics reach the host every ``sync_every`` steps, and at
+  checkpoint and observer steps: the progress bar lags by at most that.
 
   Args:
     batches: ``start_step -> iterator`` of batches (batch k a function of k alone, so a resumed run sees the
@@ -288,12 +351,14 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
     ckpt_dir: where step checkpoints go (None: no checkpoints, no resume).
     budget: simulate a kill once it is spent (tests).
     log_every: without progress bars, log a line every this many steps (default: 10% of the run).
+    timings: gets the phases ``train``, ``train/checkpoint`` and ``train/records`` (with their compilation).
 
   Returns:
     (final model parameters, per-step history, final optimiser state).
   Raises:
     RunError: a non-finite loss (the step, the last finite loss).
   """
+  timings = Timings() if timings is None else timings
   state, history, start = None, [], 0
   init_state, _ = continual.init_train_state(method, params)
   template = {"train_params": init_state.train_params, "opt_state": init_state.opt_state}
@@ -309,24 +374,32 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
   bar = tqdm(total=steps, initial=start, desc=name, disable=not progress, leave=False, dynamic_ncols=True)
   log_every = log_every or max(1, steps // 10)
   t0 = time.perf_counter()
+  checkpoint_at = lambda step: ckpt_dir is not None and step % checkpoint_every == 0 and step < steps
+  keep_state = lambda step: checkpoint_at(step) or (observer is not None and observer.wants_state(step, step == steps))
+  writer = checkpoint.Writer()
 
   def callback(st, row):
+    step = row["step"]
     history.append(row)
     bar.update(1)
     bar.set_postfix(loss=f"{row['loss']:.3f}")
-    if not progress and (st.step % log_every == 0 or st.step == steps):
-      rate = (st.step - start) / (time.perf_counter() - t0)
-      log(f"{name}: step {st.step}/{steps}, loss {row['loss']:.4f}, {rate:.2f} steps/s")
+    if not progress and (step % log_every == 0 or step == steps):
+      rate = (step - start) / (time.perf_counter() - t0)
+      log(f"{name}: step {step}/{steps}, loss {row['loss']:.4f}, {rate:.2f} steps/s")
     if observer is not None:
-      observer.observe(st, row, st.step == steps)
-    if ckpt_dir is not None and st.step % checkpoint_every == 0 and st.step < steps:
-      checkpoint.save_step(ckpt_dir, st.step, {"train_params": st.train_params, "opt_state": st.opt_state},
-                           {"history": history, "observer": None if observer is None else observer.dump()})
+      with timings.phase("records"):
+        observer.observe(st, row, step == steps)
+    if checkpoint_at(step):
+      with timings.phase("checkpoint"):     # the host copy here; the write on the writer's thread
+        writer.submit(ckpt_dir, step, {"train_params": st.train_params, "opt_state": st.opt_state},
+                      {"history": history, "observer": None if observer is None else observer.dump()})
     if budget is not None:
-      budget.spend(st.step)
+      budget.spend(step)
 
   try:
-    final, end, _ = continual.fit(method, params, batches(start), steps, state=state, callback=callback, rng=rng)
+    with timings.phase("train"), writer:       # the last write finishes inside the phase
+      final, end, _ = continual.fit(method, params, batches(start), steps, state=state, callback=callback, rng=rng,
+                                    sync_every=sync_every, keep_state=keep_state)
   except continual.NonFiniteLoss as e:
     last = next((r["loss"] for r in reversed(history) if math.isfinite(r["loss"])), None)
     raise UsageError(f"{name}: the loss became {e.loss} at step {e.step}"

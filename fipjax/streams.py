@@ -213,14 +213,14 @@ class PathTracker(runs.Observer):
 
   def observe(self, state, row, last):
     self.since_last += row["step_length"]
-    if not (last or state.step % self.every == 0):
+    if state is None:
       return
     params = self.to_model(state.train_params)
     z = {n: np.asarray(f(params, x)) for n, (x, _, f) in self.probes.items()}
     d_start = np.mean([np.mean(self.dist(z[n], ref)) for n, (_, ref, _) in self.probes.items()])
     d_step = np.mean([np.mean(self.dist(z[n], self.prev[n])) for n in self.probes])
     self.prev = z
-    self.record.append(self.offset + state.step, row["new_loss"], d_start, self.since_last, d_step)
+    self.record.append(self.offset + row["step"], row["new_loss"], d_start, self.since_last, d_step)
     self.since_last = 0.0
 
   def dump(self):
@@ -270,10 +270,8 @@ class Runner:
     self._features = None if stream.split is None else jax.jit(lambda p, x: stream.split[0](p, x))
     # One compiled function per old task, shared by every method's path records.
     self._outputs = {t.name: jax.jit(stream.outputs(t)) for t in stream.tasks}
-    self.timings: dict[str, float] = {}
-
-  def _time(self, key: str, t0: float) -> None:
-    self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+    self.timings = runs.Timings()
+    self._references: tuple[PyTree, dict] = (None, {})
 
   # -- evaluation ------------------------------------------------------------------------------------------------
 
@@ -307,9 +305,8 @@ class Runner:
 
   def evaluate(self, params, split: str = "test") -> tuple[list[float], list[float | None]]:
     """(task-aware, task-agnostic) accuracy of every task on ``split``."""
-    t0 = time.perf_counter()
-    res = [self.accuracy(params, t, split) for t in self.stream.tasks]
-    self._time(f"eval_{split}", t0)
+    with self.timings.phase(f"eval_{split}"):
+      res = [self.accuracy(params, t, split) for t in self.stream.tasks]
     return [a for a, _ in res], [g for _, g in res]
 
   # -- training ----------------------------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ class Runner:
     return runs.train(method, parallel.replicate(params, self.mesh),
                       self._batches(task, seed, buffers if method.needs_replay else None), steps, name=name,
                       ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
-                      observer=observer, progress=self.progress, budget=self.budget)
+                      observer=observer, progress=self.progress, budget=self.budget, timings=self.timings)
 
   def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict]:
     """(the network after the first task, what its stage leaves for later ones: SI's path integral ω and the
@@ -358,12 +355,12 @@ class Runner:
         tree = checkpoint.restore(path / "final", {"params": init_params, "si_omega": init_params})
         return tree["params"], memory(tree["params"], tree["si_omega"])
       runs.log(f"{name}: training for {steps} steps")
-      t0 = time.perf_counter()
-      params, history, opt_state = self._train(method, init_params, task, steps, self.seed, path / "checkpoints",
-                                               name=name)
-      self._time("stage1", t0)
-      omega = tu.unmask(si_lib.recorded(opt_state), params)
-      checkpoint.save(path / "final.tmp", {"params": params, "si_omega": omega}, {"history": history, "key": parts})
+      with self.timings.phase("stage1"):
+        params, history, opt_state = self._train(method, init_params, task, steps, self.seed, path / "checkpoints",
+                                                 name=name)
+        omega = tu.unmask(si_lib.recorded(opt_state), params)
+        checkpoint.save(path / "final.tmp", {"params": params, "si_omega": omega},
+                        {"history": history, "key": parts})
       runs.StageCache.publish(path / "final.tmp", path / "final")
       checkpoint.remove(path / "checkpoints")
     return params, memory(params, omega)
@@ -382,19 +379,30 @@ class Runner:
              f"its samples are classified as their class {agree:.1%} of the time (chance {1 / task.num_labels:.1%})")
     return {"generator": gen, "generator_info": {"loss_curve": curve, "class_agreement": agree}}
 
-  def buffers(self, params, k: int) -> dict[str, data.ReplayBuffer]:
-    """Replay buffers of the tasks before stage k, each with the outputs of ``params`` (the network entering
-    stage k) stored once."""
+  def buffers(self, params, k: int, with_outputs: bool = True) -> dict[str, data.ReplayBuffer]:
+    """Replay buffers of the tasks before stage k, with the outputs of ``params`` (the network entering stage k)
+    stored once (``with_outputs``: else rows alone)."""
     out = {}
     for j, task in enumerate(self.stream.tasks[:k]):
       train = task.splits["train"]
       idx = np.sort(np.random.default_rng([self.seed, 11 + j]).choice(
           len(train), size=min(self.stages.buffer_size, len(train)), replace=False))
       ds = train.take(idx)
-      ref = self.logits_on(params, ds, task.head)
-      ref = ref if task.keep is None else np.asarray(task.keep(jnp.asarray(ref)), np.float32)
-      out[task.name] = data.ReplayBuffer(ds, ref, seed=self.seed + j)
+      out[task.name] = data.ReplayBuffer(ds, self.references(params, task, ds) if with_outputs else None,
+                                         seed=self.seed + j)
     return out
+
+  def references(self, params, task: TaskSpec, ds) -> np.ndarray:
+    """The outputs FIP keeps of ``task`` under ``params`` on the rows ``ds`` (its head's logits, through
+    ``task.keep``): ``[N, K]``. Computed once per network and rows: every method of stage 2 starts from the same
+    network and shares them."""
+    key = (task.name, ds.digest())
+    if self._references[0] is not params:
+      self._references = (params, {})
+    if key not in self._references[1]:
+      ref = self.logits_on(params, ds, task.head)
+      self._references[1][key] = ref if task.keep is None else np.asarray(task.keep(jnp.asarray(ref)), np.float32)
+    return self._references[1][key]
 
   def run_method(self, name: str, first: tuple[PyTree, dict], row1: tuple[list, list], run_dir: runs.RunDir) -> dict:
     """Tasks 2..T with method ``name`` from the first-stage network and its memory; the result is kept in
@@ -421,7 +429,8 @@ class Runner:
           memory[n]["generator_info"] = info
         history, records, aware, agnostic = meta["history"], meta["records"], meta["aware"], meta["agnostic"]
         continue
-      buffers = self.buffers(params, k)
+      with self.timings.phase("buffers"):          # rows now, outputs once the method is known to replay them
+        buffers = self.buffers(params, k, with_outputs=False)
       ctx = continual.StageContext(
           self.stream.task_loss(task, self.optim.dropout),
           {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name], memory.get(t.name))
@@ -432,6 +441,9 @@ class Runner:
         method = continual.build(name, ctx, self.hp, self.optim)
       except ValueError as e:
         raise runs.UsageError(str(e)) from None
+      if method.needs_replay and method.replays != "generated":
+        with self.timings.phase("buffers"):
+          buffers = self.buffers(params, k)
       sources = buffers
       if method.replays == "generated":
         for t in tasks[:k]:
@@ -441,9 +453,9 @@ class Runner:
                                            self.seed + 100 * k + j) for j, t in enumerate(tasks[:k])}
       probes = {}
       for t in tasks[:k]:
-        buf = buffers[t.name]
-        n = min(self.run.probe_size, len(buf.data))
-        probes[t.name] = (buf.data.batch(np.arange(n))["inputs"], buf.ref_outputs[:n], self._outputs[t.name])
+        probe = buffers[t.name].data.take(np.arange(min(self.run.probe_size, len(buffers[t.name].data))))
+        probes[t.name] = (probe.batch(np.arange(len(probe)))["inputs"], self.references(params, t, probe),
+                          self._outputs[t.name])
       tracker = PathTracker(probes, self.hp.distance, method.to_model, self.run.record_every, len(history))
       runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
       start = params
@@ -494,8 +506,8 @@ class Runner:
     runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
     results = {"methods": {}}
     for name in methods:
-      results["methods"][name] = self.run_method(name, first, row1, run_dir)
-      self.timings[f"stages_{name}"] = results["methods"][name]["train_time_s"]
+      with self.timings.phase(name):
+        results["methods"][name] = self.run_method(name, first, row1, run_dir)
     results["timings"] = self.timings
     return results
 

@@ -116,6 +116,36 @@ def test_callback_states_stay_valid_and_resume_twice():
     chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
 
 
+def test_metrics_read_every_k_steps_give_the_same_run_and_states_where_asked():
+  params, batches, loss = _mlp_problem()
+  method = continual.naive(loss, optax.adam(0.05))
+  final, _, history = continual.fit(method, params, iter(batches), 20)
+  seen = []
+  lagged, _, lagged_history = continual.fit(method, params, iter(batches), 20, sync_every=7,
+                                            keep_state=lambda step: step in (5, 12),
+                                            callback=lambda s, row: seen.append((row["step"], s)))
+  chex.assert_trees_all_equal(lagged, final)
+  assert lagged_history == history and [step for step, _ in seen] == list(range(1, 21))
+  kept = {step: s for step, s in seen if s is not None}
+  assert set(kept) == {5, 12}
+  # The state handed over at step 12 is step 12's, readable after the later steps reused the buffers.
+  resumed, _, _ = continual.fit(method, params, iter(batches[12:]), 20, state=kept[12].materialize())
+  chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_found_late_names_its_step_before_any_state_is_handed_over():
+  params, batches, loss = _mlp_problem()
+  method = continual.naive(loss, optax.sgd(1e38))
+  with pytest.raises(continual.NonFiniteLoss) as every_step:
+    continual.fit(method, params, iter(batches), 20)
+  states = []
+  with pytest.raises(continual.NonFiniteLoss) as lagged:
+    continual.fit(method, params, iter(batches), 20, sync_every=20, keep_state=lambda step: step == 10,
+                  callback=lambda s, row: states.append(s))
+  assert lagged.value.step == every_step.value.step
+  assert all(s is None for s in states)
+
+
 def test_non_finite_loss_stops_the_run():
   params, batches, loss = _mlp_problem()
   with pytest.raises(continual.NonFiniteLoss) as e:

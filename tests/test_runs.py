@@ -8,6 +8,9 @@ import pathlib
 import subprocess
 import sys
 
+import chex
+import jax
+import jax.numpy as jnp
 import pytest
 
 from fipjax import checkpoint, runs
@@ -81,6 +84,39 @@ def test_compilation_cache_goes_beside_the_stage_cache_unless_one_is_configured(
     assert done.returncode == 0, done.stderr[-2000:]
     used = configured or tmp_path / "xla"
     assert done.stdout.strip() == str(used) and len(list(used.iterdir())) > 0
+
+
+def test_timings_nest_phases_and_count_compilation_apart():
+  t = runs.Timings()
+  with t.phase("stage"):
+    with t.phase("train"):
+      jax.jit(lambda x: x * 3.0 + 1.0).lower(jnp.ones(7)).compile()
+    with t.phase("train"):
+      pass
+  assert set(t) == {"stage", "stage/compile", "stage/train", "stage/train/compile"}
+  assert 0 < t["stage/train/compile"] <= t["stage/train"] <= t["stage"]
+  assert t["stage/compile"] == pytest.approx(t["stage/train/compile"])
+  assert t.top() == {"stage": t["stage"]}
+
+
+def test_checkpoint_writer_writes_behind_and_raises_its_failure_in_the_caller(tmp_path, monkeypatch):
+  tree = {"w": jnp.arange(6.0)}
+  rows = ["a"]
+  with checkpoint.Writer() as w:
+    w.submit(tmp_path, 1, tree, {"rows": rows})
+    w.submit(tmp_path, 2, tree, {"rows": rows})       # waits for step 1, then drops it (keep=1)
+    rows.append("after")                              # the metadata is the one at submit time
+  assert checkpoint.latest_step(tmp_path).name == "step_00000002"
+  assert checkpoint.load_meta(tmp_path / "step_00000002")["rows"] == ["a"]
+  assert [p.name for p in tmp_path.iterdir()] == ["step_00000002"]
+  chex.assert_trees_all_equal(checkpoint.restore(tmp_path / "step_00000002", tree), tree)
+  usage = checkpoint.shutil.disk_usage
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(p)._replace(free=10))
+  w = checkpoint.Writer()
+  w.submit(tmp_path, 3, tree)
+  with pytest.raises(OSError, match="No space left"):
+    w.wait()
+  assert checkpoint.latest_step(tmp_path).name == "step_00000002"
 
 
 def test_full_disk_is_one_paragraph_and_exit_1(tmp_path, monkeypatch, capsys):

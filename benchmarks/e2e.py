@@ -1,0 +1,259 @@
+"""A whole run's wall clock, fipjax against the same run in PyTorch: load, compilation, steps, checkpoints,
+evaluation (#14).
+
+    python -m benchmarks.e2e --json runs/bench-e2e.json        # 125 + 125 steps of MiniLM at 128 tokens, ~25 min
+    python -m benchmarks.e2e --stage1-steps 2 --steps 2 --n-train 32 --n-test 8 --n-val 8 --max-len 16 \\
+        --buffer-size 16 --batch 4 --replay-batch 4 --checkpoint-every 1 --side torch          # CI size, PyTorch
+
+Each side runs in a fresh process with empty caches (no compiled programs, no stage-1 network), back to back on
+the same machine. Ours is ``python -m experiments.yelp_imdb --preset cpu --method naive,fip`` with the flags below
+(its own run directory, stage cache and compilation cache in a temporary directory). PyTorch's is the same work
+written as a PyTorch user would: transformers' ``BertForSequenceClassification`` with a 7-way head, AdamW, dropout,
+``torch.save`` of the model and optimiser at the same cadence, the authors' FIP formulation (a frozen copy of the
+Yelp network, Bhattacharyya distance to its softmax outputs on a replay batch, β × the batch mean), the same rows,
+tokens, batches and evaluations (test after each stage, validation after stage 2).
+
+A user running one method waits for: start-up and loading, stage 1, its evaluation, and that method's stage 2.
+``ours_over_torch_run_time`` is that wall clock for naive fine-tuning, ours over PyTorch's;
+``ours_fip_over_authors_fip_run_time`` the same for FIP. The breakdown splits each stage into compilation, steps,
+checkpointing, path records (ours), replay-buffer outputs (ours), evaluation and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TARGETS = {"ours_over_torch_run_time": 0.9, "ours_fip_over_authors_fip_run_time": 0.8}
+STAGES = ("stage1", "naive", "fip")
+PARTS = ("compile", "steps", "checkpoint", "records", "buffers", "eval", "other")
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="minilm", help="BERT checkpoint: 'minilm' (packaged), a directory or hub id")
+  p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+  p.add_argument("--n-train", type=int, default=2000, help="training rows per task")
+  p.add_argument("--n-test", type=int, default=1000, help="test rows per task")
+  p.add_argument("--n-val", type=int, default=200, help="validation rows per task")
+  p.add_argument("--max-len", type=int, default=128)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--replay-batch", type=int, default=16)
+  p.add_argument("--eval-batch", type=int, default=100)
+  p.add_argument("--lr", type=float, default=5e-5)
+  p.add_argument("--stage1-steps", type=int, default=125)
+  p.add_argument("--steps", type=int, default=125)
+  p.add_argument("--beta", type=float, default=16.0, help="FIP weight on the replay batch's mean distance")
+  p.add_argument("--buffer-size", type=int, default=2000)
+  p.add_argument("--checkpoint-every", type=int, default=50)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--side", default="both", choices=["both", "ours", "torch"])
+  p.add_argument("--json", type=pathlib.Path, default=None)
+  return p
+
+
+def ours_argv(args, work: pathlib.Path) -> list[str]:
+  """The experiment's command line for this run, everything in ``work``."""
+  return ["--preset", "cpu", "--method", "naive,fip", "--model", args.model, "--data-dir", args.data_dir,
+          "--n-train-yelp", str(args.n_train), "--n-train-imdb", str(args.n_train), "--n-test", str(args.n_test),
+          "--n-val", str(args.n_val), "--max-len", str(args.max_len), "--batch-size", str(args.batch),
+          "--replay-batch-size", str(args.replay_batch), "--eval-batch-size", str(args.eval_batch),
+          "--lr", str(args.lr), "--stage1-steps", str(args.stage1_steps), "--steps", str(args.steps),
+          "--beta", str(args.beta), "--buffer-size", str(args.buffer_size),
+          "--checkpoint-every", str(args.checkpoint_every), "--seed", str(args.seed), "--no-progress",
+          "--out", str(work / "out"), "--cache-dir", str(work / "cache")]
+
+
+def stage_parts(t: dict, stage: str) -> dict[str, float]:
+  """One stage's seconds by kind of work, from ``Timings`` keys (each part net of the compilation inside it)."""
+  net = lambda key: t.get(key, 0.0) - t.get(f"{key}/compile", 0.0)
+  train = f"{stage}/train"
+  parts = {"compile": t.get(f"{stage}/compile", 0.0), "checkpoint": net(f"{train}/checkpoint"),
+           "records": net(f"{train}/records"), "buffers": net(f"{stage}/buffers"),
+           "eval": net(f"{stage}/eval_test") + net(f"{stage}/eval_val")}
+  parts["steps"] = net(train) - parts["checkpoint"] - parts["records"]
+  parts["other"] = t[stage] - sum(parts.values())
+  return {k: parts[k] for k in PARTS}
+
+
+def summary(wall: float, t: dict) -> dict:
+  """Per-stage breakdown, and the wall clock a user waits for each method alone (the run less the other
+  method's stage)."""
+  stages = {s: stage_parts(t, s) for s in STAGES}
+  stages["stage1"]["eval"] += t.get("eval_test", 0.0) - t.get("eval_test/compile", 0.0)
+  stages["stage1"]["compile"] += t.get("eval_test/compile", 0.0)
+  load = wall - sum(t[s] for s in STAGES) - t.get("eval_test", 0.0)
+  return {"wall_s": wall, "load_and_other_s": load, "stages": stages,
+          "naive_run_s": wall - t["fip"], "fip_run_s": wall - t["naive"],
+          "compile_s": sum(v["compile"] for v in stages.values())}
+
+
+def run_ours(args) -> dict:
+  with tempfile.TemporaryDirectory(prefix="fipjax-e2e-") as work:
+    work = pathlib.Path(work)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # cold: compilation counts
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "experiments.yelp_imdb", *ours_argv(args, work)], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+      raise RuntimeError(f"the fipjax run failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    results = json.loads((work / "out" / "results.json").read_text())
+  acc = {m: results["methods"][m]["accuracy_matrix"] for m in ("naive", "fip")}
+  return {**summary(wall, results["timings"]), "accuracy_matrix": acc, "timings": results["timings"]}
+
+
+def run_torch_child(args) -> dict:
+  """The PyTorch run, in this process: ``{"timings": …, "accuracy_matrix": …}``."""
+  import copy
+  import torch
+  import transformers
+  from fipjax import data, runs
+  from fipjax.models import hub
+  from experiments import yelp_imdb
+
+  t = runs.Timings()
+  with t.phase("load"):
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(args.seed)
+    cfg = yelp_imdb.parse_args(ours_argv(args, pathlib.Path("unused")))[0]
+    tasks = yelp_imdb.load_tasks(cfg, hub.load_tokenizer(args.model), shared=True)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(hub.resolve_model_dir(args.model)), num_labels=7)
+  tensors = lambda b: (torch.from_numpy(b["inputs"]["input_ids"]).long(),
+                       torch.from_numpy(b["inputs"]["attention_mask"]).long())
+
+  def train(model, task, steps, seed, ckpt, buffer=None, frozen=None):
+    with t.phase("train"):
+      opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+      model.train()
+      batches = data.train_batches(task.splits["train"], args.batch, seed)
+      for step in range(steps):
+        b = next(batches)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(*tensors(b)).logits, torch.from_numpy(b["labels"]).long())
+        if buffer is not None:
+          r = tensors(buffer.sample(step, args.replay_batch))
+          p = torch.softmax(model(*r).logits, -1)
+          with torch.no_grad():
+            q = torch.softmax(frozen(*r).logits, -1)
+          loss = loss + args.beta * -torch.log(torch.sum(torch.sqrt(p * q + 1e-12), -1)).mean()
+        loss.backward()
+        opt.step()
+        if not np.isfinite(loss.item()):           # a training loop logs the loss every step
+          raise FloatingPointError(f"loss {loss.item()} at step {step + 1}")
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+          with t.phase("checkpoint"):
+            path = ckpt / f"step_{step + 1}.pt"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
+            for old in ckpt.glob("step_*.pt"):
+              if old != path:
+                old.unlink()
+
+  def evaluate(model, split):
+    with t.phase(f"eval_{split}"), torch.no_grad():
+      model.eval()
+      row = []
+      for task in tasks:
+        ds, right = task.splits[split], 0
+        for b, idx in data.eval_batches(ds, args.eval_batch):
+          z = model(*tensors(b)).logits[:len(idx), task.offset:task.offset + task.num_labels].numpy()
+          right += int(np.sum(np.argmax(z, -1) + task.offset == ds.labels[idx]))
+        row.append(right / len(ds))
+      return row
+
+  with tempfile.TemporaryDirectory(prefix="fipjax-e2e-torch-") as work:
+    work = pathlib.Path(work)
+    for d in ("stage1", "naive", "fip"):
+      (work / d).mkdir()
+    yelp, imdb = tasks
+    with t.phase("stage1"):
+      train(model, yelp, args.stage1_steps, args.seed, work / "stage1")
+      torch.save(model.state_dict(), work / "stage1" / "final.pt")
+    row1 = evaluate(model, "test")
+    acc = {}
+    for name in ("naive", "fip"):
+      with t.phase(name):
+        net = copy.deepcopy(model)
+        buffer = frozen = None
+        if name == "fip":
+          frozen = copy.deepcopy(model).eval()
+          train_rows = yelp.splits["train"]
+          idx = np.sort(np.random.default_rng([args.seed, 11]).choice(
+              len(train_rows), size=min(args.buffer_size, len(train_rows)), replace=False))
+          buffer = data.ReplayBuffer(train_rows.take(idx), None, seed=args.seed)
+        train(net, imdb, args.steps, args.seed + 100, work / name, buffer, frozen)
+        acc[name] = [row1, evaluate(net, "test")]
+        evaluate(net, "val")
+  return {"timings": dict(t), "accuracy_matrix": acc}
+
+
+def run_torch(argv: list[str]) -> dict:
+  """The PyTorch run in a fresh process (``--torch-child``), timed from its start."""
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", *argv, "--torch-child"], cwd=REPO,
+                        capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  if proc.returncode:
+    raise RuntimeError(f"the PyTorch run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {**summary(wall, out["timings"]), **out}
+
+
+def table(result: dict) -> str:
+  sides = [s for s in ("ours", "torch") if s in result]
+  rows = [f"config: {json.dumps(result['config'])}", ""]
+  if "ours_over_torch_run_time" in result:
+    for key, target in TARGETS.items():
+      mark = "ok" if result[key] <= target else "MISSED"
+      rows.append(f"{key:38s} {result[key]:6.3f}  target ≤ {target}  {mark}")
+    rows.append("")
+  rows.append(f"{'seconds':24s}" + "".join(f"{s:>10s}" for s in sides))
+  for key in ("wall_s", "naive_run_s", "fip_run_s", "load_and_other_s", "compile_s"):
+    rows.append(f"{key:24s}" + "".join(f"{result[s][key]:10.1f}" for s in sides))
+  for stage in STAGES:
+    rows.append(f"{stage:24s}" + "".join(f"{sum(result[s]['stages'][stage].values()):10.1f}" for s in sides))
+    for part in PARTS:
+      rows.append(f"  {part:22s}" + "".join(f"{result[s]['stages'][stage][part]:10.1f}" for s in sides))
+  for s in sides:
+    rows.append(f"{s} accuracy (yelp, imdb after stage 2): " + ", ".join(
+        f"{m} {r[-1][0]:.3f} / {r[-1][1]:.3f}" for m, r in result[s]["accuracy_matrix"].items()))
+  return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  p = parser()
+  p.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.torch_child:
+    print(json.dumps(run_torch_child(args)))
+    return 0
+  config = {k: v for k, v in vars(args).items() if k not in ("json", "side", "torch_child")}
+  result = {"config": {**config, "threads": os.cpu_count()}}
+  if args.side in ("both", "ours"):
+    result["ours"] = run_ours(args)
+  if args.side in ("both", "torch"):
+    result["torch"] = run_torch([a for a in argv])
+  if args.side == "both":
+    result["ours_over_torch_run_time"] = result["ours"]["naive_run_s"] / result["torch"]["naive_run_s"]
+    result["ours_fip_over_authors_fip_run_time"] = result["ours"]["fip_run_s"] / result["torch"]["fip_run_s"]
+  print(table(result))
+  if args.json is not None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
