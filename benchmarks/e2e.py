@@ -1,7 +1,7 @@
 """A whole run's wall clock, fipjax against the same run in PyTorch: load, compilation, steps, checkpoints,
 evaluation (#14).
 
-    python -m benchmarks.e2e --json runs/bench-e2e.json        # 125 + 125 steps of MiniLM at 128 tokens, ~25 min
+    python -m benchmarks.e2e --json runs/bench-e2e.json    # 125 + 125 steps of MiniLM at 128 tokens: 57 min, 2 cores
     python -m benchmarks.e2e --stage1-steps 2 --steps 2 --n-train 32 --n-test 8 --n-val 8 --max-len 16 \\
         --buffer-size 16 --batch 4 --replay-batch 4 --checkpoint-every 1 --side torch          # CI size, PyTorch
 
