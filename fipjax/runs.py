@@ -116,10 +116,6 @@ class Timings(dict):
       self[key] = self.get(key, 0.0) + time.perf_counter() - t0
       self[f"{key}/compile"] = self.get(f"{key}/compile", 0.0) + compile_seconds() - c0
 
-  def top(self) -> dict[str, float]:
-    """The outermost phases alone (no nested ones, no compile shares)."""
-    return {k: v for k, v in self.items() if "/" not in k}
-
 
 def check_writable_dir(path: pathlib.Path, flag: str) -> None:
   """Raise a :class:`UsageError` now, before any work, if ``path`` could not be created or written."""

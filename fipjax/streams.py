@@ -387,10 +387,14 @@ class Runner:
       train = task.splits["train"]
       idx = np.sort(np.random.default_rng([self.seed, 11 + j]).choice(
           len(train), size=min(self.stages.buffer_size, len(train)), replace=False))
-      ds = train.take(idx)
-      out[task.name] = data.ReplayBuffer(ds, self.references(params, task, ds) if with_outputs else None,
-                                         seed=self.seed + j)
-    return out
+      out[task.name] = data.ReplayBuffer(train.take(idx), seed=self.seed + j)
+    return self.with_references(params, out) if with_outputs else out
+
+  def with_references(self, params, buffers: Mapping[str, data.ReplayBuffer]) -> dict[str, data.ReplayBuffer]:
+    """``buffers`` (by task name) with the outputs of ``params`` on their rows (:meth:`references`)."""
+    tasks = {t.name: t for t in self.stream.tasks}
+    return {n: dataclasses.replace(b, ref_outputs=self.references(params, tasks[n], b.data))
+            for n, b in buffers.items()}
 
   def references(self, params, task: TaskSpec, ds) -> np.ndarray:
     """The outputs FIP keeps of ``task`` under ``params`` on the rows ``ds`` (its head's logits, through
@@ -443,7 +447,7 @@ class Runner:
         raise runs.UsageError(str(e)) from None
       if method.needs_replay and method.replays != "generated":
         with self.timings.phase("buffers"):
-          buffers = self.buffers(params, k)
+          buffers = self.with_references(params, buffers)
       sources = buffers
       if method.replays == "generated":
         for t in tasks[:k]:
