@@ -184,18 +184,10 @@ def build(cfg: Config, args):
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
   methods = continual.method_list(args.method, METHODS)
-  command = " ".join(["python -m experiments.continual_dpo"] + list(sys.argv[1:] if argv is None else argv))
-  config = cf.to_dict(cfg)
-
-  def run():
-    check(cfg, methods)
-    out = args.out or runs.default_out(REPO / "runs", {"config": config, "methods": methods})
-    runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
-    streams.run_experiment(lambda: build(cfg, args), methods=methods, config=config, out=out,
-                           cache_dir=args.cache_dir, title="Continual DPO: IMDB positive → Yelp negative",
-                           command=command, write=report.write_alignment)
-
-  return runs.cli_main(run, user_errors=(data.DataError, hub.CheckpointError))
+  return streams.experiment_main(
+      "experiments.continual_dpo", argv, cfg, args, methods, lambda: build(cfg, args),
+      title="Continual DPO: IMDB positive → Yelp negative", runs_root=REPO / "runs",
+      before=lambda: check(cfg, methods), user_errors=(hub.CheckpointError,), write=report.write_alignment)
 
 
 if __name__ == "__main__":

@@ -95,11 +95,9 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
   cfg, args = cf.parse(p, PRESETS, argv)
-  methods = continual.method_list(args.method, METHODS)
-  command = " ".join(["python -m experiments.split_digits"] + list(sys.argv[1:] if argv is None else argv))
-  return runs.cli_main(lambda: streams.run_experiment(
-      lambda: build(cfg), methods=methods, config=cf.to_dict(cfg), out=args.out, cache_dir=None,
-      title="Split digits", command=command))
+  return streams.experiment_main("experiments.split_digits", argv, cfg, args,
+                                 continual.method_list(args.method, METHODS), lambda: build(cfg),
+                                 title="Split digits", runs_root=args.out.parent)
 
 
 if __name__ == "__main__":

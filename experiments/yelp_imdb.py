@@ -143,19 +143,10 @@ def build(cfg: Config, args):
 
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
-  methods = continual.method_list(args.method, METHODS)
-  command = " ".join(["python -m experiments.yelp_imdb"] + list(sys.argv[1:] if argv is None else argv))
-  config = cf.to_dict(cfg)
-
-  def run():
-    if args.distributed:
-      parallel.initialize_distributed()
-    out = args.out or runs.default_out(REPO / "runs", {"config": config, "methods": methods})
-    runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
-    streams.run_experiment(lambda: build(cfg, args), methods=methods, config=config, out=out,
-                           cache_dir=args.cache_dir, title="Yelp → IMDB", command=command)
-
-  return runs.cli_main(run, user_errors=(data.DataError, hub.CheckpointError))
+  return streams.experiment_main(
+      "experiments.yelp_imdb", argv, cfg, args, continual.method_list(args.method, METHODS),
+      lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(hub.CheckpointError,),
+      before=parallel.initialize_distributed if args.distributed else lambda: None)
 
 
 if __name__ == "__main__":

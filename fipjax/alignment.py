@@ -278,6 +278,7 @@ class AlignmentRunner:
     self.policy = Policy(graphdef, tokenizer, pref)
     self.task_loss = self._pair_loss()
     self.timings = runs.Timings()
+    self._digests: dict[int, tuple[PyTree, str]] = {}
 
   def _pair_loss(self) -> continual.TaskLoss:
     loss = dpo.task_loss(self.policy.apply, beta=self.pref.dpo_beta, kind=self.pref.dpo_loss)
@@ -296,7 +297,7 @@ class AlignmentRunner:
       else:
         prompts = rnd.prompts[split]
         parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
-                 "policy": data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))), "model": self.model_key,
+                 "policy": self._digest(params), "model": self.model_key,
                  "pref": cf.to_dict(self.pref), "seed": self.seed}
         with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
           if checkpoint.is_complete(path):
@@ -307,6 +308,14 @@ class AlignmentRunner:
             checkpoint.save(path.with_name(path.name + ".tmp"), out, keep_structure=True)
             runs.StageCache.publish(path.with_name(path.name + ".tmp"), path)
     return out
+
+  def _digest(self, params) -> str:
+    """The weights' digest, remembered for the last two policies (each one's pairs are drawn for several splits;
+    hashing 135M weights takes seconds)."""
+    if (hit := self._digests.get(id(params))) is None or hit[0] is not params:
+      hit = (params, data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))))
+      self._digests = {**dict(list(self._digests.items())[-1:]), id(params): hit}
+    return hit[1]
 
   def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
     """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -514,6 +515,27 @@ class Runner:
         results["methods"][name] = self.run_method(name, first, row1, run_dir)
     results["timings"] = self.timings
     return results
+
+
+def experiment_main(module: str, argv: Sequence[str] | None, cfg, args, methods: Sequence[str],
+                    build: Callable[[], tuple[Any, PyTree]], *, title: str, runs_root: pathlib.Path,
+                    before: Callable[[], None] = lambda: None, user_errors: tuple[type[Exception], ...] = (),
+                    write: Callable[[pathlib.Path, dict, str], str] = report.write) -> int:
+  """An experiment's ``main`` once ``argv`` is parsed into ``cfg`` and ``args``: ``before()`` (checks that need no
+  data, set-up), then :func:`run_experiment` into ``args.out`` (else the unfinished run of this configuration under
+  ``runs_root``, else a new one). Returns the exit code; failures are one paragraph on stderr (:func:`runs.cli_main`,
+  ``user_errors`` exiting 2 beside :class:`fipjax.data.DataError`)."""
+  command = " ".join([f"python -m {module}"] + list(sys.argv[1:] if argv is None else argv))
+  config = cf.to_dict(cfg)
+
+  def run():
+    before()
+    out = args.out or runs.default_out(runs_root, {"config": config, "methods": list(methods)})
+    runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
+    run_experiment(build, methods=methods, config=config, out=out, cache_dir=getattr(args, "cache_dir", None),
+                   title=title, command=command, write=write)
+
+  return runs.cli_main(run, user_errors=(data.DataError, *user_errors))
 
 
 def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence[str], config: dict,
