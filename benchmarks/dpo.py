@@ -55,19 +55,22 @@ def batches(apply, params, vocab: int, pairs: int, old: int, seq: int, k: int, s
   return new, replay
 
 
+def methods(apply, beta: float) -> dict[str, continual.Method]:
+  """DPO and FIP-DPO (the penalty at weight 1), in full and inside LoRA (r 8 on q/v)."""
+  task, optimizer = dpo.task_loss(apply, beta=beta), optax.adamw(1e-5)
+  out = {"dpo": continual.naive(task, optimizer),
+         "fip-dpo": continual.penalised("fip-dpo", task, sequences.fip_penalty(apply, beta=1.0), optimizer)}
+  config = lora.LoraConfig(targets=llama.LORA_TARGETS, rank=8, alpha=16)
+  return {**out, **{f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in out.items()}}
+
+
 def run(args) -> dict:
   graphdef, params = load(args.model)
   apply = llama.make_apply(graphdef)
   vocab = params["model"]["embed_tokens"]["embedding"].shape[0]
   new, replay = batches(apply, params, vocab, args.pairs, args.old, args.seq, args.top_k)
-  task = dpo.task_loss(apply, beta=args.beta)
-  optimizer = optax.adamw(1e-5)
-  methods = {"dpo": continual.naive(task, optimizer),
-             "fip-dpo": continual.penalised("fip-dpo", task, sequences.fip_penalty(apply, beta=1.0), optimizer)}
-  config = lora.LoraConfig(targets=llama.LORA_TARGETS, rank=8, alpha=16)
-  methods.update({f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in list(methods.items())})
   calls, peaks = {}, {}
-  for name, method in methods.items():
+  for name, method in methods(apply, args.beta).items():
     step, *state = continual.train_step(method, params, donate=False)
     batch = {"new": new, **({"replay": replay} if method.needs_replay else {})}
     calls[name], compiled = compiled_call(step, *state, batch)

@@ -4,9 +4,9 @@
     python -m benchmarks.run --model tiny --seq 32 --batch 4 --replay-batch 4 --repeats 2 --no-torch   # CI size
 
 Every time is the median of ``--repeats`` runs after a warm-up (compilation excluded); the steps compared with
-each other run in interleaved rounds, so drifts of the machine's speed touch them alike. Peak memory is the
-compiled step's ``memory_analysis().peak_memory_in_bytes`` where XLA reports it (CPU, GPU), else the device's
-``peak_bytes_in_use``.
+each other run in interleaved rounds, so drifts of the machine's speed touch them alike. Peak memory is XLA's memory
+analysis of the compiled step (:func:`fipjax.continual.peak_bytes`: temporaries counted on every backend); these steps
+do not donate their inputs, so it counts the state twice (``benchmarks.memory``: as the training loop runs them).
 """
 
 from __future__ import annotations
@@ -162,6 +162,15 @@ def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5, form: str = "gradien
           + BASELINES}
 
 
+def timed_steps(s: Setup) -> list[tuple[str, continual.Method, dict]]:
+  """(name, method, batch) of every step timed: each method on its batch, and naive on all 32 sequences."""
+  ms, fip_batch = methods(s), s.fip_batch
+  return [("naive", ms["naive"], {"new": s.new}), ("naive_combined", ms["naive"], {"new": s.combined}),
+          ("fip", ms["fip"], fip_batch), ("lora", ms["lora"], {"new": s.new}),
+          ("lora-fip", ms["lora-fip"], fip_batch), ("si", ms["si"], {"new": s.new}), ("gem", ms["gem"], fip_batch),
+          ("agem", ms["agem"], fip_batch), ("bir", ms["bir"], s.bir_batch)]
+
+
 BASELINES = ("si", "gem", "agem", "bir")
 """The other continual-learning methods, timed per step against naive (``<name>_over_naive_step_time``)."""
 
@@ -265,14 +274,9 @@ def run(args) -> dict:
             "replay_batch": args.replay_batch, "seq": args.seq, "dtype": args.dtype,
             "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "threads": os.cpu_count(),
             "repeats": args.repeats}
-  ms = methods(s)
-  fip_batch = s.fip_batch
   calls, peaks = {}, {}
-  for name, method, batch in (("naive", "naive", {"new": s.new}), ("naive_combined", "naive", {"new": s.combined}),
-                              ("fip", "fip", fip_batch), ("lora", "lora", {"new": s.new}),
-                              ("lora-fip", "lora-fip", fip_batch), ("si", "si", {"new": s.new}),
-                              ("gem", "gem", fip_batch), ("agem", "agem", fip_batch), ("bir", "bir", s.bir_batch)):
-    calls[name], compiled = s.step_call(ms[method], batch)
+  for name, method, batch in timed_steps(s):
+    calls[name], compiled = s.step_call(method, batch)
     if name != "naive_combined":
       peaks[name] = continual.peak_bytes(compiled)
   if not args.no_torch:
@@ -301,7 +305,7 @@ def run(args) -> dict:
   geodesic_calls = {"naive": calls["naive"], "fip": calls["fip"]}
   for iters in args.cg_iters:
     geodesic_calls[str(iters)] = s.step_call(methods(s, cg_iters=iters, form=args.geodesic_form)["fip-geodesic"],
-                                             fip_batch)[0]
+                                             s.fip_batch)[0]
   t = interleaved_times(geodesic_calls, args.repeats)
   result["geodesic_over_naive_time_by_cg_iters"] = {str(i): t[str(i)] / t["naive"] for i in args.cg_iters}
   # The headline: the cpu preset's CG budget when timed, else the largest timed; penalty form on the same batch.

@@ -576,30 +576,38 @@ def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -
   return int(explicit) if explicit is not None else max(1, int(epochs * rows // batch_size))
 
 
-def train_step(method: Method, model_params: PyTree, *, donate: bool = True):
+def train_step(method: Method, model_params: PyTree, *, donate: bool = True, abstract: bool = False):
   """(jitted step, its arguments but the batch: trainable, frozen, optimiser state) of ``method`` at
-  ``model_params``: the step :func:`fit` runs."""
+  ``model_params``: the step :func:`fit` runs. ``abstract``: the arguments as shapes (``jax.ShapeDtypeStruct``),
+  for lowering without allocating a training state."""
   method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
-  state, mask = init_train_state(method, model_params)
+  if abstract:
+    state = TrainState(0, *jax.eval_shape(
+        lambda p: (lambda s: (s.train_params, s.opt_state))(init_train_state(method, p)[0]), model_params))
+    mask = None if method.trainable is None else method.trainable(state.train_params)
+  else:
+    state, mask = init_train_state(method, model_params)
   trainable = state.train_params if mask is None else tu.select(state.train_params, mask)
   frozen = None if mask is None else tu.select(state.train_params, jax.tree.map(lambda m: not m, mask))
   return make_train_step(method, mask, donate=donate), trainable, frozen, state.opt_state
 
 
 def peak_bytes(compiled) -> int:
-  """Peak device memory of a compiled program from XLA's memory analysis (arguments, outputs and temporaries
-  where the backend reports no peak)."""
+  """Peak device memory of a compiled program from XLA's memory analysis: what one execution allocates (arguments,
+  outputs not aliased to them, temporaries), or the backend's peak where that is larger. XLA's CPU peak leaves the
+  temporaries out."""
   stats = compiled.memory_analysis()
-  peak = getattr(stats, "peak_memory_in_bytes", 0) if stats is not None else 0
-  if peak:
-    return int(peak)
-  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+  if stats is None:
+    return 0
+  allocated = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+               + stats.temp_size_in_bytes)
+  return int(max(allocated, getattr(stats, "peak_memory_in_bytes", 0) or 0))
 
 
 def step_peak_bytes(method: Method, model_params: PyTree, batch: Batch) -> int:
   """Peak memory of one training step of ``method`` on ``batch`` as :func:`fit` runs it (donating the trained
-  parameters' and optimiser state's buffers), compiled once more, not run."""
-  step, *args = train_step(method, model_params)
+  parameters' and optimiser state's buffers), compiled once more from the arguments' shapes, not run."""
+  step, *args = train_step(method, model_params, abstract=True)
   return peak_bytes(step.lower(*args, batch).compile())
 
 

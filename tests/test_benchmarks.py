@@ -3,9 +3,11 @@
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import profile
+from benchmarks import memory, profile
 from benchmarks import run as bench
 
 KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "fip_over_naive_peak_memory",
@@ -60,3 +62,17 @@ def test_category_names_the_kind_of_work():
   assert profile.category("erf") == profile.category("aten::gelu") == "transcendental"
   assert profile.category("t") == "layout" and profile.category("tanh") == "transcendental"
   assert profile.category("add") == profile.category("aten::add_") == "elementwise"
+
+
+def test_memory_of_every_step_counts_its_training_state(tmp_path):
+  out = tmp_path / "memory.json"
+  assert memory.main(["--model", "tiny", "--batch", "2", "--replay-batch", "2", "--seq", "8",
+                      "--dpo-model", "random:1:64", "--dpo-seq", "8", "--pairs", "2", "--old", "2",
+                      "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  for key in memory.RATIOS:
+    assert math.isfinite(result[key]) and result[key] > 0, key
+  s = bench.Setup("tiny", 2, 2, 8, jnp.float32)
+  state = 3 * sum(a.nbytes for a in jax.tree.leaves(s.params))         # parameters and Adam's two moments
+  assert result["peak_bytes"]["naive"] > state
+  assert result["peak_bytes"]["lora"] < result["peak_bytes"]["naive"]

@@ -249,3 +249,12 @@ def test_method_argument_takes_all_or_a_comma_separated_list():
   for bad in ("fip,nope", "lora-si", ""):
     with pytest.raises(continual.cf.argparse.ArgumentTypeError):
       continual.method_argument(bad)
+
+
+def test_peak_bytes_counts_temporaries():
+  # x @ xᵀ [1000, 1000] is a temporary of 4 MB between 40 KB of arguments and a scalar output; XLA's CPU peak omits it.
+  x = jnp.ones((1000, 10), jnp.float32)
+  compiled = jax.jit(lambda x: jnp.sum(jnp.sin(x @ x.T))).lower(x).compile()
+  stats = compiled.memory_analysis()
+  assert stats.temp_size_in_bytes >= 4 * 1000 * 1000
+  assert continual.peak_bytes(compiled) >= stats.argument_size_in_bytes + stats.temp_size_in_bytes
