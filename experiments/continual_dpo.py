@@ -73,7 +73,7 @@ PRESETS = {
         val_prompts=64, test_prompts=64, held_out_texts=24, text_tokens=48, batch_size=4, lr=5e-5,
         stage1_steps=32, steps=32, replay_batch_size=4, buffer_size=64, lora_targets=_LLAMA_LORA, lora_lr=5e-4,
         response_tokens=24, eval_batch_size=16, generate_batch_size=64, checkpoint_every=16, record_every=8,
-        probe_size=16, dropout=False, beta=4.0),
+        probe_size=16, dropout=False, beta=16.0),       # β chosen on validation rewards (docs/results-dpo-cpu.md)
 }
 
 
