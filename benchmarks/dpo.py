@@ -64,16 +64,26 @@ def methods(apply, beta: float) -> dict[str, continual.Method]:
   return {**out, **{f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in out.items()}}
 
 
-def run(args) -> dict:
-  graphdef, params = load(args.model)
+def setup(model: str, pairs: int, old: int, seq: int, k: int):
+  """(params, apply, vocabulary size, preference batch, earlier round's sequences) of :func:`load` and
+  :func:`batches`."""
+  graphdef, params = load(model)
   apply = llama.make_apply(graphdef)
   vocab = params["model"]["embed_tokens"]["embedding"].shape[0]
-  new, replay = batches(apply, params, vocab, args.pairs, args.old, args.seq, args.top_k)
+  return (params, apply, vocab, *batches(apply, params, vocab, pairs, old, seq, k))
+
+
+def step_batch(method: continual.Method, new: dict, replay: dict) -> dict:
+  """A step's batch: the preference pairs, and the earlier round's sequences where ``method`` replays them."""
+  return {"new": new, **({"replay": replay} if method.needs_replay else {})}
+
+
+def run(args) -> dict:
+  params, apply, vocab, new, replay = setup(args.model, args.pairs, args.old, args.seq, args.top_k)
   calls, peaks = {}, {}
   for name, method in methods(apply, args.beta).items():
     step, *state = continual.train_step(method, params, donate=False)
-    batch = {"new": new, **({"replay": replay} if method.needs_replay else {})}
-    calls[name], compiled = compiled_call(step, *state, batch)
+    calls[name], compiled = compiled_call(step, *state, step_batch(method, new, replay))
     peaks[name] = continual.peak_bytes(compiled)
   times = interleaved_times(calls, args.repeats)
   stored = sequences.TopK(*replay["ref"]).bytes_per_token()

@@ -16,12 +16,10 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import dpo as dpo_bench
-from benchmarks.run import Setup, cli, timed_steps
+from benchmarks.run import DTYPES, Setup, cli, timed_steps
 from fipjax import continual
-from fipjax.models import llama
 
 RATIOS = {"fip_over_naive_peak_memory": ("fip", "naive"), "lorafip_over_lora_peak_memory": ("lora-fip", "lora"),
           "fip_over_naive_combined_peak_memory": ("fip", "naive_combined"),
@@ -35,17 +33,13 @@ def step_peaks(steps) -> dict[str, int]:
 
 
 def run(args) -> dict:
-  s = Setup(args.model, args.batch, args.replay_batch, args.seq, {"float32": jnp.float32,
-                                                                   "bfloat16": jnp.bfloat16}[args.dtype])
+  s = Setup(args.model, args.batch, args.replay_batch, args.seq, DTYPES[args.dtype])
   peaks = step_peaks((name, m, s.params, {**b, "rng": jax.random.PRNGKey(0)}) for name, m, b in timed_steps(s))
   config = {"model": args.model, "batch": args.batch, "replay_batch": args.replay_batch, "seq": args.seq,
             "dtype": args.dtype, "device": jax.devices()[0].device_kind}
   if args.dpo_model != "none":
-    graphdef, params = dpo_bench.load(args.dpo_model)
-    apply = llama.make_apply(graphdef)
-    vocab = params["model"]["embed_tokens"]["embedding"].shape[0]
-    new, replay = dpo_bench.batches(apply, params, vocab, args.pairs, args.old, args.dpo_seq, args.top_k)
-    peaks.update(step_peaks((name, m, params, {"new": new, **({"replay": replay} if m.needs_replay else {})})
+    params, apply, _, new, replay = dpo_bench.setup(args.dpo_model, args.pairs, args.old, args.dpo_seq, args.top_k)
+    peaks.update(step_peaks((name, m, params, dpo_bench.step_batch(m, new, replay))
                             for name, m in dpo_bench.methods(apply, beta=0.1).items()))
     config.update(dpo_model=args.dpo_model, pairs=args.pairs, old=args.old, dpo_seq=args.dpo_seq)
   return {"config": config, "peak_bytes": peaks,

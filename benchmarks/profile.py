@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import run as bench
 from fipjax import geometry
@@ -121,7 +120,7 @@ def torch_profile(step, repeats: int) -> dict:
 
 
 def run(args) -> dict:
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  dtype = bench.DTYPES[args.dtype]
   s = bench.Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
   methods = bench.methods(s)
   steps = {f"ours {name} step": s.step_call(methods[name], batch)

@@ -39,6 +39,7 @@ PRESET_CG_ITERS = 3
 the penalty form."""
 DPO_KEYS = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
             "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TINY = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -268,7 +269,7 @@ def cost_row(s: Setup, repeats: int) -> dict[str, float]:
 
 
 def run(args) -> dict:
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  dtype = DTYPES[args.dtype]
   s = Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
   config = {"model": args.model, "params": tu.tree_size(s.params), "batch": args.batch,
             "replay_batch": args.replay_batch, "seq": args.seq, "dtype": args.dtype,

@@ -363,7 +363,7 @@ class AlignmentRunner:
     name = f"round 1 ({self.rounds[0].name})"
     if self.cache is None:
       return self._train(method, self.base, pairs, steps, self.seed, None, name=name)[0], pairs
-    parts = {"model": self.model_key, "init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(self.base))),
+    parts = {"model": self.model_key, "init": self._digest(self.base),
              "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
              "first": cf.to_dict(self.first), "pref": cf.to_dict(self.pref), "seed": self.seed}
     with self.cache.lock(self.cache.key("round1", parts)) as path:

@@ -582,8 +582,10 @@ def train_step(method: Method, model_params: PyTree, *, donate: bool = True, abs
   for lowering without allocating a training state."""
   method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
   if abstract:
-    state = TrainState(0, *jax.eval_shape(
-        lambda p: (lambda s: (s.train_params, s.opt_state))(init_train_state(method, p)[0]), model_params))
+    def arrays(p):
+      state, _ = init_train_state(method, p)
+      return state.train_params, state.opt_state
+    state = TrainState(0, *jax.eval_shape(arrays, model_params))
     mask = None if method.trainable is None else method.trainable(state.train_params)
   else:
     state, mask = init_train_state(method, model_params)
