@@ -28,15 +28,16 @@ import optax
 from fipjax import continual, geometry
 from fipjax import tree as tu
 from fipjax.models import bert, hub
+from experiments import yelp_imdb
 
 TARGETS = {"gv_over_grad_time": 1.3, "fip_overhead_time": 1.05, "fip_over_naive_peak_memory": 1.05,
            "lorafip_over_lora_peak_memory": 1.05, "ours_fip_over_authors_fip_time": 0.67,
            "ours_over_torch_step_time": 1.0, "fipdpo_over_dpo_peak_memory": 1.05,
            "lorafipdpo_over_loradpo_peak_memory": 1.05, "stored_reference_fraction": 0.02,
            "geodesic_over_penalty_step_time": 1.5}
-PRESET_CG_ITERS = 3
-"""The cpu preset's CG budget per geodesic step (experiments.yelp_imdb), at which the geodesic step is compared with
-the penalty form."""
+PRESET_GEODESIC = yelp_imdb.PRESETS["cpu"].method
+"""The cpu preset's geodesic step (form, κ, CG budget; experiments.yelp_imdb), timed against the penalty form."""
+PRESET_CG_ITERS = PRESET_GEODESIC.geodesic_cg_iters
 DPO_KEYS = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
             "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -150,14 +151,16 @@ class Setup:
     return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
 
 
-def methods(s: Setup, beta: float = 8.0, cg_iters: int = 5, form: str = "gradient") -> dict[str, continual.Method]:
+def methods(s: Setup, beta: float = 8.0, cg_iters: int = PRESET_CG_ITERS,
+            form: str = PRESET_GEODESIC.geodesic_form) -> dict[str, continual.Method]:
   """The benchmarked methods, built by the library's registry as the experiments build them (one old task,
   ``"old"``: its batch is ``s.fip_batch["replay"]["old"]``)."""
   ones = jax.tree.map(jnp.ones_like, s.params)
   old = continual.OldTask(s.logits, s.logits, s.task_loss, lambda n: s.replay["inputs"],
                           lambda p, h: s.readout(p, h)["shared"], {"si_omega": ones, "si_change": ones})
   ctx = continual.StageContext(s.task_loss, {"old": old}, s.params, None, r"^heads/", seed=0, below=s.below)
-  hp = continual.MethodConfig(beta=beta, lora_lr=2e-5, geodesic_cg_iters=cg_iters, geodesic_form=form)
+  hp = continual.MethodConfig(beta=beta, lora_lr=2e-5, geodesic_cg_iters=cg_iters, geodesic_form=form,
+                              geodesic_kappa=PRESET_GEODESIC.geodesic_kappa)
   optim = continual.OptimConfig(lr=2e-5, weight_decay=0.01)
   return {name: continual.build(name, ctx, hp, optim) for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip")
           + BASELINES}
@@ -390,10 +393,10 @@ def cli(p: argparse.ArgumentParser, run_fn, table_fn, argv) -> int:
 
 def main(argv=None) -> int:
   p = parser(__doc__, repeats=5)
-  p.add_argument("--cg-iters", type=int, nargs="+", default=[1, PRESET_CG_ITERS, 5],
+  p.add_argument("--cg-iters", type=int, nargs="+", default=sorted({PRESET_CG_ITERS, 3, 5}),
                  help="CG budgets of the geodesic step to time")
-  p.add_argument("--geodesic-form", default="gradient", choices=["gradient", "adam"],
-                 help="the geodesic step timed (continual.MethodConfig.geodesic_form)")
+  p.add_argument("--geodesic-form", default=PRESET_GEODESIC.geodesic_form, choices=["gradient", "adam"],
+                 help="the geodesic step timed (continual.MethodConfig.geodesic_form; default: the cpu preset's)")
   p.add_argument("--sizes", type=int, nargs="*", default=[], help="batch sizes for the scaling table")
   p.add_argument("--model-sizes", nargs="*", default=[], metavar="random:L:H",
                  help="random BERTs of L layers, width H, for the model-size scaling table")

@@ -61,19 +61,23 @@ class Config(streams.StreamConfig):
 
 
 _LLAMA_LORA = llama.LORA_TARGETS[0]
+# The geodesic form of fip-geodesic-dpo: the adam form's corrector needs stored logits, which sequence models
+# replace by top-k references.
+_GEODESIC = dict(geodesic_form="gradient", geodesic_cg_iters=5)
 PRESETS = {
     # A GPU: SmolLM2-360M from the hub, full datasets from the hub, longer rounds and completions.
     "paper": cf.with_values(
         Config(), batch_size=16, lr=5e-6, stage1_steps=250, steps=250, replay_batch_size=8, buffer_size=500,
         lora_targets=_LLAMA_LORA, lora_lr=2e-4, response_tokens=48, prompt_tokens=8, eval_batch_size=32,
-        checkpoint_every=100, record_every=25, probe_size=32, dropout=False, beta=1.0),
+        checkpoint_every=100, record_every=25, probe_size=32, dropout=False, beta=1.0, **_GEODESIC),
     # Offline, 2 CPU cores: the packaged SmolLM2-135M GGUF, ../shared/data, rounds sized for `--method all`.
     "cpu": cf.with_values(
         Config(), model="smollm2", dtype="float32", data_dir=str(DEFAULT_LOCAL_DATA), train_prompts=128,
         val_prompts=64, test_prompts=64, held_out_texts=24, text_tokens=48, batch_size=4, lr=5e-5,
         stage1_steps=32, steps=32, replay_batch_size=4, buffer_size=64, lora_targets=_LLAMA_LORA, lora_lr=5e-4,
         response_tokens=24, eval_batch_size=16, generate_batch_size=64, checkpoint_every=16, record_every=8,
-        probe_size=16, dropout=False, beta=16.0),       # β chosen on validation rewards (docs/results-dpo-cpu.md)
+        probe_size=16, dropout=False, beta=16.0,        # β chosen on validation rewards (docs/results-dpo-cpu.md)
+        **_GEODESIC),
 }
 
 

@@ -65,7 +65,7 @@ PRESETS = {
         Config(), model="minilm", data_dir=str(DEFAULT_LOCAL_DATA), n_train_yelp=2000, n_train_imdb=2000,
         n_test=500, n_val=200, max_len=64, batch_size=16, replay_batch_size=8, eval_batch_size=100, lr=5e-5,
         stage1_steps=250, steps=150, buffer_size=500, lora_lr=1e-3, ewc_samples=200, ewc_strength=1e5,
-        geodesic_lr=5e-5, geodesic_cg_iters=3, record_every=10, checkpoint_every=50, dtype="float32",
+        geodesic_lr=5e-5, record_every=10, checkpoint_every=50, dtype="float32",
         si_strength=1e4),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}

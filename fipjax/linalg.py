@@ -17,42 +17,52 @@ class CGResult(NamedTuple):
   x: PyTree                  # the solution estimate, shaped like b
   residual_norm: jax.Array   # ‖b − A x‖ at exit
   iterations: jax.Array      # iterations run (int32)
+  image: PyTree = None       # L x, for ``cg(..., tracked=True)``; None otherwise
 
 
 def cg(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | None = None, *,
-       maxiter: int = 20, tol: float = 1e-6) -> CGResult:
+       maxiter: int = 20, tol: float = 1e-6, tracked: bool = False) -> CGResult:
   """Conjugate gradients for a symmetric positive-definite ``A``, stopping at ``‖r‖ ≤ tol·‖b‖`` or ``maxiter``.
 
-  ``maxiter`` is a static budget, so the solve jits to one ``while_loop``; warm-start with ``x0``.
+  ``maxiter`` is a static budget, so the solve jits to one ``while_loop``; warm-start with ``x0`` (from zeros no
+  product is spent on the initial residual).
 
   Args:
-    matvec: v ↦ A v on pytrees shaped like ``b``.
+    matvec: v ↦ A v on pytrees shaped like ``b``; with ``tracked``, v ↦ (A v, L v) for a linear map L whose
+      image ``L x`` of the solution is wanted (e.g. ``Jᵀ x`` when ``A = I + J P Jᵀ``): accumulated alongside x,
+      it costs no product after the solve.
     b: right-hand side pytree.
     x0: initial guess (zeros by default).
     maxiter: iteration budget.
     tol: relative residual tolerance.
   """
-  x = tu.tree_zeros_like(b) if x0 is None else x0
-  r = tu.tree_sub(b, matvec(x))
+  apply = matvec if tracked else (lambda v: (matvec(v), ()))
+  if x0 is None:
+    x, r = tu.tree_zeros_like(b), b
+    image = jax.tree.map(jnp.zeros_like, jax.eval_shape(apply, b)[1])
+  else:
+    ax, image = apply(x0)
+    x, r = x0, tu.tree_sub(b, ax)
   rs = tu.tree_vdot(r, r)
   threshold = (tol * tu.tree_norm(b)) ** 2
 
   def cond(state):
-    _, _, _, rs, k = state
+    *_, rs, k = state
     return (k < maxiter) & (rs > threshold)
 
   def body(state):
-    x, r, p, rs, k = state
-    ap = matvec(p)
+    x, image, r, p, rs, k = state
+    ap, lp = apply(p)
     alpha = rs / tu.tree_vdot(p, ap)
     x = tu.tree_axpy(alpha, p, x)
+    image = tu.tree_axpy(alpha, lp, image)
     r = tu.tree_axpy(-alpha, ap, r)
     rs_new = tu.tree_vdot(r, r)
     p = tu.tree_axpy(rs_new / rs, p, r)
-    return x, r, p, rs_new, k + 1
+    return x, image, r, p, rs_new, k + 1
 
-  x, _, _, rs, k = jax.lax.while_loop(cond, body, (x, r, r, rs, jnp.zeros((), jnp.int32)))
-  return CGResult(x, jnp.sqrt(rs), k)
+  x, image, _, _, rs, k = jax.lax.while_loop(cond, body, (x, image, r, r, rs, jnp.zeros((), jnp.int32)))
+  return CGResult(x, jnp.sqrt(rs), k, image if tracked else None)
 
 
 def lanczos_tridiag(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_iters: int,

@@ -267,8 +267,8 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
   inputs change every step). The null-space part of ``u`` is never touched, however few the iterations or
   however wide the spread of P and G: the parameter-space form needs products ``G·v`` on vectors whose
   G-image should vanish, which float32 does not resolve when ``κ‖P^½GP^½‖`` is large. Each product is one JVP
-  and one transposed JVP, as ``G·v``. The solve's residual and iterations are in the state
-  (:func:`solver_metrics`).
+  and one transposed JVP, as ``G·v``; ``Ĵᵀ w`` is accumulated inside CG (``tracked``), so k iterations cost k
+  products and none after them. The solve's residual and iterations are in the state (:func:`solver_metrics`).
 
   With ``corrector`` the step also pulls the old outputs back towards their stored references ``z_ref``
   (``update``'s ``ref_outputs``): it minimises ``½‖dθ − u‖²_D + ½κ‖Ĵ dθ + e‖²`` with
@@ -307,8 +307,13 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
     rhs = jhat(u)
     if corrector:       # + N^-½ B (f(θ, x) − z_ref): the Gauss–Newton pull back to the reference outputs
       rhs = {k: tu.tree_add(rhs[k], tu.tree_scale(share, fa.residual(zs[k]))) for k, fa in factors.items()}
-    sol = linalg.cg(lambda w: tu.tree_axpy(kappa, jhat(scaled(jhat_t(w))), w), rhs, maxiter=cg_iters, tol=cg_tol)
-    step = tu.tree_axpy(-kappa, scaled(jhat_t(sol.x)), u)
+
+    def matvec(w):                                            # (I + κ Ĵ P Ĵᵀ) w, and Ĵᵀ w for the step
+      back = jhat_t(w)
+      return tu.tree_axpy(kappa, jhat(scaled(back)), w), back
+
+    sol = linalg.cg(matvec, rhs, maxiter=cg_iters, tol=cg_tol, tracked=True)
+    step = tu.tree_axpy(-kappa, scaled(sol.image), u)
     zero = jnp.zeros((), sol.residual_norm.dtype)
     relative = sol.residual_norm / jnp.maximum(tu.tree_norm(rhs), jnp.finfo(zero.dtype).tiny)
     info = GeodesicInfo(zero, tu.tree_norm(step), jnp.full((), jnp.nan, zero.dtype), jnp.ones((), zero.dtype),

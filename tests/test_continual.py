@@ -188,12 +188,20 @@ def test_registry_builds_every_method_and_lora_wraps_any():
     if name.startswith("lora"):                       # only adapters on the kernels and the named head move
       chex.assert_trees_all_equal(final["layer_0"]["bias"], params["layer_0"]["bias"])
       assert not np.array_equal(final["layer_0"]["kernel"], params["layer_0"]["kernel"]), name
-  adam_form = dataclasses.replace(hp, geodesic_form="adam", geodesic_kappa=10.0)
-  for name in ("fip-geodesic", "lora-fip-geodesic"):     # the geodesic form on AdamW's metric, full and in LoRA
-    method = continual.build(name, ctx, adam_form, continual.OptimConfig(lr=0.01))
-    final, _, history = continual.fit(method, params, iter([{"new": (x, y), "replay": replay}] * 3), 3)
-    assert np.isfinite(history[-1]["loss"]) and history[-1]["cg_iterations"] >= 1, name
-    assert not np.array_equal(final["layer_0"]["kernel"], params["layer_0"]["kernel"]), name
+  for form in ("adam", "gradient"):                     # both geodesic forms, full and in LoRA
+    for name in ("fip-geodesic", "lora-fip-geodesic"):
+      method = continual.build(name, ctx, dataclasses.replace(hp, geodesic_form=form, geodesic_kappa=10.0,
+                                                              lora_geodesic_kappa=10.0), continual.OptimConfig(lr=0.01))
+      final, _, history = continual.fit(method, params, iter([{"new": (x, y), "replay": replay}] * 3), 3)
+      assert np.isfinite(history[-1]["loss"]) and history[-1]["cg_iterations"] >= 1, (form, name)
+      assert not np.array_equal(final["layer_0"]["kernel"], params["layer_0"]["kernel"]), (form, name)
+  # In LoRA the adam form takes its own κ: at κ = 0 it is LoRA's AdamW step, whatever the full model's κ.
+  runs = {name: continual.fit(continual.build(name, ctx, dataclasses.replace(hp, geodesic_kappa=10.0,
+                                                                              lora_geodesic_kappa=0.0),
+                                              continual.OptimConfig(lr=0.01)),
+                              params, iter([{"new": (x, y), "replay": replay}] * 3), 3)[0]
+          for name in ("lora", "lora-fip-geodesic")}
+  chex.assert_trees_all_equal(runs["lora"], runs["lora-fip-geodesic"])
   with pytest.raises(ValueError, match="unknown method 'sgd'"):
     continual.parse_name("sgd")
   assert continual.parse_name("lora") == ("naive", True) and continual.parse_name("lora-ewc") == ("ewc", True)

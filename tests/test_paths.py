@@ -36,6 +36,29 @@ def test_cg_solves_spd_system(x64):
   assert int(linalg.cg(lambda t: unravel(a @ ravel(t)), b, res.x, maxiter=100, tol=1e-6).iterations) == 0
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_tracks_a_linear_image_of_its_solution_without_extra_products(x64, warm):
+  """``tracked``: L x accumulated in the loop equals L applied to the returned x; from zeros no product is spent
+  on the initial residual (k iterations, k products), from a warm start one."""
+  l = jax.random.normal(jax.random.PRNGKey(3), (9, 6))
+  a = jnp.eye(6) + 0.3 * l.T @ l
+  b = jax.random.normal(jax.random.PRNGKey(4), (6,))
+  calls = []
+
+  def matvec(v):
+    jax.debug.callback(lambda: calls.append(1), ordered=True)      # counts products as they run
+    return a @ v, l @ v
+
+  x0 = 0.1 * b if warm else None
+  res = jax.jit(lambda: linalg.cg(matvec, b, x0, maxiter=4, tol=0.0, tracked=True))()
+  jax.effects_barrier()
+  assert len(calls) == 4 + warm
+  chex.assert_trees_all_close(res.image, l @ res.x, rtol=1e-10)
+  chex.assert_trees_all_close(res.x, linalg.cg(lambda v: a @ v, b, x0, maxiter=4, tol=0.0).x, rtol=1e-12)
+  assert int(res.iterations) == 4
+  assert linalg.cg(lambda v: a @ v, b, maxiter=4).image is None
+
+
 def test_cg_on_damped_metric_matches_dense_solve(x64):
   params, x_old, _, _ = _problem()
   metric = geometry.pullback_metric(mlp, params, x_old, "fisher_rao").damped(1e-2)
