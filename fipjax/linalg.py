@@ -39,7 +39,7 @@ def cg(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | None = None, 
   apply = matvec if tracked else (lambda v: (matvec(v), ()))
   if x0 is None:
     x, r = tu.tree_zeros_like(b), b
-    image = jax.tree.map(jnp.zeros_like, jax.eval_shape(apply, b)[1])
+    image = tu.tree_zeros_like(jax.eval_shape(apply, b)[1])
   else:
     ax, image = apply(x0)
     x, r = x0, tu.tree_sub(b, ax)
