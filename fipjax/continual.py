@@ -157,11 +157,13 @@ def fip_geodesic(task_loss: TaskLoss, f_old: Old, *, learning_rate: float, dampi
 
 
 def fip_preconditioned(task_loss: TaskLoss, f_old: Old, base: optax.GradientTransformation, *, kappa: float,
-                       corrector: bool = True, cg_iters: int = 5, name: str = "fip-geodesic", **kw) -> Method:
+                       corrector: bool = True, corrector_weight: float = 1.0, cg_iters: int = 5,
+                       name: str = "fip-geodesic", **kw) -> Method:
   """FIP, geodesic form on a diagonal optimiser (AdamW): its step solved against ``κ G + its own metric``
   (:func:`fipjax.paths.functional_precondition`): AdamW's step in G's null space, shrunk in G's range, and with
   ``corrector`` pulled back towards the old outputs stored with the replay inputs."""
-  optimizer = paths.functional_precondition(base, f_old, kappa=kappa, corrector=corrector, cg_iters=cg_iters)
+  optimizer = paths.functional_precondition(base, f_old, kappa=kappa, corrector=corrector,
+                                               corrector_weight=corrector_weight, cg_iters=cg_iters)
   return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name, with_outputs=corrector)
 
 
@@ -332,6 +334,8 @@ class MethodConfig:
                                     "on the cpu preset's validation split)", cf.non_negative)
   geodesic_corrector: bool = cf.option(True, "fip-geodesic, adam form: also pull the old outputs back towards "
                                        "their stored references in the same solve (Gauss–Newton corrector)")
+  geodesic_corrector_weight: float = cf.option(1.0, "fip-geodesic, adam form: weight γ of the corrector's pull "
+                                               "back (1: the Gauss–Newton model's own)", cf.non_negative)
   geodesic_lr: float = cf.option(2e-5, "fip-geodesic, gradient form: step size on the CG direction", cf.positive)
   geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
   geodesic_cg_iters: int = cf.option(1, "fip-geodesic: CG iterations per step", cf.positive)
@@ -405,6 +409,7 @@ def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: boo
     return fip_preconditioned(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
                               kappa=hp.lora_geodesic_kappa if in_lora and hp.lora_geodesic_kappa is not None
                               else hp.geodesic_kappa, corrector=hp.geodesic_corrector,
+                              corrector_weight=hp.geodesic_corrector_weight,
                               cg_iters=hp.geodesic_cg_iters)
   return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
                       learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
@@ -547,19 +552,19 @@ def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True)
 
   def step(trainable, frozen, opt_state, batch):
     model_fn = lambda t: method.to_model(t if mask is None else tu.merge(t, mask, frozen))
-    value_and_grad = lambda fn, t: jax.value_and_grad(lambda u: fn(model_fn(u), batch), has_aux=True)(t)
+    value_and_grad = lambda fn, t, b: jax.value_and_grad(lambda u: fn(model_fn(u), b), has_aux=True)(t)
     # Named scopes label each pass in a profile (benchmarks/profile.py).
     with jax.named_scope("new_task"):
-      (loss, metrics), grads = value_and_grad(method.loss, trainable)
+      (loss, metrics), grads = value_and_grad(method.loss, trainable, batch)
     if method.replay_loss is not None:
-      # The barrier orders the replay pass after the first backward: peak memory is the larger pass, not both.
-      after, grads = jax.lax.optimization_barrier((trainable, grads))
+      # The replay pass waits for the first backward pass, so peak memory is the larger pass, not both.
+      replay_batch = tu.tree_after(batch, grads)
       with jax.named_scope("replay"):
-        (replay_loss, replay_metrics), replay_grads = value_and_grad(method.replay_loss, after)
+        (replay_loss, replay_metrics), replay_grads = value_and_grad(method.replay_loss, trainable, replay_batch)
       loss, metrics, grads = loss + replay_loss, {**metrics, **replay_metrics}, tu.tree_add(grads, replay_grads)
     with jax.named_scope("update"):
       updates, opt_state = method.optimizer.update(grads, opt_state, trainable, model_fn=model_fn,
-                                                   **method.extra_args(batch))
+                                                   **method.extra_args(tu.tree_after(batch, grads)))
     metrics = {**metrics, "step_length": tu.tree_norm(updates), **paths.solver_metrics(opt_state)}
     return optax.apply_updates(trainable, updates), opt_state, loss, metrics
 

@@ -253,7 +253,7 @@ def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8, floor: float = 0.1) -
 
 def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, kappa: float,
                             diagonal: Callable[[PyTree], PyTree] | None = None, corrector: bool = False,
-                            output_metric: str = "fisher_rao", cg_iters: int = 5, cg_tol: float = 1e-6):
+                            corrector_weight: float = 1.0, output_metric: str = "fisher_rao", cg_iters: int = 5, cg_tol: float = 1e-6):
   """A diagonal optimiser's step, shrunk in the old task's functional directions.
 
   With ``u`` the update of ``base`` (e.g. AdamW's, ``−lr·(m̂/(√v̂+ε) + wd·θ)``) and ``P = D⁻¹`` its diagonal
@@ -274,7 +274,8 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
   (``update``'s ``ref_outputs``): it minimises ``½‖dθ − u‖²_D + ½κ‖Ĵ dθ + e‖²`` with
   ``e = N^-½ B (f(θ, x) − z_ref)``, the Gauss–Newton model of the Fisher–Rao distance to the references after the
   step, i.e. ``(κG + D) dθ = D u − κ Ĵᵀ e``: a predictor (AdamW, shrunk in G's range) and a corrector (back to the
-  level set ``f(θ, x_ref) = z_ref``) in one solve, the right-hand side ``Ĵ u + e``. Without it, the shrinking
+  level set ``f(θ, x_ref) = z_ref``) in one solve, the right-hand side ``Ĵ u + e``. ``corrector_weight`` γ scales
+  ``e`` (``Ĵ u + γ e``; 1 is the Gauss–Newton model's own pull). Without it, the shrinking
   only bounds each step's change on the current reference inputs, and drift elsewhere accumulates.
 
   ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does; several old
@@ -306,7 +307,8 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
     scaled = lambda v: jax.tree.map(jnp.multiply, p, v)
     rhs = jhat(u)
     if corrector:       # + N^-½ B (f(θ, x) − z_ref): the Gauss–Newton pull back to the reference outputs
-      rhs = {k: tu.tree_add(rhs[k], tu.tree_scale(share, fa.residual(zs[k]))) for k, fa in factors.items()}
+      rhs = {k: tu.tree_add(rhs[k], tu.tree_scale(share * corrector_weight, fa.residual(zs[k])))
+             for k, fa in factors.items()}
 
     def matvec(w):                                            # (I + κ Ĵ P Ĵᵀ) w, and Ĵᵀ w for the step
       back = jhat_t(w)

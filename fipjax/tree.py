@@ -45,6 +45,26 @@ def tree_zeros_like(a: PyTree) -> PyTree:
   return jax.tree.map(jnp.zeros_like, a)
 
 
+def tree_after(tree: PyTree, dependency: PyTree) -> PyTree:
+  """``tree``, each array leaf made to depend on every leaf of ``dependency``, so that XLA computes whatever
+  consumes ``tree`` after ``dependency``: e.g. a second forward pass after the first one's backward pass, whose
+  temporaries it can then reuse. ``jax.lax.optimization_barrier`` does not order them: XLA's CPU compiler removes
+  barriers before it schedules.
+
+  The values are unchanged unless the first elements of ``dependency``'s leaves sum to NaN (a NaN or opposite
+  infinities: then numbers shift by one and booleans turn true; a step with such gradients has failed already)."""
+  probe = sum((jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(dependency)),
+              jnp.zeros((), jnp.float32))
+  failed = probe != probe                        # a comparison XLA cannot fold: it is true for NaN
+
+  def gate(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(gate(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return x | failed if x.dtype == jnp.bool_ else x + failed.astype(x.dtype)
+
+  return jax.tree.map(gate, tree)
+
+
 def tree_size(a: PyTree) -> int:
   """Number of scalars in a pytree."""
   return sum(int(x.size) for x in jax.tree.leaves(a))

@@ -238,8 +238,8 @@ def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
 
 
 def test_functional_precondition_corrector_pulls_back_to_the_references(x64):
-  """With the corrector the step solves (κG + D) dθ = D u − κ (1/N) Σ J_nᵀ M_n (z_n − z_ref,n), the Gauss–Newton
-  pull back to stored outputs, checked against a dense solve and an autodiff gradient of the quadratic model."""
+  """With the corrector the step solves (κG + D) dθ = D u − γκ (1/N) Σ J_nᵀ M_n (z_n − z_ref,n), the Gauss–Newton
+  pull back to stored outputs (weight γ, 1 by default), checked against a dense solve and an autodiff gradient of the quadratic model."""
   params, x_old, new_batch, loss_new = _problem()
   z_ref = mlp(params, x_old) + 0.3 * jax.random.normal(jax.random.PRNGKey(5), (16, 3))
   theta = jax.tree.map(lambda p: p + 0.05, params)
@@ -261,6 +261,11 @@ def test_functional_precondition_corrector_pulls_back_to_the_references(x64):
 
   pull = ravel(jax.grad(model)(theta))
   expected = np.linalg.solve(kappa * g + np.diag(d), d * ravel(u) - kappa * pull)
+  np.testing.assert_allclose(ravel(step), expected, rtol=1e-8, atol=1e-14)
+  weighted = paths.functional_precondition(base, mlp, kappa=kappa, corrector=True, corrector_weight=2.5,
+                                           cg_iters=300, cg_tol=1e-13)
+  step, _ = weighted.update(grads, weighted.init(theta), theta, ref_inputs=x_old, ref_outputs=z_ref)
+  expected = np.linalg.solve(kappa * g + np.diag(d), d * ravel(u) - 2.5 * kappa * pull)   # γ = 2.5
   np.testing.assert_allclose(ravel(step), expected, rtol=1e-8, atol=1e-14)
   with pytest.raises(ValueError, match="ref_outputs"):
     tx.update(grads, tx.init(theta), theta, ref_inputs=x_old)
