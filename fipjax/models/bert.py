@@ -88,12 +88,15 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, h, bias, deterministic, rng):
     b, t, d = h.shape
-    split = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads)
+    # Heads before tokens ([B, H, T, d/H]) once, so that both products are plain batched matmuls: with the
+    # einsums over [B, T, H, d/H] XLA's CPU backend transposes around each, and a MiniLM forward pass on
+    # 100 × 128 tokens took 5.1 s instead of 3.7 s.
+    split = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
     q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(_wide(h.dtype)) / jnp.sqrt(d // self.num_heads)
+    scores = (q @ k.swapaxes(-1, -2)).astype(_wide(h.dtype)) / jnp.sqrt(d // self.num_heads)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(h.dtype)
     probs = self.dropout(probs, deterministic=deterministic, rngs=rng)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
 class Output(nnx.Module):
