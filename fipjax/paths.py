@@ -253,7 +253,8 @@ def adam_diagonal(*, b2: float = 0.999, eps: float = 1e-8, floor: float = 0.1) -
 
 def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, kappa: float,
                             diagonal: Callable[[PyTree], PyTree] | None = None, corrector: bool = False,
-                            corrector_weight: float = 1.0, output_metric: str = "fisher_rao", cg_iters: int = 5, cg_tol: float = 1e-6):
+                            corrector_weight: float = 1.0, output_metric: str = "fisher_rao", cg_iters: int = 5,
+                            cg_tol: float = 1e-6):
   """A diagonal optimiser's step, shrunk in the old task's functional directions.
 
   With ``u`` the update of ``base`` (e.g. AdamW's, ``−lr·(m̂/(√v̂+ε) + wd·θ)``) and ``P = D⁻¹`` its diagonal

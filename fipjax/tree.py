@@ -51,8 +51,9 @@ def tree_after(tree: PyTree, dependency: PyTree) -> PyTree:
   temporaries it can then reuse. ``jax.lax.optimization_barrier`` does not order them: XLA's CPU compiler removes
   barriers before it schedules.
 
-  The values are unchanged unless the first elements of ``dependency``'s leaves sum to NaN (a NaN or opposite
-  infinities: then numbers shift by one and booleans turn true; a step with such gradients has failed already)."""
+  The values are unchanged unless ``dependency``'s entries sum to NaN (a NaN, or infinities of both signs: then
+  numbers shift by one and booleans turn true; a step with such gradients has failed already). The cost is one
+  reduction over ``dependency``."""
   probe = sum((jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(dependency)),
               jnp.zeros((), jnp.float32))
   failed = probe != probe                        # a comparison XLA cannot fold: it is true for NaN

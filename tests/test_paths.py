@@ -239,7 +239,8 @@ def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
 
 def test_functional_precondition_corrector_pulls_back_to_the_references(x64):
   """With the corrector the step solves (κG + D) dθ = D u − γκ (1/N) Σ J_nᵀ M_n (z_n − z_ref,n), the Gauss–Newton
-  pull back to stored outputs (weight γ, 1 by default), checked against a dense solve and an autodiff gradient of the quadratic model."""
+  pull back to stored outputs (weight γ, 1 by default), checked against a dense solve and an autodiff gradient of
+  the quadratic model."""
   params, x_old, new_batch, loss_new = _problem()
   z_ref = mlp(params, x_old) + 0.3 * jax.random.normal(jax.random.PRNGKey(5), (16, 3))
   theta = jax.tree.map(lambda p: p + 0.05, params)
