@@ -6,9 +6,10 @@ that policy's log-probabilities (DPO's reference: no reference model is kept). T
 once (cached and shared by every method); every later round by the chosen method, whose old rounds are
 
 * their training pairs with their own stored reference log-probabilities (``replay``: DPO on old pairs), and
-* the chosen sequences of a buffer of them, for ``fip`` with the token distributions of the network entering the
-  round stored as top-k (:mod:`fipjax.sequences`; the Bhattacharyya penalty on them), for ``fip-geodesic`` as the
-  inputs through whose next-token distributions (at the current weights) G is pulled back.
+* anchor sequences on the prompts of a buffer of them (the pairs' chosen completions, or with ``--anchor policy``
+  fresh completions sampled from the policy entering the round), for ``fip`` with that policy's token
+  distributions stored as top-k (:mod:`fipjax.sequences`; the Bhattacharyya penalty on them), for ``fip-geodesic``
+  as the inputs through whose next-token distributions (at the current weights) G is pulled back.
 
 After every round each round's held-out prompts are answered by the policy and scored by that round's reward (the
 R matrix of rewards), and the implicit-reward preference accuracy on held-out pairs, the per-token KL to the base
@@ -77,6 +78,9 @@ class Round:
   reward_id: Any
 
 
+ANCHORS = ("chosen", "policy")
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
   """Pairs, DPO and the stored references."""
@@ -89,6 +93,19 @@ class PreferenceConfig:
   top_k: int = cf.option(32, "stored reference tokens per position (FIP's compressed token distributions)",
                          cf.positive)
   generate_batch_size: int = cf.option(32, "prompts per generation call", cf.positive)
+  anchor: str = cf.option(
+      "chosen", "FIP's sequences on earlier rounds' buffered prompts: 'chosen' (the pairs' preferred completions, "
+      "sampled before that round) or 'policy' (a completion sampled from the policy entering the round, so the "
+      "penalty holds its distributions where it goes itself)", cf.one_of(*ANCHORS))
+
+
+# Fields of PreferenceConfig that only later rounds' buffers read: pairs and round 1 are cached without them.
+_BUFFER_ONLY = ("top_k", "anchor")
+
+
+def pair_key(pref: PreferenceConfig) -> dict:
+  """The preference configuration that determines pairs and the first round (cache keys)."""
+  return {k: v for k, v in cf.to_dict(pref).items() if k not in _BUFFER_ONLY}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,11 +133,11 @@ def response_sequences(prompts: Prompts, tokens: np.ndarray, mask: np.ndarray) -
 
 
 def fip_outputs(apply: Callable) -> Callable:
-  """``f(params, pairs) -> [B, T−1, V]``: next-token logits on the chosen sequences' response positions (others
+  """``f(params, rows) -> [B, T−1, V]``: next-token logits on the anchor sequences' response positions (others
   zeroed, so they have no Jacobian): the outputs G is pulled back through in the geodesic form."""
 
-  def f(params, pairs):
-    seq = pairs["chosen"]
+  def f(params, rows):
+    seq = rows["anchor"]
     return apply(params, seq)[:, :-1] * sequences.response_positions(seq)[..., None]
 
   return f
@@ -298,7 +315,7 @@ class AlignmentRunner:
         prompts = rnd.prompts[split]
         parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
                  "policy": self._digest(params), "model": self.model_key,
-                 "pref": cf.to_dict(self.pref), "seed": self.seed}
+                 "pref": pair_key(self.pref), "seed": self.seed}
         with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
           if checkpoint.is_complete(path):
             out = _numpy(checkpoint.restore_tree(path))
@@ -365,7 +382,7 @@ class AlignmentRunner:
       return self._train(method, self.base, pairs, steps, self.seed, None, name=name)[0], pairs
     parts = {"model": self.model_key, "init": self._digest(self.base),
              "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
-             "first": cf.to_dict(self.first), "pref": cf.to_dict(self.pref), "seed": self.seed}
+             "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
     with self.cache.lock(self.cache.key("round1", parts)) as path:
       if checkpoint.is_complete(path / "final"):
         runs.log(f"{name}: reusing the policy in {path}")
@@ -380,8 +397,8 @@ class AlignmentRunner:
 
   def _old_rounds(self, params, old_pairs: Mapping[str, dict], k: int):
     """(OldTask per earlier round, its replay buffer, its drift probe, the bytes of the stored top-k references):
-    each buffer holds pairs with their own reference log-probabilities and, on the chosen sequences, the top-k
-    distributions of ``params`` (the policy entering round k) at every position."""
+    each buffer holds pairs with their own reference log-probabilities and anchor sequences (``--anchor``) with
+    the top-k distributions of ``params`` (the policy entering round k) at every position."""
     olds, buffers, probes, stored = {}, {}, {}, 0
     for j, (name, pairs) in enumerate(old_pairs.items()):
       n = len(pairs["ref_chosen"])
@@ -389,22 +406,34 @@ class AlignmentRunner:
                                                                       replace=False))
       rows = jax.tree.map(lambda a: a[idx], {k_: pairs[k_] for k_ in ("chosen", "rejected", "ref_chosen",
                                                                          "ref_rejected")})
-      rows["ref"] = self.policy.reference_topk(params, rows["chosen"])
+      rows["anchor"] = self._anchors(params, rows["chosen"], k, j)
+      rows["ref"] = self.policy.reference_topk(params, rows["anchor"])
       stored += sum(a.nbytes for a in rows["ref"])
       buffers[name] = data.ReplayBuffer(data.Arrays(rows, np.zeros(len(idx), np.int32)), None, seed=self.seed + j)
       probe = min(self.run.probe_size, len(idx))
-      probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["chosen"]),
+      probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["anchor"]),
                       "ref": tuple(a[:probe] for a in rows["ref"])}
       olds[name] = continual.OldTask(
           fip_outputs(self.policy.apply), fip_outputs(self.policy.apply), self.task_loss,
           lambda m, rows=rows: jax.tree.map(lambda a: a[:m], rows), reference_distance=self._reference_distance)
     return olds, buffers, probes, stored
 
+  def _anchors(self, params, chosen: Mapping[str, np.ndarray], k: int, j: int) -> dict[str, np.ndarray]:
+    """Round j's anchor sequences entering round k: its buffered chosen sequences, or (``--anchor policy``) a
+    completion of each one's prompt sampled from ``params``."""
+    if self.pref.anchor == "chosen":
+      return dict(chosen)
+    n = self.pref.prompt_tokens
+    prompts = Prompts(chosen["input_ids"][:, :n], chosen["attention_mask"][:, :n])
+    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + 100 + j)
+    with self.timings.phase("anchors"):
+      return response_sequences(prompts, *self.policy.sample(params, prompts, key))
+
   def _reference_distance(self, params, batch, distance: str) -> jax.Array:
     if distance not in sequences.DISTANCES:
       raise ValueError(f"--distance {distance} has no compressed form for token distributions; choose one of "
                        f"{', '.join(sequences.DISTANCES)}")
-    seq = {**batch["inputs"]["chosen"], "ref": batch["inputs"]["ref"]}
+    seq = {**batch["inputs"]["anchor"], "ref": batch["inputs"]["ref"]}
     return sequences.fip_penalty(self.policy.apply, beta=1.0, distance=distance)(params, seq)
 
   def run_method(self, name: str, first: tuple[PyTree, dict], rows01: list[dict], held_out: dict,

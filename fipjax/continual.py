@@ -322,6 +322,7 @@ class MethodConfig:
   lora_rank: int = cf.option(8, "LoRA rank r", cf.positive)
   lora_alpha: float = cf.option(16.0, "LoRA α (scale α/r)", cf.positive)
   lora_lr: float = cf.option(5e-4, "AdamW learning rate of the LoRA methods", cf.positive)
+  lora_beta: float | None = cf.option(None, "lora-fip: penalty weight (none: --beta)", cf.non_negative)
   ewc_strength: float = cf.option(1e6, "EWC penalty strength λ in (λ/2) Σ F (θ − θ*)²", cf.non_negative)
   ewc_samples: int = cf.option(2000, "buffer rows per old task in EWC's per-example Fisher", cf.positive)
   geodesic_form: str = cf.option(
@@ -393,13 +394,14 @@ def _build_ewc(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
   return ewc(ctx.task_loss, optimizer, ctx.params, fisher, strength=hp.ewc_strength)
 
 
-def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: bool) -> Method:
   olds = ctx.old
+  beta = hp.lora_beta if in_lora and hp.lora_beta is not None else hp.beta
   if not all(t.reference_distance is not None for t in olds.values()):
-    return fip(ctx.task_loss, {n: t.outputs for n, t in olds.items()}, optimizer, distance=hp.distance, beta=hp.beta)
+    return fip(ctx.task_loss, {n: t.outputs for n, t in olds.items()}, optimizer, distance=hp.distance, beta=beta)
 
   def penalty(params, replay):
-    return hp.beta * sum(t.reference_distance(params, replay[n], hp.distance) for n, t in olds.items()) / len(olds)
+    return beta * sum(t.reference_distance(params, replay[n], hp.distance) for n, t in olds.items()) / len(olds)
 
   return penalised("fip", ctx.task_loss, penalty, optimizer)
 
@@ -442,7 +444,7 @@ def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
 
 REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
     "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
-    "fip": lambda ctx, hp, opt, in_lora: _build_fip(ctx, hp, opt),
+    "fip": lambda ctx, hp, opt, in_lora: _build_fip(ctx, hp, opt, in_lora),
     "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, opt, in_lora),
     "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
     "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),

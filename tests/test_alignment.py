@@ -1,6 +1,8 @@
 """Continual alignment's pieces: prompts, batching, pairs ranked by a reward with their stored reference
 log-probabilities, held-out statistics, and FIP for token distributions through the method registry."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -101,13 +103,14 @@ def test_held_out_statistics(policy):
 
 def test_fip_on_token_distributions_through_the_registry(policy):
   """The registry's fip uses an old task's reference_distance when it has one: zero with zero gradient at the
-  reference, positive away from it, and equal to the compressed Bhattacharyya penalty."""
+  reference, positive away from it, and equal to the compressed Bhattacharyya penalty (inside LoRA at
+  --lora-beta)."""
   pol, params = policy
   prompts = alignment.encode_prompts(["5 6 7", "8 9 10 11", "13", "14 15"], Tokenizer(), 4)
   seqs = alignment.response_sequences(prompts, *pol.sample(params, prompts, jax.random.PRNGKey(1)))
-  rows = {"chosen": seqs, "ref": pol.reference_topk(params, seqs)}
+  rows = {"anchor": seqs, "ref": pol.reference_topk(params, seqs)}
   distance = lambda p, b, d: sequences.fip_penalty(pol.apply, beta=1.0, distance=d)(
-      p, {**b["inputs"]["chosen"], "ref": b["inputs"]["ref"]})
+      p, {**b["inputs"]["anchor"], "ref": b["inputs"]["ref"]})
   old = continual.OldTask(alignment.fip_outputs(pol.apply), alignment.fip_outputs(pol.apply), None,
                           lambda n: rows, reference_distance=distance)
   task = lambda p, b, rng=None: jnp.sum(p["model"]["norm"]["scale"] ** 2)
@@ -121,6 +124,9 @@ def test_fip_on_token_distributions_through_the_registry(policy):
   expected = 3.0 * sequences.fip_penalty(pol.apply, beta=1.0)(moved, {**seqs, "ref": rows["ref"]})
   np.testing.assert_allclose(method.replay_loss(moved, batch)[0], expected, rtol=1e-6)
   assert float(expected) > 0
+  hp = continual.MethodConfig(beta=3.0, lora_beta=0.5, lora_targets=llama.LORA_TARGETS[0])   # LoRA's own weight
+  in_lora = continual.build("lora-fip", ctx, hp, continual.OptimConfig())
+  np.testing.assert_allclose(in_lora.replay_loss(moved, batch)[0], expected / 6, rtol=1e-6)
 
 
 def test_geodesic_direction_through_token_distributions_keeps_old_outputs(policy):
@@ -130,8 +136,8 @@ def test_geodesic_direction_through_token_distributions_keeps_old_outputs(policy
   from fipjax import tree as tu
   pol, params = policy
   old = alignment.encode_prompts(["5 6 7", "8 9 10 11"], Tokenizer(), 4)
-  old_rows = {"chosen": alignment.response_sequences(old, *pol.sample(params, old, jax.random.PRNGKey(2)))}
-  probe = {**old_rows["chosen"], "ref": pol.reference_topk(params, old_rows["chosen"])}
+  old_rows = {"anchor": alignment.response_sequences(old, *pol.sample(params, old, jax.random.PRNGKey(2)))}
+  probe = {**old_rows["anchor"], "ref": pol.reference_topk(params, old_rows["anchor"])}
   new = alignment.encode_texts(["20 21 22 23 24 25 26", "30 31 32 33 34 35 36"], Tokenizer(), 7)
   grads = jax.grad(lambda p: -jnp.mean(llama.token_logprobs(pol.apply(p, new), new["input_ids"])))(params)
   transform = paths.geodesic_direction(alignment.fip_outputs(pol.apply), damping=1e-4, cg_iters=50)
@@ -146,24 +152,11 @@ def test_geodesic_direction_through_token_distributions_keeps_old_outputs(policy
 def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):
   """The runner is not bound to two rounds: three rounds with replay-dpo, killed in round 3 (after round 2's
   checkpoint), resume to the uninterrupted run's numbers."""
-  from fipjax import runs, streams
+  from fipjax import runs
   pol, params = policy
-  texts = [" ".join(str(2 + (7 * i + j) % 58) for j in range(3 + i % 3)) for i in range(12)]
-  reward = lambda digit: (lambda out: np.array([t.count(digit) for t in out], np.float32))
-  rounds = [alignment.Round(f"r{k}", {s: alignment.encode_prompts(texts, Tokenizer(), 4)
-                                      for s in ("train", "val", "test")}, reward(str(k + 3)), {"digit": k + 3})
-            for k in range(3)]
-  held_out = alignment.encode_texts(texts[:4], Tokenizer(), 6)
-  sections = streams.StreamConfig(
-      optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
-      first=streams.FirstStageConfig(stage1_steps=2),
-      stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
-      run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
 
   def run(out, stop_after=None):
-    runner = alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, held_out, **sections.runner_args(),
-                                       pref=pol.pref, model_key={"tiny": 1}, cache=runs.StageCache(out / "cache"),
-                                       progress=False, stop_after=stop_after)
+    runner = tiny_runner(pol, 3, cache=runs.StageCache(out / "cache"), stop_after=stop_after)
     run_dir, _ = runs.RunDir.open(out / "run", {"test": 1})
     return runner.run_all(["replay-dpo"], params, run_dir)["methods"]["replay-dpo"]
 
@@ -176,3 +169,55 @@ def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):
   assert whole["steps"] == [3, 3] and len(whole["loss_curve"]) == 6
   for key in ("loss_curve", "reward_matrix", "kl_to_base", "reward_forgetting"):
     np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, err_msg=key)
+
+
+def tiny_runner(pol, n_rounds, pref=None, **kwargs):
+  """A runner of ``n_rounds`` rounds on 12 short prompts, each preferring completions with more of one digit."""
+  from fipjax import streams
+  texts = [" ".join(str(2 + (7 * i + j) % 58) for j in range(3 + i % 3)) for i in range(12)]
+  reward = lambda digit: (lambda out: np.array([t.count(digit) for t in out], np.float32))
+  rounds = [alignment.Round(f"r{k}", {s: alignment.encode_prompts(texts, Tokenizer(), 4)
+                                      for s in ("train", "val", "test")}, reward(str(k + 3)), {"digit": k + 3})
+            for k in range(n_rounds)]
+  sections = streams.StreamConfig(
+      optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
+      first=streams.FirstStageConfig(stage1_steps=2),
+      stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
+      run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
+  return alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, alignment.encode_texts(texts[:4], Tokenizer(), 6),
+                                   **sections.runner_args(), pref=pref or pol.pref, model_key={"tiny": 1},
+                                   progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("anchor", alignment.ANCHORS)
+def test_fip_anchors_are_the_chosen_completions_or_the_entering_policys_own(policy, anchor):
+  """The buffer's anchor sequences share the buffered pairs' prompts; with 'policy' their completions are sampled
+  from the policy entering the round, whose top-k distributions on them are the stored reference."""
+  pol, params = policy
+  runner = tiny_runner(pol, 2, dataclasses.replace(pol.pref, anchor=anchor))
+  pairs = runner.policy.pairs(params, runner.rounds[0].prompts["train"], runner.rounds[0].reward,
+                              jax.random.PRNGKey(3))
+  entering = jax.tree.map(lambda a: a * 1.1, params)
+  olds, buffers, probes, stored = runner._old_rounds(entering, {"r0": pairs}, 1)
+  rows = olds["r0"].buffer_inputs(6)
+  chex.assert_shape(rows["anchor"]["input_ids"], rows["chosen"]["input_ids"].shape)
+  np.testing.assert_array_equal(rows["anchor"]["input_ids"][:, :4], rows["chosen"]["input_ids"][:, :4])
+  same = [np.array_equal(rows["anchor"][k], rows["chosen"][k]) for k in rows["chosen"]]
+  if anchor == "chosen":
+    assert all(same)
+  else:
+    assert not all(same)
+    prompts = alignment.Prompts(rows["chosen"]["input_ids"][:, :4], rows["chosen"]["attention_mask"][:, :4])
+    again = pol.sample(entering, prompts, jax.random.fold_in(jax.random.PRNGKey(runner.seed), 1100))
+    np.testing.assert_array_equal(rows["anchor"]["input_ids"][:, 4:], again[0])
+  for got, want in zip(rows["ref"], pol.reference_topk(entering, rows["anchor"])):
+    np.testing.assert_array_equal(got, want)
+  assert pol.mean_distance(entering, probes["r0"]) < 1e-6 < pol.mean_distance(params, probes["r0"])
+  assert stored == sum(a.nbytes for a in rows["ref"])
+
+
+def test_pairs_and_the_first_round_are_cached_without_the_buffer_only_options(policy):
+  pol, _ = policy
+  key = alignment.pair_key(pol.pref)
+  assert alignment.pair_key(dataclasses.replace(pol.pref, anchor="policy", top_k=3)) == key
+  assert alignment.pair_key(dataclasses.replace(pol.pref, temperature=0.5)) != key
