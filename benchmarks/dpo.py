@@ -55,12 +55,13 @@ def batches(apply, params, vocab: int, pairs: int, old: int, seq: int, k: int, s
   return new, replay
 
 
-def methods(apply, beta: float) -> dict[str, continual.Method]:
-  """DPO and FIP-DPO (the penalty at weight 1), in full and inside LoRA (r 8 on q/v)."""
+def methods(apply, beta: float, lora_targets: str = llama.LORA_TARGETS[0]) -> dict[str, continual.Method]:
+  """DPO and FIP-DPO (the penalty at weight 1), in full and inside LoRA (r 8 on the kernels ``lora_targets``
+  matches; default q/v)."""
   task, optimizer = dpo.task_loss(apply, beta=beta), optax.adamw(1e-5)
   out = {"dpo": continual.naive(task, optimizer),
          "fip-dpo": continual.penalised("fip-dpo", task, sequences.fip_penalty(apply, beta=1.0), optimizer)}
-  config = lora.LoraConfig(targets=llama.LORA_TARGETS, rank=8, alpha=16)
+  config = lora.LoraConfig(targets=(lora_targets,), rank=8, alpha=16)
   return {**out, **{f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in out.items()}}
 
 
@@ -81,7 +82,7 @@ def step_batch(method: continual.Method, new: dict, replay: dict) -> dict:
 def run(args) -> dict:
   params, apply, vocab, new, replay = setup(args.model, args.pairs, args.old, args.seq, args.top_k)
   calls, peaks = {}, {}
-  for name, method in methods(apply, args.beta).items():
+  for name, method in methods(apply, args.beta, args.lora_targets).items():
     step, *state = continual.train_step(method, params, donate=False)
     calls[name], compiled = compiled_call(step, *state, step_batch(method, new, replay))
     peaks[name] = continual.peak_bytes(compiled)
@@ -89,7 +90,7 @@ def run(args) -> dict:
   stored = sequences.TopK(*replay["ref"]).bytes_per_token()
   return {
       "config": {"model": args.model, "params": tu.tree_size(params), "vocab": vocab, "pairs": args.pairs,
-                 "old_sequences": args.old, "seq": args.seq, "top_k": args.top_k,
+                 "old_sequences": args.old, "seq": args.seq, "top_k": args.top_k, "lora_targets": args.lora_targets,
                  "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "repeats": args.repeats},
       "times_s": times, "peak_bytes": peaks,
       "fipdpo_over_dpo_peak_memory": peaks["fip-dpo"] / peaks["dpo"],
@@ -120,7 +121,13 @@ def main(argv=None) -> int:
   p.add_argument("--old", type=int, default=4, help="earlier rounds' sequences per step (FIP's replay)")
   p.add_argument("--top-k", type=int, default=32, help="stored reference tokens per position")
   p.add_argument("--beta", type=float, default=0.1, help="DPO's β")
+  add_lora_targets(p)
   return cli(p, run, table, argv)
+
+
+def add_lora_targets(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--lora-targets", default=llama.LORA_TARGETS[0],
+                 help="regex of the decoder kernels LoRA adapts (default: q/v)")
 
 
 if __name__ == "__main__":

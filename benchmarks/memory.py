@@ -40,8 +40,9 @@ def run(args) -> dict:
   if args.dpo_model != "none":
     params, apply, _, new, replay = dpo_bench.setup(args.dpo_model, args.pairs, args.old, args.dpo_seq, args.top_k)
     peaks.update(step_peaks((name, m, params, dpo_bench.step_batch(m, new, replay))
-                            for name, m in dpo_bench.methods(apply, beta=0.1).items()))
-    config.update(dpo_model=args.dpo_model, pairs=args.pairs, old=args.old, dpo_seq=args.dpo_seq)
+                            for name, m in dpo_bench.methods(apply, 0.1, args.lora_targets).items()))
+    config.update(dpo_model=args.dpo_model, pairs=args.pairs, old=args.old, dpo_seq=args.dpo_seq,
+                  lora_targets=args.lora_targets)
   return {"config": config, "peak_bytes": peaks,
           **{k: peaks[a] / peaks[b] for k, (a, b) in RATIOS.items() if a in peaks}}
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
   p.add_argument("--pairs", type=int, default=4, help="preference pairs per DPO step")
   p.add_argument("--old", type=int, default=4, help="earlier rounds' sequences per FIP-DPO step")
   p.add_argument("--top-k", type=int, default=32, help="stored reference tokens per position")
+  dpo_bench.add_lora_targets(p)
   p.add_argument("--json", type=pathlib.Path, default=None)
   return cli(p, run, table, argv)
 
