@@ -40,7 +40,7 @@ def run(args) -> dict:
   if args.dpo_model != "none":
     params, apply, _, new, replay = dpo_bench.setup(args.dpo_model, args.pairs, args.old, args.dpo_seq, args.top_k)
     peaks.update(step_peaks((name, m, params, dpo_bench.step_batch(m, new, replay))
-                            for name, m in dpo_bench.methods(apply, 0.1, args.lora_targets).items()))
+                            for name, m in dpo_bench.methods(apply, beta=0.1, lora_targets=args.lora_targets).items()))
     config.update(dpo_model=args.dpo_model, pairs=args.pairs, old=args.old, dpo_seq=args.dpo_seq,
                   lora_targets=args.lora_targets)
   return {"config": config, "peak_bytes": peaks,

@@ -34,8 +34,8 @@ class Config(streams.StreamConfig):
 PRESETS = {"default": cf.with_values(
     Config(), lr=3e-3, weight_decay=0.0, batch_size=32, dropout=False, stage1_steps=300, steps=300,
     replay_batch_size=32, buffer_size=400, beta=100.0, geodesic_form="gradient", geodesic_lr=0.05,
-    geodesic_damping=1e-2, geodesic_cg_iters=10, geodesic_max_norm=1.0, ewc_strength=100.0, ewc_samples=400, eval_batch_size=50,
-    record_every=50, probe_size=64, bir_gen_steps=500)}
+    geodesic_damping=1e-2, geodesic_cg_iters=10, geodesic_max_norm=1.0, ewc_strength=100.0, ewc_samples=400,
+    eval_batch_size=50, record_every=50, probe_size=64, bir_gen_steps=500)}
 
 
 def digit_tasks(seed: int, splits) -> list[streams.TaskSpec]:

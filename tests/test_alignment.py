@@ -149,6 +149,24 @@ def test_geodesic_direction_through_token_distributions_keeps_old_outputs(policy
   assert drift_geodesic < 0.1 * drift_gradient, (drift_geodesic, drift_gradient)
 
 
+def tiny_runner(pol, n_rounds, pref=None, **kwargs):
+  """A runner of ``n_rounds`` rounds on 12 short prompts, each preferring completions with more of one digit."""
+  from fipjax import streams
+  texts = [" ".join(str(2 + (7 * i + j) % 58) for j in range(3 + i % 3)) for i in range(12)]
+  reward = lambda digit: (lambda out: np.array([t.count(digit) for t in out], np.float32))
+  rounds = [alignment.Round(f"r{k}", {s: alignment.encode_prompts(texts, Tokenizer(), 4)
+                                      for s in ("train", "val", "test")}, reward(str(k + 3)), {"digit": k + 3})
+            for k in range(n_rounds)]
+  sections = streams.StreamConfig(
+      optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
+      first=streams.FirstStageConfig(stage1_steps=2),
+      stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
+      run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
+  return alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, alignment.encode_texts(texts[:4], Tokenizer(), 6),
+                                   **sections.runner_args(), pref=pref or pol.pref, model_key={"tiny": 1},
+                                   progress=False, **kwargs)
+
+
 def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):
   """The runner is not bound to two rounds: three rounds with replay-dpo, killed in round 3 (after round 2's
   checkpoint), resume to the uninterrupted run's numbers."""
@@ -169,24 +187,6 @@ def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):
   assert whole["steps"] == [3, 3] and len(whole["loss_curve"]) == 6
   for key in ("loss_curve", "reward_matrix", "kl_to_base", "reward_forgetting"):
     np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, err_msg=key)
-
-
-def tiny_runner(pol, n_rounds, pref=None, **kwargs):
-  """A runner of ``n_rounds`` rounds on 12 short prompts, each preferring completions with more of one digit."""
-  from fipjax import streams
-  texts = [" ".join(str(2 + (7 * i + j) % 58) for j in range(3 + i % 3)) for i in range(12)]
-  reward = lambda digit: (lambda out: np.array([t.count(digit) for t in out], np.float32))
-  rounds = [alignment.Round(f"r{k}", {s: alignment.encode_prompts(texts, Tokenizer(), 4)
-                                      for s in ("train", "val", "test")}, reward(str(k + 3)), {"digit": k + 3})
-            for k in range(n_rounds)]
-  sections = streams.StreamConfig(
-      optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
-      first=streams.FirstStageConfig(stage1_steps=2),
-      stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
-      run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
-  return alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, alignment.encode_texts(texts[:4], Tokenizer(), 6),
-                                   **sections.runner_args(), pref=pref or pol.pref, model_key={"tiny": 1},
-                                   progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("anchor", alignment.ANCHORS)
