@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fipjax import config as cf
 from fipjax import gem as gem_lib
@@ -165,6 +166,16 @@ def fip_preconditioned(task_loss: TaskLoss, f_old: Old, base: optax.GradientTran
   optimizer = paths.functional_precondition(base, f_old, kappa=kappa, corrector=corrector,
                                                corrector_weight=corrector_weight, cg_iters=cg_iters)
   return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name, with_outputs=corrector)
+
+
+def fip_projected(task_loss: TaskLoss, f_old: Old, base: optax.GradientTransformation, *, rank: int,
+                  refresh_every: int, krylov_size: int | None = None, name: str = "fip-geodesic", **kw) -> Method:
+  """FIP by projection: ``base``'s step (AdamW's) with its part in the old tasks' top-``rank`` functional
+  directions removed, those directions G's top eigenvectors on a replay batch, refreshed every ``refresh_every``
+  steps (:func:`fipjax.paths.functional_projection`)."""
+  optimizer = paths.functional_projection(base, f_old, rank=rank, refresh_every=refresh_every,
+                                          krylov_size=krylov_size)
+  return _on_replay_inputs(naive(task_loss, optimizer, **kw), f_old, name)
 
 
 def _on_replay_inputs(method: Method, f_old: Old, name: str, *, with_outputs: bool = False) -> Method:
@@ -329,14 +340,19 @@ class MethodConfig:
       "adam", "fip-geodesic: 'adam' (the default, chosen on the cpu preset's validation split) solves "
       "(κG + D) dθ = D u with u AdamW's step (the methods' learning rate) and D = √v̂ + ε its diagonal metric: "
       "AdamW in G's null space, shrunk in its range; 'gradient' solves (G + λI) dθ = −∇L and scales by "
-      "--geodesic-lr (it needs more CG iterations: 3 on the cpu preset, 10 on split digits)",
-      cf.one_of("gradient", "adam"))
+      "--geodesic-lr (it needs more CG iterations: 3 on the cpu preset, 10 on split digits); 'projection' "
+      "removes from AdamW's step its part in G's top --geodesic-rank eigenvectors (Lanczos on a replay batch, "
+      "refreshed every --geodesic-refresh-every steps)",
+      cf.one_of("gradient", "adam", "projection"))
   geodesic_kappa: float = cf.option(2e-4, "fip-geodesic, adam form: weight κ of the functional metric G (chosen "
                                     "on the cpu preset's validation split)", cf.non_negative)
   geodesic_corrector: bool = cf.option(True, "fip-geodesic, adam form: also pull the old outputs back towards "
                                        "their stored references in the same solve (Gauss–Newton corrector)")
   geodesic_corrector_weight: float = cf.option(1.0, "fip-geodesic, adam form: weight γ of the corrector's pull "
                                                "back (1: the Gauss–Newton model's own)", cf.non_negative)
+  geodesic_rank: int = cf.option(8, "fip-geodesic, projection form: eigenvectors of G projected out", cf.positive)
+  geodesic_refresh_every: int = cf.option(10, "fip-geodesic, projection form: steps between Lanczos refreshes",
+                                          cf.positive)
   geodesic_lr: float = cf.option(2e-5, "fip-geodesic, gradient form: step size on the CG direction", cf.positive)
   geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
   geodesic_cg_iters: int = cf.option(1, "fip-geodesic: CG iterations per step", cf.positive)
@@ -413,6 +429,9 @@ def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: boo
                               else hp.geodesic_kappa, corrector=hp.geodesic_corrector,
                               corrector_weight=hp.geodesic_corrector_weight,
                               cg_iters=hp.geodesic_cg_iters)
+  if hp.geodesic_form == "projection":
+    return fip_projected(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
+                         rank=hp.geodesic_rank, refresh_every=hp.geodesic_refresh_every)
   return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
                       learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
                       max_norm=hp.lora_geodesic_max_norm if in_lora else hp.geodesic_max_norm,
@@ -624,6 +643,18 @@ def step_peak_bytes(method: Method, model_params: PyTree, batch: Batch) -> int:
   return peak_bytes(step.lower(*args, batch).compile())
 
 
+def _placed_like(params: PyTree, tree: PyTree) -> PyTree:
+  """``tree`` with the leaves not yet placed on the parameters' mesh (an optimiser's fresh step count, new LoRA
+  adapters) replicated on it, as the step's outputs are: the first step then has the later steps' signature, so
+  the step is compiled once rather than again at the second step."""
+  placed = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding)
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(params) if placed(x)), None)
+  if mesh is None:
+    return tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, replicated), tree)
+
+
 def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_steps: int, *,
         state: TrainState | None = None, callback: Callable[[HostState | None, dict], None] | None = None,
         rng: jax.Array | None = None, sync_every: int = 1,
@@ -650,7 +681,7 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   train_params = state.train_params
   # Copies, so that donating buffers to the step never invalidates the caller's arrays (a state resumes twice).
   trainable = jax.tree.map(jnp.copy, train_params if mask is None else tu.select(train_params, mask))
-  opt_state = jax.tree.map(jnp.copy, state.opt_state)
+  trainable, opt_state = _placed_like(train_params, (trainable, jax.tree.map(jnp.copy, state.opt_state)))
   frozen = None if mask is None else tu.select(train_params, jax.tree.map(lambda m: not m, mask))
   full = lambda t: t if mask is None else tu.merge(t, mask, train_params)
   step_fn = make_train_step(method, mask)
@@ -704,21 +735,30 @@ def forgetting(r: np.ndarray) -> float:
   return float(np.mean([r[:-1, j].max() - r[-1, j] for j in range(t - 1)]))
 
 
+SOLVER_KEYS = (("cg_residual", "cg_iterations"), ("lanczos_residual", "projected_share"))
+"""The step metrics of each solver :func:`fipjax.paths.solver_metrics` reports: CG's, and the projection's."""
+
+
 def solver_curves(history: list[dict]) -> dict:
-  """``{"solver": {"cg_residual": [...], "cg_iterations": [...]}}``, one entry per step, for methods whose steps
-  solve with CG (see :func:`fipjax.paths.solver_metrics`); ``{}`` for the others."""
-  if not history or "cg_residual" not in history[0]:
-    return {}
-  return {"solver": {k: [row[k] for row in history] for k in ("cg_residual", "cg_iterations")}}
+  """``{"solver": {"cg_residual": [...], "cg_iterations": [...]}}`` (CG) or ``{"solver": {"lanczos_residual":
+  [...], "projected_share": [...]}}`` (the projection), one entry per step, for methods whose steps run a solver
+  (see :func:`fipjax.paths.solver_metrics`); ``{}`` for the others."""
+  keys = next((ks for ks in SOLVER_KEYS if history and ks[0] in history[0]), None)
+  return {} if keys is None else {"solver": {k: [row[k] for row in history] for k in keys}}
 
 
 def solver_summary(curves: dict) -> str:
   """One log line from :func:`solver_curves`' output ('' without a solver)."""
-  if "solver" not in curves:
-    return ""
-  res, its = np.asarray(curves["solver"]["cg_residual"]), np.asarray(curves["solver"]["cg_iterations"])
-  return (f"; CG relative residual median {np.median(res):.2g}, max {res.max():.2g}, "
-          f"{its.mean():.1f} iterations per step")
+  solver = curves.get("solver", {})
+  if "cg_residual" in solver:
+    res, its = np.asarray(solver["cg_residual"]), np.asarray(solver["cg_iterations"])
+    return (f"; CG relative residual median {np.median(res):.2g}, max {res.max():.2g}, "
+            f"{its.mean():.1f} iterations per step")
+  if "lanczos_residual" in solver:
+    res, share = np.asarray(solver["lanczos_residual"]), np.asarray(solver["projected_share"])
+    return (f"; Lanczos relative residual median {np.median(res):.2g}, max {res.max():.2g}; "
+            f"share of the step projected out median {np.median(share):.2g}")
+  return ""
 
 
 def cl_metrics(r: np.ndarray) -> dict[str, float]:

@@ -326,11 +326,73 @@ def functional_precondition(base, f: geometry.Apply | Mapping[str, geometry.Appl
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+class ProjectionState(NamedTuple):
+  base: PyTree               # the base optimiser's state
+  basis: PyTree              # G's top eigenvectors at the last refresh: leaves [rank, *shape], orthonormal
+  count: jax.Array           # updates so far
+  residual: jax.Array        # largest ‖G y − θ y‖ / θ_max of the last refresh's Ritz pairs
+  removed: jax.Array         # ‖V Vᵀ u‖ / ‖u‖ of the last update: the share of base's step projected out
+
+
+def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, rank: int, refresh_every: int,
+                          krylov_size: int | None = None, output_metric: str = "fisher_rao",
+                          chunk_size: int | None = None):
+  """``base``'s update with its part in G's top-``rank`` eigenspace removed: ``u ↦ u − V Vᵀ u``.
+
+  The Fisher–Rao analogue of orthogonal-gradient / gradient-projection methods: ``V`` (orthonormal, ``rank``
+  columns) holds the top eigenvectors of the old tasks' G on the reference inputs of the update where it was last
+  refreshed, by Lanczos (``krylov_size`` products, default ``3 · rank``, one pass), every ``refresh_every``
+  updates; in between, ``V`` is frozen. It is the κ → ∞ limit of :func:`functional_precondition` without its
+  corrector, on a subspace fixed for ``refresh_every`` steps instead of the current batch's range. Memory:
+  ``rank`` parameter-sized vectors in the state, ``krylov_size + 1`` during a refresh.
+
+  ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does; the refresh's
+  largest relative residual and the share of ``u`` removed are in the state (:func:`solver_metrics`).
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``: the final update (``base``'s learning rate included).
+  """
+  import optax
+  krylov_size = 3 * rank if krylov_size is None else krylov_size
+  if not 0 < rank <= krylov_size or refresh_every < 1:
+    raise ValueError(f"functional_projection needs 0 < rank ≤ krylov_size and refresh_every ≥ 1, got rank={rank}, "
+                     f"krylov_size={krylov_size}, refresh_every={refresh_every}")
+  def init(params):
+    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+    basis = jax.tree.map(lambda x: jnp.zeros((rank, *x.shape), x.dtype), params)
+    return ProjectionState(base.init(params), basis, jnp.zeros((), jnp.int32), zero, zero)
+
+  def update(grads, state, params=None, *, ref_inputs=None, model_fn=None, **_):
+    u, base_state = base.update(grads, state.base, params)
+
+    def refresh():
+      metric = old_task_metric(f, params, ref_inputs, model_fn, output_metric=output_metric, chunk_size=chunk_size,
+                               who="functional_projection")
+      top = metric.eigh(rank, num_iters=krylov_size, max_iters=krylov_size, on_unconverged="ignore")
+      scale = jnp.maximum(jnp.max(jnp.abs(top.eigenvalues)), jnp.finfo(state.residual.dtype).tiny)
+      return top.eigenvectors, (jnp.max(top.residual_norms) / scale).astype(state.residual.dtype)
+
+    basis, residual = jax.lax.cond(state.count % refresh_every == 0, refresh,
+                                   lambda: (state.basis, state.residual))
+    coeffs = sum(b.reshape(rank, -1) @ x.reshape(-1) for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(u)))
+    removed = jax.tree.map(lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=1), basis)
+    step = tu.tree_sub(u, removed)
+    share = tu.tree_norm(removed) / jnp.maximum(tu.tree_norm(u), jnp.finfo(residual.dtype).tiny)
+    return step, ProjectionState(base_state, basis, state.count + 1, residual, share.astype(residual.dtype))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def solver_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
-  """The last CG solve of a :func:`geodesic_direction` inside an optimiser state, as step metrics:
-  ``cg_residual`` (relative, ‖(G+λI)x − g‖ / ‖g‖) and ``cg_iterations``; empty where there is none."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GeodesicState))
-           if isinstance(s, GeodesicState) and s.info is not None]
+  """The solver inside an optimiser state, as step metrics: a :func:`geodesic_direction`'s or
+  :func:`functional_precondition`'s last CG solve (``cg_residual``, relative: ‖(G+λI)x − g‖ / ‖g‖, and
+  ``cg_iterations``), or a :func:`functional_projection`'s last refresh and update (``lanczos_residual``,
+  ``projected_share``); empty where there is none."""
+  solvers = (GeodesicState, ProjectionState)
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, solvers)) if isinstance(s, solvers)]
+  if found and isinstance(found[0], ProjectionState):
+    return {"lanczos_residual": found[0].residual, "projected_share": found[0].removed}
+  found = [s for s in found if isinstance(s, GeodesicState) and s.info is not None]
   if not found:
     return {}
   info = found[0].info

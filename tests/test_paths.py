@@ -237,6 +237,46 @@ def test_functional_precondition_solves_against_adams_metric_plus_kappa_g(x64):
             params), params, ref_inputs=x_old)
 
 
+def test_functional_projection_removes_gs_top_eigenspace_refreshed_every_n_steps(x64):
+  """AdamW's step less its part in the dense G's top-k eigenspace at the last refresh (steps 0 and 2 of 3 with
+  refresh_every 2; step 1 reuses step 0's subspace), with the refresh's residual and the removed share reported,
+  through the training loop and the registry."""
+  from fipjax import continual
+  params, x_old, new_batch, loss_new = _problem()
+  base, rank = optax.adamw(1e-2, weight_decay=0.1), 3
+  tx = paths.functional_projection(base, mlp, rank=rank, refresh_every=2, krylov_size=40)
+  ravel, _ = tu.ravel_fn(params)
+
+  def top_projector(theta):
+    _, vecs = np.linalg.eigh(np.asarray(geometry.pullback_metric(mlp, theta, x_old, "fisher_rao").dense()))
+    return vecs[:, -rank:] @ vecs[:, -rank:].T
+
+  state, base_state, theta, refreshed = tx.init(params), base.init(params), params, None
+  for i in range(3):
+    grads = jax.grad(loss_new)(theta, new_batch)
+    step, state = jax.jit(lambda g, s, t: tx.update(g, s, t, ref_inputs=x_old))(grads, state, theta)
+    u, base_state = base.update(grads, base_state, theta)
+    refreshed = top_projector(theta) if i % 2 == 0 else refreshed
+    np.testing.assert_allclose(ravel(step), ravel(u) - refreshed @ ravel(u), rtol=1e-7, atol=1e-12)
+    metrics = paths.solver_metrics(state)
+    assert float(metrics["lanczos_residual"]) <= 1e-8
+    assert float(metrics["projected_share"]) == pytest.approx(
+        np.linalg.norm(refreshed @ ravel(u)) / np.linalg.norm(ravel(u)), rel=1e-6)
+    theta = optax.apply_updates(theta, step)
+  assert not np.allclose(refreshed, top_projector(params), atol=1e-6)     # the subspace moved with θ
+  hp = continual.MethodConfig(geodesic_form="projection", geodesic_rank=rank, geodesic_refresh_every=2)
+  ctx = continual.StageContext(lambda p, b, rng=None: loss_new(p, b),
+                               {"old": continual.OldTask(mlp, mlp, None, None)}, params, None, "^$", 0)
+  method = continual.REGISTRY["fip-geodesic"](ctx, hp, base, False)
+  _, _, history = continual.fit(method, params, iter([{"new": new_batch, "replay": {"old": {"inputs": x_old}}}] * 2), 2)
+  curves = continual.solver_curves(history)
+  assert set(curves["solver"]) == {"lanczos_residual", "projected_share"}
+  assert len(curves["solver"]["projected_share"]) == 2
+  assert "Lanczos relative residual" in continual.solver_summary(curves)
+  with pytest.raises(ValueError, match="rank"):
+    paths.functional_projection(base, mlp, rank=5, refresh_every=1, krylov_size=4)
+
+
 def test_functional_precondition_corrector_pulls_back_to_the_references(x64):
   """With the corrector the step solves (κG + D) dθ = D u − γκ (1/N) Σ J_nᵀ M_n (z_n − z_ref,n), the Gauss–Newton
   pull back to stored outputs (weight γ, 1 by default), checked against a dense solve and an autodiff gradient of
