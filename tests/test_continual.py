@@ -289,3 +289,23 @@ def test_tree_after_keeps_values_and_dtypes():
   chex.assert_trees_all_equal(unkeyed(out), unkeyed(tree))
   chex.assert_trees_all_equal_dtypes(unkeyed(out), unkeyed(tree))
   chex.assert_trees_all_equal(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
+
+
+@pytest.mark.parametrize("in_lora", [False, True])
+def test_the_training_step_is_compiled_once_on_a_mesh(monkeypatch, in_lora):
+  """The loop's first call has the signature of the later ones: the optimiser's fresh leaves (Adam's count) and
+  new LoRA adapters are placed as the step's outputs are, so the step is traced and compiled once, not once more
+  at the second step."""
+  from fipjax import lora, parallel
+  made, make = [], continual.make_train_step
+  monkeypatch.setattr(continual, "make_train_step", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+  mesh = parallel.data_mesh()
+  params = parallel.replicate(init_mlp(jax.random.PRNGKey(0), (4, 8, 3)), mesh)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+  batch = parallel.shard_batch({"new": (x, jnp.arange(8) % 3)}, mesh)
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  method = continual.naive(loss, optax.adamw(1e-2))
+  if in_lora:
+    method = continual.with_lora(method, lora.LoraConfig(targets=("kernel",), rank=2), jax.random.PRNGKey(3))
+  continual.fit(method, params, iter([batch] * 3), 3, rng=jax.random.PRNGKey(2))
+  assert len(made) == 1 and made[0]._cache_size() == 1

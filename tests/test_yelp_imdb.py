@@ -99,6 +99,34 @@ def test_nan_stops_the_run_and_caches_nothing(tmp_path, capsys, data_dir):
   assert not list((tmp_path / "cache").glob("*/final"))
 
 
+def test_naive_stage_two_is_the_first_stages_program(tmp_path, data_dir, monkeypatch):
+  """With a shared head, naive fine-tuning's stage-2 step lowers to the program stage 1 compiled (it records SI's
+  path integral as stage 1 does), so the compilation cache serves it: compiled once per run."""
+  import dataclasses
+  import re
+  import jax
+  import optax
+  from fipjax import continual, streams
+  seen, train = [], streams.Runner._train
+
+  def spy(self, method, params, task, steps, seed, *args, **kw):
+    seen.append((method, params, next(self._batches(task, seed, None)(0))))
+    return train(self, method, params, task, steps, seed, *args, **kw)
+
+  monkeypatch.setattr(streams.Runner, "_train", spy)
+  assert _run(tmp_path, "--method", "naive", "--data-dir", str(data_dir)) == 0
+
+  def program(method, params, batch):
+    step, trainable, frozen, opt_state = continual.train_step(method, params, abstract=True)
+    text = step.lower(trainable, frozen, opt_state, {**batch, "rng": jax.random.PRNGKey(0)}).as_text()
+    return re.sub(r"loc\(.*", "", text)
+
+  (first, second) = [program(*s) for s in seen]
+  assert first == second
+  method, params, batch = seen[1]        # without the path integral it would be a program of its own
+  assert program(dataclasses.replace(method, optimizer=optax.adamw(1e-3)), params, batch) != first
+
+
 @pytest.mark.slow
 def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
   """The module's fip run again on four (virtual) devices, data-parallel, from the module run's stage-1 network
