@@ -330,8 +330,8 @@ class ProjectionState(NamedTuple):
   base: PyTree               # the base optimiser's state
   basis: PyTree              # G's top eigenvectors at the last refresh: leaves [rank, *shape], orthonormal
   count: jax.Array           # updates so far
-  residual: jax.Array        # largest ‖G y − θ y‖ / θ_max of the last refresh's Ritz pairs
-  removed: jax.Array         # ‖V Vᵀ u‖ / ‖u‖ of the last update: the share of base's step projected out
+  residual: jax.Array        # largest ‖G y − λ y‖ / λ_max of the last refresh's Ritz pairs (y, λ)
+  share: jax.Array           # ‖V Vᵀ u‖ / ‖u‖ of the last update: the share of base's step projected out
 
 
 def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply], *, rank: int, refresh_every: int,
@@ -341,10 +341,13 @@ def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply]
 
   The Fisher–Rao analogue of orthogonal-gradient / gradient-projection methods: ``V`` (orthonormal, ``rank``
   columns) holds the top eigenvectors of the old tasks' G on the reference inputs of the update where it was last
-  refreshed, by Lanczos (``krylov_size`` products, default ``3 · rank``, one pass), every ``refresh_every``
-  updates; in between, ``V`` is frozen. It is the κ → ∞ limit of :func:`functional_precondition` without its
-  corrector, on a subspace fixed for ``refresh_every`` steps instead of the current batch's range. Memory:
-  ``rank`` parameter-sized vectors in the state, ``krylov_size + 1`` during a refresh.
+  refreshed, by Lanczos (one pass of ``krylov_size`` products, default ``3 · rank``, and ``rank`` more for the
+  residuals), every ``refresh_every`` updates; in between, ``V`` is frozen. Eigenvalues below ``100 eps · λ_max``
+  (G has rank at most N·K on N reference inputs of K outputs) leave their vectors out, so a rank above G's removes
+  nothing more. A Euclidean relative of :func:`functional_precondition` as κ → ∞ without its corrector (which
+  removes G's range in the base optimiser's own metric D instead), on a subspace fixed between refreshes. Memory:
+  ``rank`` parameter-sized vectors in the state (and its checkpoints), about ``krylov_size + 2 · rank`` during a
+  refresh.
 
   ``update`` takes ``ref_inputs`` (and optionally ``model_fn``) as :func:`geodesic_direction` does; the refresh's
   largest relative residual and the share of ``u`` removed are in the state (:func:`solver_metrics`).
@@ -357,6 +360,7 @@ def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply]
   if not 0 < rank <= krylov_size or refresh_every < 1:
     raise ValueError(f"functional_projection needs 0 < rank ≤ krylov_size and refresh_every ≥ 1, got rank={rank}, "
                      f"krylov_size={krylov_size}, refresh_every={refresh_every}")
+
   def init(params):
     zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
     basis = jax.tree.map(lambda x: jnp.zeros((rank, *x.shape), x.dtype), params)
@@ -369,12 +373,19 @@ def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply]
       metric = old_task_metric(f, params, ref_inputs, model_fn, output_metric=output_metric, chunk_size=chunk_size,
                                who="functional_projection")
       top = metric.eigh(rank, num_iters=krylov_size, max_iters=krylov_size, on_unconverged="ignore")
-      scale = jnp.maximum(jnp.max(jnp.abs(top.eigenvalues)), jnp.finfo(state.residual.dtype).tiny)
-      return top.eigenvectors, (jnp.max(top.residual_norms) / scale).astype(state.residual.dtype)
+      dtype = state.residual.dtype
+      scale = jnp.maximum(jnp.max(jnp.abs(top.eigenvalues)), jnp.finfo(dtype).tiny)
+      # Past G's rank, Lanczos restarts from random directions in its null space: those are not G's to remove.
+      kept = (top.eigenvalues > 100 * jnp.finfo(dtype).eps * scale).astype(dtype)
+      basis = jax.tree.map(lambda v: v * kept.reshape(-1, *[1] * (v.ndim - 1)).astype(v.dtype), top.eigenvectors)
+      return basis, (jnp.max(top.residual_norms) / scale).astype(dtype)
 
     basis, residual = jax.lax.cond(state.count % refresh_every == 0, refresh,
                                    lambda: (state.basis, state.residual))
-    coeffs = sum(b.reshape(rank, -1) @ x.reshape(-1) for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(u)))
+    coeffs = sum(jax.tree.leaves(jax.tree.map(
+        lambda b, x: jnp.tensordot(b.reshape(rank, -1), x.reshape(-1), axes=1,
+                                   preferred_element_type=jnp.promote_types(b.dtype, jnp.float32)),
+        basis, u)))
     removed = jax.tree.map(lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=1), basis)
     step = tu.tree_sub(u, removed)
     share = tu.tree_norm(removed) / jnp.maximum(tu.tree_norm(u), jnp.finfo(residual.dtype).tiny)
@@ -391,7 +402,7 @@ def solver_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
   solvers = (GeodesicState, ProjectionState)
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, solvers)) if isinstance(s, solvers)]
   if found and isinstance(found[0], ProjectionState):
-    return {"lanczos_residual": found[0].residual, "projected_share": found[0].removed}
+    return {"lanczos_residual": found[0].residual, "projected_share": found[0].share}
   found = [s for s in found if isinstance(s, GeodesicState) and s.info is not None]
   if not found:
     return {}

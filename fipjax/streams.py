@@ -446,9 +446,9 @@ class Runner:
         method = continual.build(name, ctx, self.hp, self.optim)
       except ValueError as e:
         raise runs.UsageError(str(e)) from None
-      if name == "naive":
-        # Naive fine-tuning records SI's path integral as the first stage does, so that its step is the first
-        # stage's program: compiled once, then loaded from the compilation cache (and its stages leave ω as well).
+      if name == "naive" and self.stream.shares_head(task):
+        # With the first task's head, naive fine-tuning records SI's path integral as the first stage does, so
+        # that its step is the first stage's program: compiled once, then loaded from the compilation cache.
         method = dataclasses.replace(method, optimizer=si_lib.path_integral(method.optimizer))
       if method.needs_replay and method.replays != "generated":
         with self.timings.phase("buffers"):

@@ -111,3 +111,15 @@ def test_summary_over_seeds(finished, tmp_path):
   f0 = r0["methods"]["dpo"]["reward_forgetting"][0]
   assert f"{f0 + 0.05:.3f} ± {np.std([f0, f0 + 0.1], ddof=1):.3f}" in text
   assert all(f"| {name} |" in text for name in METHODS)
+
+
+def test_the_paper_preset_runs_offline_at_small_size(tmp_path):
+  """The GPU preset (hub model and data by default) through the same code path on local files: its own choices
+  (bfloat16, β, no dropout, its learning rates) at the tiny run's sizes, FIP-DPO end to end."""
+  cfg, _ = continual_dpo.parse_args(["--preset", "paper"])
+  assert cfg.model.model.startswith("HuggingFaceTB/") and cfg.data.data_dir in (None, "")
+  argv = ["paper" if a == "cpu" else a for a in TINY]
+  assert continual_dpo.main([*argv, *MODELS, "--method", "fip-dpo", "--out", str(tmp_path / "run"),
+                             "--cache-dir", str(tmp_path / "cache")]) == 0
+  m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["fip-dpo"]
+  assert np.array(m["reward_matrix"]).shape == (3, 2) and np.isfinite(m["loss_curve"]).all()

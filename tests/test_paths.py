@@ -273,6 +273,15 @@ def test_functional_projection_removes_gs_top_eigenspace_refreshed_every_n_steps
   assert set(curves["solver"]) == {"lanczos_residual", "projected_share"}
   assert len(curves["solver"]["projected_share"]) == 2
   assert "Lanczos relative residual" in continual.solver_summary(curves)
+  # Above G's rank (2 reviews, 3 classes: at most 4) Lanczos restarts in G's null space; only G's range is removed.
+  few, wide = x_old[:2], paths.functional_projection(base, mlp, rank=6, refresh_every=1, krylov_size=40)
+  grads = jax.grad(loss_new)(params, new_batch)
+  step, _ = wide.update(grads, wide.init(params), params, ref_inputs=few)
+  u = ravel(base.update(grads, base.init(params), params)[0])
+  evals, vecs = np.linalg.eigh(np.asarray(geometry.pullback_metric(mlp, params, few, "fisher_rao").dense()))
+  span = vecs[:, evals > 1e-10 * evals.max()]
+  assert span.shape[1] == 4
+  np.testing.assert_allclose(ravel(step), u - span @ (span.T @ u), rtol=1e-7, atol=1e-12)
   with pytest.raises(ValueError, match="rank"):
     paths.functional_projection(base, mlp, rank=5, refresh_every=1, krylov_size=4)
 
