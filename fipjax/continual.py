@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from fipjax import config as cf
 from fipjax import gem as gem_lib
-from fipjax import generative, geometry, lora, paths, si as si_lib
+from fipjax import generative, geometry, lora, parallel, paths, si as si_lib
 from fipjax import tree as tu
 
 PyTree = Any
@@ -651,8 +651,7 @@ def _placed_like(params: PyTree, tree: PyTree) -> PyTree:
   mesh = next((x.sharding.mesh for x in jax.tree.leaves(params) if placed(x)), None)
   if mesh is None:
     return tree
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, replicated), tree)
+  return jax.tree.map(lambda x: x if placed(x) else parallel.replicate(x, mesh), tree)
 
 
 def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_steps: int, *,

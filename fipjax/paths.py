@@ -388,7 +388,8 @@ def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply]
         basis, u)))
     removed = jax.tree.map(lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=1), basis)
     step = tu.tree_sub(u, removed)
-    share = tu.tree_norm(removed) / jnp.maximum(tu.tree_norm(u), jnp.finfo(residual.dtype).tiny)
+    # ‖V Vᵀu‖ = ‖Vᵀu‖: V's columns are orthonormal (or zero, with a zero coefficient).
+    share = jnp.linalg.norm(coeffs) / jnp.maximum(tu.tree_norm(u), jnp.finfo(residual.dtype).tiny)
     return step, ProjectionState(base_state, basis, state.count + 1, residual, share.astype(residual.dtype))
 
   return optax.GradientTransformationExtraArgs(init, update)
