@@ -22,27 +22,29 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, continual, data, report, rewards, runs, sequences, streams
+from fipjax import alignment, continual, data, experiment, rewards, runs, streams
 from fipjax import config as cf
 from fipjax.models import hub, llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_DATA = REPO.parent / "shared" / "data"
 METHODS = ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")
-EXTRA_METHODS = ("fip-geodesic-dpo", "lora-fip-geodesic-dpo")
+"""What ``--method all`` runs (any ``<method>-dpo`` of the registry runs too, e.g. fip-geodesic-dpo)."""
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  model: str = cf.option("HuggingFaceTB/SmolLM2-360M-Instruct",
+  """The causal LM and its precision."""
+  name: str = cf.option("HuggingFaceTB/SmolLM2-360M-Instruct",
                          "causal LM: hub id, directory, .gguf file, or 'smollm2' (the packaged SmolLM2-135M GGUF)")
   dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)", cf.one_of(*DTYPES))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  data_dir: str | None = cf.option(None, "folder with <task>/{train,test}.jsonl (none: the Hugging Face hub)")
+  """The reviews whose openings are the rounds' prompts, and the held-out text."""
+  dir: str | None = cf.option(None, "folder with <task>/{train,test}.jsonl (none: the Hugging Face hub)")
   train_prompts: int = cf.option(2000, "training prompts per round (one pair each)", cf.positive)
   val_prompts: int = cf.option(200, "validation prompts per round (tuning), held out of training", cf.positive)
   test_prompts: int = cf.option(500, "test prompts per round (from the test split)", cf.positive)
@@ -56,47 +58,41 @@ class Config(streams.StreamConfig):
   """Everything that determines a run's numbers (where it is written is not part of it)."""
   model: ModelConfig = cf.section(ModelConfig)
   data: DataConfig = cf.section(DataConfig)
-  pref: alignment.PreferenceConfig = cf.section(alignment.PreferenceConfig)
+  dpo: alignment.PreferenceConfig = cf.section(alignment.PreferenceConfig)
   rewards: rewards.ClassifierConfig = cf.section(rewards.ClassifierConfig)
 
 
 _LLAMA_LORA = llama.LORA_TARGETS[0]
 # The geodesic form of fip-geodesic-dpo: the adam form's corrector needs stored logits, which sequence models
 # replace by top-k references.
-_GEODESIC = dict(geodesic_form="gradient", geodesic_cg_iters=5)
+_GEODESIC = {"geodesic.form": "gradient", "geodesic.cg_iters": 5}
 PRESETS = {
     # A GPU: SmolLM2-360M from the hub, full datasets from the hub, longer rounds and completions.
-    "paper": cf.with_values(
-        Config(), batch_size=16, lr=5e-6, stage1_steps=250, steps=250, replay_batch_size=8, buffer_size=500,
-        lora_targets=_LLAMA_LORA, lora_lr=2e-4, response_tokens=48, prompt_tokens=8, eval_batch_size=32,
-        checkpoint_every=100, record_every=25, probe_size=32, dropout=False, beta=1.0, **_GEODESIC),
+    "paper": cf.with_values(Config(), {
+        "optim.batch_size": 16, "optim.lr": 5e-6, "optim.dropout": False, "first.steps": 250, "stages.steps": 250,
+        "stages.replay_batch_size": 8, "stages.buffer_size": 500, "lora.targets": _LLAMA_LORA, "lora.optim.lr": 2e-4,
+        "dpo.response_tokens": 48, "dpo.prompt_tokens": 8, "run.eval_batch_size": 32, "run.checkpoint_every": 100,
+        "run.record_every": 25, "run.probe_size": 32, "fip.beta": 1.0, **_GEODESIC}),
     # Offline, 2 CPU cores: the packaged SmolLM2-135M GGUF, ../shared/data, rounds sized for `--method all`.
-    "cpu": cf.with_values(
-        Config(), model="smollm2", dtype="float32", data_dir=str(DEFAULT_LOCAL_DATA), train_prompts=128,
-        val_prompts=64, test_prompts=64, held_out_texts=24, text_tokens=48, batch_size=4, lr=5e-5,
-        stage1_steps=32, steps=32, replay_batch_size=4, buffer_size=64, lora_targets=_LLAMA_LORA, lora_lr=5e-4,
-        response_tokens=24, eval_batch_size=16, generate_batch_size=64, checkpoint_every=16, record_every=8,
-        probe_size=16, dropout=False, beta=16.0,        # β chosen on validation rewards (docs/results-dpo-cpu.md)
-        **_GEODESIC),
+    "cpu": cf.with_values(Config(), {
+        "model.name": "smollm2", "model.dtype": "float32", "data.dir": str(DEFAULT_LOCAL_DATA),
+        "data.train_prompts": 128, "data.val_prompts": 64, "data.test_prompts": 64, "data.held_out_texts": 24,
+        "data.text_tokens": 48, "optim.batch_size": 4, "optim.lr": 5e-5, "optim.dropout": False, "first.steps": 32,
+        "stages.steps": 32, "stages.replay_batch_size": 4, "stages.buffer_size": 64, "lora.targets": _LLAMA_LORA,
+        "lora.optim.lr": 5e-4, "dpo.response_tokens": 24, "dpo.generate_batch_size": 64, "run.eval_batch_size": 16,
+        "run.checkpoint_every": 16, "run.record_every": 8, "run.probe_size": 16,
+        "fip.beta": 16.0,        # β chosen on validation rewards (docs/results-dpo-cpu.md)
+        **_GEODESIC}),
 }
-
-
-def method_argument(value: str) -> str:
-  """An argparse ``type`` for ``--method``: ``all`` or comma-separated names of :data:`METHODS` (and extras)."""
-  known = METHODS + EXTRA_METHODS
-  unknown = [m for m in value.split(",") if m not in known] if value != "all" else []
-  if unknown:
-    raise cf.argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}; choose from {', '.join(known)} "
-                                        "(several comma-separated) or 'all'")
-  return value
 
 
 def parse_args(argv=None):
   p = cf.ArgumentParser(prog="python -m experiments.continual_dpo", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--method", default="fip-dpo", type=method_argument,
-                 help=f"round-2 method: {', '.join(METHODS + EXTRA_METHODS)}, several comma-separated, or 'all' "
-                      f"({', '.join(METHODS)}); all from the same round-1 policy")
+  p.add_argument("--method", default="fip-dpo", type=lambda v: continual.method_argument(v, on_preferences=True),
+                 help=f"round-2 method: any registry method on the preference loss (<method>-dpo, lora-<method>-dpo; "
+                      f"dpo alone is DPO), several comma-separated, or 'all' ({', '.join(METHODS)}); all from the "
+                      "same round-1 policy")
   p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                  help="'paper' (SmolLM2-360M from the hub, GPU) or 'cpu' (packaged SmolLM2-135M, local data)")
   p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
@@ -109,22 +105,18 @@ def parse_args(argv=None):
 
 def check(cfg: Config, methods: list[str]) -> None:
   """The configuration's problems that need no data or model, raised before anything is loaded or written."""
-  for flag, value in (("--batch-size", cfg.optim.batch_size), ("--replay-batch-size", cfg.stages.replay_batch_size)):
+  for flag, value in (("--optim.batch-size", cfg.optim.batch_size),
+                      ("--stages.replay-batch-size", cfg.stages.replay_batch_size)):
     if cfg.data.train_prompts < value:
-      raise runs.UsageError(f"--train-prompts {cfg.data.train_prompts} gives fewer pairs per round than one batch "
-                            f"of {value} ({flag}); use more prompts or a smaller {flag}.")
+      raise runs.UsageError(f"--data.train-prompts {cfg.data.train_prompts} gives fewer pairs per round than one "
+                            f"batch of {value} ({flag}); use more prompts or a smaller {flag}.")
   if cfg.stages.buffer_size < cfg.stages.replay_batch_size:
-    raise runs.UsageError(f"--buffer-size {cfg.stages.buffer_size} keeps fewer pairs than one replay batch of "
-                          f"{cfg.stages.replay_batch_size} (--replay-batch-size); raise it or lower the batch.")
-  geodesic = [m for m in methods if continual.parse_name(alignment.registry_name(m))[0] == "fip-geodesic"]
-  if geodesic and cfg.method.geodesic_form == "adam" and cfg.method.geodesic_corrector:
-    raise runs.UsageError(f"--geodesic-form adam with its corrector pulls old outputs back to stored logits, and "
-                          f"{', '.join(geodesic)} store token distributions as top-k references, not logits; add "
-                          "--geodesic-corrector false, or use --geodesic-form gradient.")
-  fip = [m for m in methods if continual.parse_name(alignment.registry_name(m))[0] == "fip"]
-  if fip and cfg.method.distance not in sequences.DISTANCES:
-    raise runs.UsageError(f"--distance {cfg.method.distance} has no compressed form for token distributions "
-                          f"({', '.join(fip)}); choose one of {', '.join(sequences.DISTANCES)}.")
+    raise runs.UsageError(f"--stages.buffer-size {cfg.stages.buffer_size} keeps fewer pairs than one replay batch "
+                          f"of {cfg.stages.replay_batch_size} (--stages.replay-batch-size); raise it or lower the "
+                          "batch.")
+  problems = continual.check_methods(methods, cfg.method, "tokens", on_preferences=True)
+  if problems:
+    raise runs.UsageError("; ".join(problems) + ".")
 
 
 # (round, dataset, reward weights over its classifier's classes, what the reward is)
@@ -139,10 +131,11 @@ def split_prompts(cfg: Config) -> tuple[list[dict[str, list[str]]], list[str]]:
   n_train, n_val, n_test = cfg.data.train_prompts, cfg.data.val_prompts, cfg.data.test_prompts
   prompts, held_out = [], []
   for j, (_, task, _, _) in enumerate(ROUNDS):
-    train, test = (data.load_task(task, split, cfg.data.data_dir).texts for split in ("train", "test"))
-    for split, want, have, flags in (("train", n_train + n_val, len(train), "--train-prompts + --val-prompts"),
+    train, test = (data.load_task(task, split, cfg.data.dir).texts for split in ("train", "test"))
+    for split, want, have, flags in (("train", n_train + n_val, len(train),
+                                      "--data.train-prompts + --data.val-prompts"),
                                      ("test", n_test + cfg.data.held_out_texts, len(test),
-                                      "--test-prompts + --held-out-texts")):
+                                      "--data.test-prompts + --data.held-out-texts")):
       if want > have:
         raise runs.UsageError(f"{task} {split}: {flags} = {want} rows are asked for, but it holds {have}; "
                               "choose smaller values.")
@@ -160,12 +153,12 @@ def load_rounds(cfg: Config, tokenizer, cache: runs.StageCache, progress: bool):
   prompts, held_out = split_prompts(cfg)
   rounds = []
   for j, ((name, task, weights, what), texts) in enumerate(zip(ROUNDS, prompts)):
-    classifier, info = rewards.sentiment_classifier(task, cfg.rewards, data_dir=cfg.data.data_dir,
+    classifier, info = rewards.sentiment_classifier(task, cfg.rewards, data_dir=cfg.data.dir,
                                                     cache=cache, progress=progress)
     runs.log(f"round {j + 1} ({name}): reward = {what}; classifier test accuracy {info['test_accuracy']:.3f} "
              f"({info['test_rows']} rows)")
     rounds.append(alignment.Round(
-        name, {s: alignment.encode_prompts(t, tokenizer, cfg.pref.prompt_tokens) for s, t in texts.items()},
+        name, {s: alignment.encode_prompts(t, tokenizer, cfg.dpo.prompt_tokens) for s, t in texts.items()},
         rewards.Reward(classifier, weights),
         {"reward": what, "classifier": info, "weights": weights.tolist(), "config": cf.to_dict(cfg.rewards)}))
   return rounds, alignment.encode_texts(held_out, tokenizer, cfg.data.text_tokens)
@@ -175,12 +168,12 @@ def build(cfg: Config, args):
   """(runner, the base policy's parameters): loads the model, the data and the rewards; input errors are raised
   here."""
   cache = runs.StageCache(args.cache_dir)
-  graphdef, params, _, load_report = hub.load_llama(cfg.model.model, dtype=DTYPES[cfg.model.dtype])
+  graphdef, params, _, load_report = hub.load_llama(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
   runs.log(str(load_report))
-  tokenizer = hub.load_llama_tokenizer(cfg.model.model)
+  tokenizer = hub.load_llama_tokenizer(cfg.model.name)
   rounds, held_out = load_rounds(cfg, tokenizer, cache, not args.no_progress)
   runner = alignment.AlignmentRunner(
-      graphdef, tokenizer, rounds, held_out, **cfg.runner_args(), pref=cfg.pref, model_key=cf.to_dict(cfg.model),
+      graphdef, tokenizer, rounds, held_out, **cfg.runner_args(), pref=cfg.dpo, model_key=cf.to_dict(cfg.model),
       cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
   return runner, params
 
@@ -188,10 +181,10 @@ def build(cfg: Config, args):
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
   methods = continual.method_list(args.method, METHODS)
-  return streams.experiment_main(
+  return experiment.experiment_main(
       "experiments.continual_dpo", argv, cfg, args, methods, lambda: build(cfg, args),
       title="Continual DPO: IMDB positive → Yelp negative", runs_root=REPO / "runs",
-      before=lambda: check(cfg, methods), user_errors=(hub.CheckpointError,), write=report.write_alignment)
+      before=lambda: check(cfg, methods), user_errors=(hub.CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from fipjax import config as cf
-from fipjax import continual, data, runs, streams
+from fipjax import continual, data, experiment, runs, streams
 
 SPLITS = {2: ((0, 5), (5, 10)), 3: ((0, 4), (4, 7), (7, 10))}
 METHODS = continual.method_names(())
@@ -31,11 +31,12 @@ class Config(streams.StreamConfig):
   hidden: int = cf.option(64, "MLP width", cf.positive)
 
 
-PRESETS = {"default": cf.with_values(
-    Config(), lr=3e-3, weight_decay=0.0, batch_size=32, dropout=False, stage1_steps=300, steps=300,
-    replay_batch_size=32, buffer_size=400, beta=100.0, geodesic_form="gradient", geodesic_lr=0.05,
-    geodesic_damping=1e-2, geodesic_cg_iters=10, geodesic_max_norm=1.0, ewc_strength=100.0, ewc_samples=400,
-    eval_batch_size=50, record_every=50, probe_size=64, bir_gen_steps=500)}
+PRESETS = {"default": cf.with_values(Config(), {
+    "optim.lr": 3e-3, "optim.weight_decay": 0.0, "optim.batch_size": 32, "optim.dropout": False, "first.steps": 300,
+    "stages.steps": 300, "stages.replay_batch_size": 32, "stages.buffer_size": 400, "fip.beta": 100.0,
+    "geodesic.form": "gradient", "geodesic.lr": 0.05, "geodesic.damping": 1e-2, "geodesic.cg_iters": 10,
+    "geodesic.max_norm": 1.0, "ewc.strength": 100.0, "ewc.samples": 400, "run.eval_batch_size": 50,
+    "run.record_every": 50, "run.probe_size": 64, "bir.generator.steps": 500})}
 
 
 def digit_tasks(seed: int, splits) -> list[streams.TaskSpec]:
@@ -86,7 +87,7 @@ def build(cfg: Config, cache_dir=None, progress=False, stop_after=None):
   return runner, params
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
   p = cf.ArgumentParser(prog="python -m experiments.split_digits", description=__doc__,
                         formatter_class=cf.argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", default="fip", type=continual.method_argument,
@@ -94,10 +95,14 @@ def main(argv=None) -> int:
                       "(every method above)")
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
-  cfg, args = cf.parse(p, PRESETS, argv)
-  return streams.experiment_main("experiments.split_digits", argv, cfg, args,
-                                 continual.method_list(args.method, METHODS), lambda: build(cfg),
-                                 title="Split digits", runs_root=args.out.parent)
+  return cf.parse(p, PRESETS, argv)
+
+
+def main(argv=None) -> int:
+  cfg, args = parse_args(argv)
+  return experiment.experiment_main("experiments.split_digits", argv, cfg, args,
+                                    continual.method_list(args.method, METHODS), lambda: build(cfg),
+                                    title="Split digits", runs_root=args.out.parent)
 
 
 if __name__ == "__main__":

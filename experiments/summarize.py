@@ -16,18 +16,21 @@ import sys
 
 import numpy as np
 
+from fipjax import results as results_lib
+
 
 def first_stage(result: dict) -> str:
   """What identifies a file's first-stage network and later data: everything but the method hyperparameters
   (and the seed, which groups files), plus the first-stage accuracies."""
   cfg = {k: v for k, v in result["config"].items() if k not in ("method", "run", "seed")}
-  rows = {json.dumps(_first_rows(m)) for m in result["methods"].values()}
+  kind = results_lib.kind_of(result)
+  rows = {json.dumps(_first_rows(m, kind)) for m in result["methods"].values()}
   return json.dumps([cfg, sorted(rows)], sort_keys=True)
 
 
-def _first_rows(m: dict) -> list:
+def _first_rows(m: dict, kind: str) -> list:
   """What every method of a seed shares: the first-stage accuracies, or the base and round-1 rewards."""
-  return m["accuracy_matrix"][:1] if "accuracy_matrix" in m else m["reward_matrix"][:2]
+  return m["accuracy_matrix"][:1] if kind == results_lib.STREAM.kind else m["reward_matrix"][:2]
 
 
 def merge_by_seed(results: list[dict]) -> list[dict]:
@@ -81,11 +84,28 @@ def summarize_alignment(results: list[dict], methods: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def every_scalar(results: list[dict], methods: list[str]) -> str:
+  """Mean ± std over seeds of every scalar column of the results' schema (:mod:`fipjax.results`)."""
+  cell, cols = _cell(results), results_lib.SCHEMAS[results_lib.kind_of(results[0])].scalars()
+  lines = ["", "Every scalar column (mean ± sample std over seeds):", "",
+           "| method | " + " | ".join(c.name for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for name in methods:
+    lines.append(f"| {name} | " + " | ".join(
+        cell(name, lambda m: np.nan if m.get(c.name) is None else m[c.name]) for c in cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def summarize(results: list[dict]) -> str:
   results = merge_by_seed(results)
   methods = list(dict.fromkeys(name for r in results for name in r["methods"]))
-  if "reward_matrix" in next(iter(results[0]["methods"].values())):
-    return summarize_alignment(results, methods)
+  kind_table = (summarize_alignment if results_lib.kind_of(results[0]) == results_lib.ALIGNMENT.kind
+                else summarize_stream)
+  return kind_table(results, methods) + every_scalar(results, methods)
+
+
+def summarize_stream(results: list[dict], methods: list[str]) -> str:
+  """A task stream: each task's accuracy after the first stage and at the end, weight change, forgetting, ACC,
+  task-agnostic and validation accuracy."""
   tasks = next(iter(results[0]["methods"].values()))["tasks"]
   seeds = [r["seed"] for r in results]
   cell = _cell(results)

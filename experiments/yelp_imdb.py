@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fipjax import config as cf
-from fipjax import continual, data, parallel, runs, streams
+from fipjax import continual, data, experiment, parallel, runs, streams
 from fipjax.models import bert, hub
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +30,8 @@ METHODS = continual.method_names()
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  model: str = cf.option("bert-base-uncased", "hub id, local directory, or 'minilm' (the packaged offline BERT)")
+  """The BERT, its heads and precision."""
+  name: str = cf.option("bert-base-uncased", "hub id, local directory, or 'minilm' (the packaged offline BERT)")
   heads: str = cf.option("shared", "'shared': one 7-way head (Yelp 0–4, IMDB 5–6); 'per-task': one head each",
                          cf.one_of("shared", "per-task"))
   dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)",
@@ -40,7 +41,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  data_dir: str | None = cf.option(None, "folder with <task>/{train,test}.jsonl (none: the Hugging Face hub)")
+  """The reviews: where they are read from, how many, how long."""
+  dir: str | None = cf.option(None, "folder with <task>/{train,test}.jsonl (none: the Hugging Face hub)")
   n_train_yelp: int | None = cf.option(50_000, "Yelp training rows (none: all)", cf.positive)
   n_train_imdb: int | None = cf.option(None, "IMDB training rows (none: all)", cf.positive)
   n_test: int | None = cf.option(None, "test rows per task (none: all)", cf.positive)
@@ -59,14 +61,15 @@ PRESETS = {
     # The authors' setup (bert-base-uncased, 7-way head, lr 2e-5, batch 8, 2,000-example buffer, Bhattacharyya);
     # the Yelp subset size and the single stage-1 epoch are our choices (their stage-1 schedule is not public).
     # SI's strength is the one chosen on the cpu preset's validation split (docs/results-cpu.md).
-    "paper": cf.with_values(Config(), si_strength=1e4),
+    "paper": cf.with_values(Config(), {"si.strength": 1e4}),
     # Offline, 2 CPU cores: packaged MiniLM, ../shared/data, subsets sized for `--method all` in about 30 min.
-    "cpu": cf.with_values(
-        Config(), model="minilm", data_dir=str(DEFAULT_LOCAL_DATA), n_train_yelp=2000, n_train_imdb=2000,
-        n_test=500, n_val=200, max_len=64, batch_size=16, replay_batch_size=8, eval_batch_size=100, lr=5e-5,
-        stage1_steps=250, steps=150, buffer_size=500, lora_lr=1e-3, ewc_samples=200, ewc_strength=1e5,
-        geodesic_lr=5e-5, record_every=10, checkpoint_every=50, dtype="float32",
-        si_strength=1e4),
+    "cpu": cf.with_values(Config(), {
+        "model.name": "minilm", "model.dtype": "float32", "data.dir": str(DEFAULT_LOCAL_DATA),
+        "data.n_train_yelp": 2000, "data.n_train_imdb": 2000, "data.n_test": 500, "data.n_val": 200,
+        "data.max_len": 64, "optim.batch_size": 16, "optim.lr": 5e-5, "first.steps": 250, "stages.steps": 150,
+        "stages.replay_batch_size": 8, "stages.buffer_size": 500, "run.eval_batch_size": 100, "run.record_every": 10,
+        "run.checkpoint_every": 50, "lora.optim.lr": 1e-3, "ewc.samples": 200, "ewc.strength": 1e5,
+        "geodesic.lr": 5e-5, "si.strength": 1e4}),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -100,13 +103,13 @@ def load_tasks(cfg: Config, tokenizer, shared: bool) -> list[streams.TaskSpec]:
   """Yelp and IMDB as tasks: validation rows held out of each training split before its subsample."""
   tasks = []
   for name, n_train, offset in (("yelp", cfg.data.n_train_yelp, 0), ("imdb", cfg.data.n_train_imdb, 5)):
-    train, test = (data.load_task(name, split, cfg.data.data_dir) for split in ("train", "test"))
+    train, test = (data.load_task(name, split, cfg.data.dir) for split in ("train", "test"))
     for d in (train, test):
       if d.dropped:
         runs.log(f"{d.source}: dropped {d.dropped} rows with empty text")
     if cfg.data.n_val >= len(train.texts):
-      raise runs.UsageError(f"--n-val {cfg.data.n_val} leaves no {name} training rows ({len(train.texts)} in "
-                            f"{train.source}); choose a smaller --n-val.")
+      raise runs.UsageError(f"--data.n-val {cfg.data.n_val} leaves no {name} training rows ({len(train.texts)} in "
+                            f"{train.source}); choose a smaller --data.n-val.")
     order = np.random.default_rng([cfg.seed, 7]).permutation(len(train.texts))
     pick = lambda d, idx: dataclasses.replace(d, texts=[d.texts[i] for i in idx], labels=d.labels[idx])
     train_part = data.subsample(pick(train, np.sort(order[cfg.data.n_val:])), n_train, cfg.seed)
@@ -125,14 +128,15 @@ def build(cfg: Config, args):
   shared = cfg.model.heads == "shared"
   if cfg.model.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
-  tasks = tuple(load_tasks(cfg, hub.load_tokenizer(cfg.model.model), shared))
+  tasks = tuple(load_tasks(cfg, hub.load_tokenizer(cfg.model.name), shared))
   graphdef, params, bert_config, report = hub.load_bert(
-      cfg.model.model, {"shared": 7} if shared else {"yelp": 5, "imdb": 2}, dtype=DTYPES[cfg.model.dtype],
+      cfg.model.name, {"shared": 7} if shared else {"yelp": 5, "imdb": 2}, dtype=DTYPES[cfg.model.dtype],
       remat=cfg.model.remat, seed=cfg.seed)
   runs.log(str(report))
   if cfg.data.max_len > bert_config.max_position_embeddings:
-    raise runs.UsageError(f"--max-len {cfg.data.max_len} exceeds the model's {bert_config.max_position_embeddings} "
-                          "position embeddings; choose a --max-len of at most that.")
+    raise runs.UsageError(f"--data.max-len {cfg.data.max_len} exceeds the model's "
+                          f"{bert_config.max_position_embeddings} position embeddings; choose a --data.max-len of at "
+                          "most that.")
   stream = streams.Stream(bert.make_apply(graphdef), tasks, head_params=lambda head: rf"^heads/{head}/",
                           layer_group=layer_group, split=bert.make_split(graphdef))
   runner = streams.Runner(stream, **cfg.runner_args(), model_key=cf.to_dict(cfg.model),
@@ -143,7 +147,7 @@ def build(cfg: Config, args):
 
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
-  return streams.experiment_main(
+  return experiment.experiment_main(
       "experiments.yelp_imdb", argv, cfg, args, continual.method_list(args.method, METHODS),
       lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(hub.CheckpointError,),
       before=parallel.initialize_distributed if args.distributed else lambda: None)

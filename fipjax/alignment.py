@@ -6,7 +6,7 @@ that policy's log-probabilities (DPO's reference: no reference model is kept). T
 once (cached and shared by every method); every later round by the chosen method, whose old rounds are
 
 * their training pairs with their own stored reference log-probabilities (``replay``: DPO on old pairs), and
-* anchor sequences on the prompts of a buffer of them (the pairs' chosen completions, or with ``--anchor policy``
+* anchor sequences on the prompts of a buffer of them (the pairs' chosen completions, or with ``--dpo.anchor policy``
   fresh completions sampled from the policy entering the round), for ``fip`` with that policy's token
   distributions stored as top-k (:mod:`fipjax.sequences`; the Bhattacharyya penalty on them), for ``fip-geodesic``
   as the inputs through whose next-token distributions (at the current weights) G is pulled back.
@@ -25,10 +25,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fipjax import checkpoint, continual, data, dpo, runs, sequences
+from fipjax import continual, data, dpo, runs, sequences
 from fipjax import config as cf
+from fipjax import results as results_lib
+from fipjax import stages as stages_lib
 from fipjax.models import llama
 
 PyTree = Any
@@ -83,9 +84,9 @@ ANCHORS = ("chosen", "policy")
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
-  """Pairs, DPO and the stored references."""
-  dpo_beta: float = cf.option(0.1, "DPO's β (the implicit reward's scale)", cf.positive)
-  dpo_loss: str = cf.option("sigmoid", "preference loss: 'sigmoid' (DPO) or 'ipo'", cf.one_of(*dpo.KINDS))
+  """DPO: its loss, the pairs (prompts and sampled completions) and the stored references of old rounds."""
+  beta: float = cf.option(0.1, "DPO's β (the implicit reward's scale)", cf.positive)
+  loss: str = cf.option("sigmoid", "preference loss: 'sigmoid' (DPO) or 'ipo'", cf.one_of(*dpo.KINDS))
   prompt_tokens: int = cf.option(8, "tokens of each review that make its prompt (left-padded)", cf.positive)
   response_tokens: int = cf.option(24, "tokens sampled per completion", cf.positive)
   temperature: float = cf.option(1.0, "sampling temperature of pairs and evaluations", cf.positive)
@@ -153,7 +154,7 @@ class Policy:
     self._generate = jax.jit(lambda p, ids, m, key: llama.generate(
         graphdef, p, ids, m, key, max_new_tokens=pref.response_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
         temperature=pref.temperature, top_p=pref.top_p)[:2])
-    self._ref = jax.jit(lambda p, b: dpo.reference_logprobs(self.apply, p, b, kind=pref.dpo_loss))
+    self._ref = jax.jit(lambda p, b: dpo.reference_logprobs(self.apply, p, b, kind=pref.loss))
     self._topk = jax.jit(lambda p, b: tuple(sequences.reference_topk(self.apply, p, b, pref.top_k)))
     distance = jax.jit(lambda p, b: sequences.bhattacharyya_topk(self.apply(p, b)[:, :-1], sequences.TopK(*b["ref"])))
     self._distance = lambda p, b: (distance(p, b), sequences.response_positions(b))
@@ -169,7 +170,7 @@ class Policy:
       return jnp.sum(nll * m, -1), jnp.sum(kl * m, -1), jnp.sum(m, -1)
 
     self._text_stats = jax.jit(text_stats)
-    self._margins = jax.jit(lambda p, b: dpo.implicit_margins(self.apply, p, b, kind=pref.dpo_loss))
+    self._margins = jax.jit(lambda p, b: dpo.implicit_margins(self.apply, p, b, kind=pref.loss))
 
   def sample(self, params, prompts: Prompts, key) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) ``[N, R]`` of one sampled completion per prompt."""
@@ -247,84 +248,56 @@ class DriftTracker(runs.Observer):
 # The runner.
 
 
-def registry_name(method: str) -> str:
-  """The registry's name of an alignment method: ``dpo`` → naive, ``lora-dpo`` → lora, ``<m>-dpo`` → ``<m>``."""
-  if method == "dpo":
-    return "naive"
-  if not method.endswith("-dpo"):
-    raise ValueError(f"alignment methods are named <method>-dpo (dpo, lora-dpo, replay-dpo, fip-dpo, …), got "
-                     f"{method!r}")
-  return method[:-len("-dpo")]
-
-
-def _numpy(tree) -> PyTree:
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-class AlignmentRunner:
+class AlignmentRunner(stages_lib.StageLoop):
   """Learns ``rounds`` in order with any method; see the module docstring.
 
   Args:
     graphdef, tokenizer: the causal LM (its weights entering the first round are passed to :meth:`run_all`).
     rounds: the rounds in order (at least two).
     held_out_text: right-padded ``{"input_ids", "attention_mask"}`` for perplexity and KL to the base model.
-    optim, first, stages, hp, run: the sections of :class:`fipjax.streams.StreamConfig` (first: round 1's length,
-      stages: later rounds' length and buffers, hp: the methods' hyperparameters).
     pref: pairs, DPO and stored references.
-    seed, model_key, cache, progress, stop_after: as :class:`fipjax.streams.Runner`.
+    **kw: :class:`fipjax.stages.StageLoop`'s (first: round 1's length, stages: later rounds' length and buffers).
   """
+  stage_word = "round"
+  kind = results_lib.ALIGNMENT.kind
 
-  def __init__(self, graphdef, tokenizer, rounds: Sequence[Round],
-               held_out_text: Mapping[str, np.ndarray], *, optim: continual.OptimConfig, first, stages,
-               hp: continual.MethodConfig, run, pref: PreferenceConfig, seed: int, model_key: dict,
-               cache: runs.StageCache | None = None, progress: bool = True, stop_after: int | None = None):
+  def __init__(self, graphdef, tokenizer, rounds: Sequence[Round], held_out_text: Mapping[str, np.ndarray], *,
+               pref: PreferenceConfig, **kw):
+    super().__init__(**kw)
     if len(rounds) < 2 or len({r.name for r in rounds}) != len(rounds):
       raise ValueError(f"continual alignment needs at least two rounds with distinct names, got "
                        f"{[r.name for r in rounds]}")
+    self.check_rows({r.name: len(r.prompts["train"]) for r in rounds}, "prompts")
     for r in rounds:
-      if len(r.prompts["train"]) < optim.batch_size:
-        raise runs.UsageError(f"round {r.name} has {len(r.prompts['train'])} training prompts, fewer than one "
-                              f"batch of {optim.batch_size} pairs; lower --batch-size or use more prompts.")
-      if len(r.prompts["train"]) < stages.replay_batch_size:
+      if len(r.prompts["train"]) < self.stages.replay_batch_size:
         raise runs.UsageError(f"round {r.name} keeps at most {len(r.prompts['train'])} pairs for replay, fewer "
-                              f"than --replay-batch-size {stages.replay_batch_size}; lower it.")
-    self.rounds, self.held_out, self.base = tuple(rounds), held_out_text, None
-    self.optim, self.first, self.stages, self.hp, self.run, self.pref = optim, first, stages, hp, run, pref
-    self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
-    self.budget = None if stop_after is None else runs.StepBudget(stop_after)
+                              f"than --stages.replay-batch-size {self.stages.replay_batch_size}; lower it.")
+    self.rounds, self.held_out, self.base, self.pref = tuple(rounds), held_out_text, None, pref
+    self.stage_names = tuple(r.name for r in rounds)
     self.policy = Policy(graphdef, tokenizer, pref)
     self.task_loss = self._pair_loss()
-    self.timings = runs.Timings()
     self._digests: dict[int, tuple[PyTree, str]] = {}
 
   def _pair_loss(self) -> continual.TaskLoss:
-    loss = dpo.task_loss(self.policy.apply, beta=self.pref.dpo_beta, kind=self.pref.dpo_loss)
+    loss = dpo.task_loss(self.policy.apply, beta=self.pref.beta, kind=self.pref.loss)
     return lambda params, batch, rng=None: loss(params, batch["inputs"])
 
   # -- pairs and evaluation ---------------------------------------------------------------------------------------
 
   def pairs(self, params, k: int, split: str) -> dict:
     """Round k's pairs on its ``split`` prompts from the policy ``params`` entering it (cached by its weights)."""
-    rnd = self.rounds[k]
+    rnd, prompts = self.rounds[k], self.rounds[k].prompts[split]
     key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + {"train": 0, "val": 1, "test": 2}[split])
-    make = lambda: self.policy.pairs(params, rnd.prompts[split], rnd.reward, key)
+
+    def compute(_):
+      runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
+      return self.policy.pairs(params, prompts, rnd.reward, key), {}
+
+    parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
+             "policy": self._digest(params) if self.cache is not None else None, "pref": pair_key(self.pref),
+             "seed": self.seed}
     with self.timings.phase("pairs"):
-      if self.cache is None:
-        out = make()
-      else:
-        prompts = rnd.prompts[split]
-        parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
-                 "policy": self._digest(params), "model": self.model_key,
-                 "pref": pair_key(self.pref), "seed": self.seed}
-        with self.cache.lock(self.cache.key(f"pairs-{rnd.name}-{split}", parts)) as path:
-          if checkpoint.is_complete(path):
-            out = _numpy(checkpoint.restore_tree(path))
-          else:
-            runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
-            out = make()
-            checkpoint.save(path.with_name(path.name + ".tmp"), out, keep_structure=True)
-            runs.StageCache.publish(path.with_name(path.name + ".tmp"), path)
-    return out
+      return self.cached(f"pairs-{rnd.name}-{split}", parts, compute)[0]
 
   def _digest(self, params) -> str:
     """The weights' digest, remembered for the last two policies (each one's pairs are drawn for several splits;
@@ -366,38 +339,40 @@ class AlignmentRunner:
     return start
 
   def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
-    return runs.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
-                      name=name, ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every,
-                      rng=jax.random.PRNGKey(seed), observer=observer, progress=self.progress, budget=self.budget,
-                      timings=self.timings)
+    return self.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
+                      seed, ckpt_dir, observer, name)
 
-  def first_round(self) -> tuple[PyTree, dict]:
-    """(the policy after DPO on the first round, that round's training pairs), trained once per key."""
+  def first_stage(self, base_params: PyTree) -> tuple[PyTree, dict, list[dict], dict]:
+    """(the policy after DPO on the first round, that round's training pairs, the evaluation rows of the base
+    model and of that policy, the first round's held-out pairs); the policy trained once per key."""
+    self.base = base_params
     pairs = self.pairs(self.base, 0, "train")
-    steps = continual.num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(pairs["ref_chosen"]),
-                                self.optim.batch_size)
-    method = continual.naive(self.task_loss, optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay))
+    steps = self.first_steps(len(pairs["ref_chosen"]))
+    method = continual.naive(self.task_loss, continual.adamw(self.optim))
     name = f"round 1 ({self.rounds[0].name})"
-    if self.cache is None:
-      return self._train(method, self.base, pairs, steps, self.seed, None, name=name)[0], pairs
-    parts = {"model": self.model_key, "init": self._digest(self.base),
-             "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
-             "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
-    with self.cache.lock(self.cache.key("round1", parts)) as path:
-      if checkpoint.is_complete(path / "final"):
-        runs.log(f"{name}: reusing the policy in {path}")
-        return checkpoint.restore(path / "final", self.base), pairs
+
+    def compute(ckpt_dir):
       runs.log(f"{name}: DPO for {steps} steps on {len(pairs['ref_chosen'])} pairs")
       with self.timings.phase("round1"):
-        params, history, _ = self._train(method, self.base, pairs, steps, self.seed, path / "checkpoints", name=name)
-      checkpoint.save(path / "final.tmp", params, {"history": history, "key": parts})
-      runs.StageCache.publish(path / "final.tmp", path / "final")
-      checkpoint.remove(path / "checkpoints")
-    return params, pairs
+        params, history, _ = self._train(method, self.base, pairs, steps, self.seed, ckpt_dir, name=name)
+      return params, {"history": history}
+
+    parts = {"init": self._digest(self.base) if self.cache is not None else None,
+             "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
+             "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
+    params, _ = self.cached("round1", parts, compute, template=self.base, label=name)
+    held_out = {self.rounds[0].name: self.pairs(self.base, 0, "test")}
+    rows01 = [self.evaluate(self.base, {}), self.evaluate(params, held_out)]
+    runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
+                                            zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])))
+    return params, pairs, rows01, held_out
+
+  def describe(self) -> dict:
+    return {"rewards": {r.name: r.reward_id for r in self.rounds}}
 
   def _old_rounds(self, params, old_pairs: Mapping[str, dict], k: int):
     """(OldTask per earlier round, its replay buffer, its drift probe, the bytes of the stored top-k references):
-    each buffer holds pairs with their own reference log-probabilities and anchor sequences (``--anchor``) with
+    each buffer holds pairs with their own reference log-probabilities and anchor sequences (``--dpo.anchor``) with
     the top-k distributions of ``params`` (the policy entering round k) at every position."""
     olds, buffers, probes, stored = {}, {}, {}, 0
     for j, (name, pairs) in enumerate(old_pairs.items()):
@@ -419,7 +394,7 @@ class AlignmentRunner:
     return olds, buffers, probes, stored
 
   def _anchors(self, params, chosen: Mapping[str, np.ndarray], k: int, j: int) -> dict[str, np.ndarray]:
-    """Round j's anchor sequences entering round k: its buffered chosen sequences, or (``--anchor policy``) a
+    """Round j's anchor sequences entering round k: its buffered chosen sequences, or (``--dpo.anchor policy``) a
     completion of each one's prompt sampled from ``params``."""
     if self.pref.anchor == "chosen":
       return dict(chosen)
@@ -431,62 +406,57 @@ class AlignmentRunner:
 
   def _reference_distance(self, params, batch, distance: str) -> jax.Array:
     if distance not in sequences.DISTANCES:
-      raise ValueError(f"--distance {distance} has no compressed form for token distributions; choose one of "
+      raise ValueError(f"--fip.distance {distance} has no compressed form for token distributions; choose one of "
                        f"{', '.join(sequences.DISTANCES)}")
     seq = {**batch["inputs"]["anchor"], "ref": batch["inputs"]["ref"]}
     return sequences.fip_penalty(self.policy.apply, beta=1.0, distance=distance)(params, seq)
 
-  def run_method(self, name: str, first: tuple[PyTree, dict], rows01: list[dict], held_out: dict,
-                 run_dir: runs.RunDir) -> dict:
-    """Rounds 2..T with method ``name`` from the first round's policy; the result is kept in ``run_dir``."""
-    done = run_dir.part(name)
-    if done is not None:
-      runs.log(f"{name}: already finished in an earlier invocation, reusing it")
-      return done
-    params, old_pairs = first[0], {self.rounds[0].name: first[1]}
-    held_out = dict(held_out)
-    rows, history, drift, steps_run, peaks, stored, train_s = list(rows01), [], [], [], [], [], 0.0
-    ckpt, t0 = run_dir.checkpoints(name), time.perf_counter()
-    for k in range(1, len(self.rounds)):
-      rnd, stage_dir = self.rounds[k], ckpt / f"after_round{k + 1}"
-      pairs = self.pairs(params, k, "train")
-      if rnd.name not in held_out:
-        held_out[rnd.name] = self.pairs(params, k, "test")
-      if checkpoint.is_complete(stage_dir):          # an intermediate round finished before a kill
-        meta = checkpoint.load_meta(stage_dir)
-        params = checkpoint.restore(stage_dir, params)
-        rows, history, drift, steps_run, peaks, stored, train_s = (
-            meta[x] for x in ("rows", "history", "drift", "steps", "peaks", "stored", "train_s"))
-        old_pairs[rnd.name] = pairs
-        continue
-      olds, buffers, probes, stored_bytes = self._old_rounds(params, old_pairs, k)
-      ctx = continual.StageContext(self.task_loss, olds, params, None, (), self.seed)
-      try:
-        method = continual.build(registry_name(name), ctx, self.hp, self.optim)
-      except ValueError as e:
-        raise runs.UsageError(str(e)) from None
-      steps = continual.num_steps(self.stages.steps, self.stages.epochs, len(pairs["ref_chosen"]),
-                                  self.optim.batch_size)
-      batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
-      peaks.append(continual.step_peak_bytes(method, params, next(batches(0))))
-      stored.append(stored_bytes if continual.parse_name(registry_name(name))[0] == "fip" else 0)
-      tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every, len(history))
-      runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
-      t_train = time.perf_counter()
-      params, hist, _ = self._train(method, params, pairs, steps, self.seed + 100 * k, ckpt / f"round{k + 1}",
-                                    buffers, tracker, name=f"{name} ({rnd.name})")
-      train_s += time.perf_counter() - t_train
-      steps_run.append(steps)
-      history += hist
-      drift += [{**r, "round": k + 1} for r in tracker.rows]
-      rows.append(self.evaluate(params, held_out))
-      old_pairs[rnd.name] = pairs
-      if k < len(self.rounds) - 1:
-        checkpoint.save(stage_dir, params, {"rows": rows, "history": history, "drift": drift, "steps": steps_run,
-                                            "peaks": peaks, "stored": stored, "train_s": train_s})
-    names = [r.name for r in self.rounds]
+  # -- the stage loop's hooks ----------------------------------------------------------------------------------------
+
+  def start(self, first) -> stages_lib.StageState:
+    params, pairs, rows01, held_out = first
+    log = {"rows": list(rows01), "history": [], "drift": [], "steps": [], "peaks": [], "stored": [], "train_s": 0.0}
+    return stages_lib.StageState(params, {self.rounds[0].name: pairs}, log,
+                                 {"first": params, "held_out": dict(held_out)})
+
+  def enter(self, k, state):
+    """Round k's training and test pairs from the policy entering it (cached: a resumed run draws the same)."""
+    state.scratch["pairs"] = self.pairs(state.params, k, "train")
+    if self.rounds[k].name not in state.scratch["held_out"]:
+      state.scratch["held_out"][self.rounds[k].name] = self.pairs(state.params, k, "test")
+
+  def restored(self, k, state, memory, meta):
+    state.memory[self.rounds[k].name] = state.scratch["pairs"]
+
+  def stage(self, name, k, state, ckpt_dir):
+    rnd, pairs, log = self.rounds[k], state.scratch["pairs"], state.log
+    olds, buffers, probes, stored_bytes = self._old_rounds(state.params, state.memory, k)
+    ctx = continual.StageContext(self.task_loss, olds, state.params, None, (), self.seed)
+    try:
+      parsed = continual.parse_name(name, on_preferences=True)
+      method = continual.build(parsed, ctx, self.hp, self.optim)
+    except ValueError as e:
+      raise runs.UsageError(str(e)) from None
+    steps = self.stage_steps(len(pairs["ref_chosen"]))
+    batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
+    log["peaks"].append(continual.step_peak_bytes(method, state.params, next(batches(0))))
+    log["stored"].append(stored_bytes if parsed.spec.replays(self.hp) == "outputs" else 0)
+    tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every, len(log["history"]))
+    runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
+    t_train = time.perf_counter()
+    state.params, hist, _ = self._train(method, state.params, pairs, steps, self.seed + 100 * k, ckpt_dir, buffers,
+                                        tracker, name=f"{name} ({rnd.name})")
+    log["train_s"] += time.perf_counter() - t_train
+    log["steps"].append(steps)
+    log["history"] += hist
+    log["drift"] += [{**r, "round": k + 1} for r in tracker.rows]
+    log["rows"].append(self.evaluate(state.params, state.scratch["held_out"]))
+    state.memory[rnd.name] = pairs
+
+  def result(self, name, state):
+    names, rows, log, params = list(self.stage_names), state.log["rows"], state.log, state.params
     reward = np.array([r["reward"] for r in rows])          # row 0: the base model; row i: after round i
-    result = {
+    return {
         "rounds": names,
         "reward_matrix": reward.tolist(),
         "preference_accuracy_matrix": [r["preference_accuracy"] for r in rows],
@@ -494,35 +464,20 @@ class AlignmentRunner:
         "perplexity": [r["perplexity"] for r in rows],
         "reward_forgetting": [float(reward[j + 1, j] - reward[-1, j]) for j in range(len(names) - 1)],
         "validation_reward": dict(zip(names, self.evaluate(params, {}, "val")["reward"])),
-        "weight_change": continual.fractional_weight_change(params, first[0]),
-        "steps": steps_run,
-        "train_time_s": train_s,            # the training loops (a round resumed mid-way: its resumed part)
-        "wall_time_s": time.perf_counter() - t0,      # this process: pairs, references, evaluations included
-        "peak_step_memory_bytes": max(peaks),
-        "stored_reference_bytes": int(max(stored)),
-        "final_loss": history[-1]["loss"],
-        "loss_curve": [r["loss"] for r in history],
-        **continual.solver_curves(history),
-        "drift": {k_: [r[k_] for r in drift] for k_ in ("step", "distance", "new_loss")},
+        "weight_change": continual.fractional_weight_change(params, state.scratch["first"]),
+        "steps": log["steps"],
+        "train_time_s": log["train_s"],            # the training loops (a round resumed mid-way: its resumed part)
+        "wall_time_s": state.scratch["wall_time_s"],      # this process: pairs, references, evaluations included
+        "peak_step_memory_bytes": max(log["peaks"]),
+        "stored_reference_bytes": int(max(log["stored"])),
+        "final_loss": log["history"][-1]["loss"],
+        "loss_curve": [r["loss"] for r in log["history"]],
+        **continual.solver_curves(log["history"]),
+        "drift": {k_: [r[k_] for r in log["drift"]] for k_ in ("step", "distance", "new_loss")},
     }
-    run_dir.save_part(name, result)
-    runs.log(f"{name}: reward after round 1 → after round {len(names)}: " + ", ".join(
-        f"{n} {reward[1, j]:.3f} → {reward[-1, j]:.3f}" for j, n in enumerate(names)) +
-        f"; KL to base {rows[-1]['kl_to_base']:.4f}" + continual.solver_summary(result))
-    return result
 
-  def run_all(self, methods: Sequence[str], base_params: PyTree, run_dir: runs.RunDir) -> dict:
-    """The first round from ``base_params`` (cached), then every method over the later rounds:
-    ``{"methods", "rewards", "timings"}``."""
-    self.base = base_params
-    first = self.first_round()
-    held_out = {self.rounds[0].name: self.pairs(self.base, 0, "test")}
-    rows01 = [self.evaluate(self.base, {}), self.evaluate(first[0], held_out)]
-    runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
-                                            zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])))
-    results = {"methods": {}, "rewards": {r.name: r.reward_id for r in self.rounds}}
-    for name in methods:
-      with self.timings.phase(name):
-        results["methods"][name] = self.run_method(name, first, rows01, held_out, run_dir)
-    results["timings"] = self.timings
-    return results
+  def summary(self, name, result):
+    reward, names = np.array(result["reward_matrix"]), result["rounds"]
+    return (f"{name}: reward after round 1 → after round {len(names)}: " + ", ".join(
+        f"{n} {reward[1, j]:.3f} → {reward[-1, j]:.3f}" for j, n in enumerate(names)) +
+        f"; KL to base {result['kl_to_base'][-1]:.4f}" + continual.solver_summary(result))

@@ -14,8 +14,7 @@ import dataclasses
 import functools
 import math
 import sys
-import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from fipjax import config as cf
 from fipjax import gem as gem_lib
-from fipjax import generative, geometry, lora, parallel, paths, si as si_lib
+from fipjax import generative, geometry, lora, parallel, paths, sequences, si as si_lib
 from fipjax import tree as tu
 
 PyTree = Any
@@ -54,6 +53,12 @@ def _task(task_loss: TaskLoss, params, batch, rng, prefix: str) -> tuple[jax.Arr
   out = task_loss(params, batch, rng)
   loss, metrics = out if isinstance(out, tuple) else (out, {})
   return loss, {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
+
+
+def new_task_term(task_loss: TaskLoss, params, batch: Batch) -> tuple[jax.Array, dict]:
+  """The new task's loss on ``batch["new"]`` (with its dropout key) and its metrics (``new_loss``, ``new_<name>``):
+  the term every method's loss starts from."""
+  return _task(task_loss, params, batch["new"], batch.get("rng"), "new")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,57 +327,135 @@ class OptimConfig:
   dropout: bool = cf.option(True, "train with the model's dropout")
 
 
+def adamw(optim: OptimConfig) -> optax.GradientTransformation:
+  """The one optimiser builder: AdamW at ``optim``'s learning rate and weight decay."""
+  return optax.adamw(optim.lr, weight_decay=optim.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class FipConfig:
+  """FIP, penalty form (fip, lora-fip, fip-dpo): β · mean distance of the old outputs to their stored references."""
+  beta: float = cf.option(8.0, "penalty weight β on the mean distance (the authors' sum over 8 ≈ 8)", cf.non_negative)
+  distance: str = cf.option("bhattacharyya", "output distance D",
+                            cf.one_of("bhattacharyya", "kl", "squared_euclidean"))
+
+
+@dataclasses.dataclass(frozen=True)
+class GeodesicConfig:
+  """FIP, geodesic forms (fip-geodesic): steps that keep the old outputs' change dθᵀ G dθ small."""
+  form: str = cf.option(
+      "adam", "'adam' (the default, chosen on the cpu preset's validation split) solves (κG + D) dθ = D u with u "
+      "AdamW's step (the methods' learning rate) and D = √v̂ + ε its diagonal metric: AdamW in G's null space, "
+      "shrunk in its range; 'gradient' solves (G + λI) dθ = −∇L and scales by --geodesic.lr (it needs more CG "
+      "iterations: 3 on the cpu preset, 10 on split digits); 'projection' removes from AdamW's step its part in G's "
+      "top --geodesic.rank eigenvectors (Lanczos on a replay batch, refreshed every --geodesic.refresh-every steps)",
+      cf.one_of("gradient", "adam", "projection"))
+  kappa: float = cf.option(2e-4, "adam form: weight κ of the functional metric G (chosen on the cpu preset's "
+                           "validation split)", cf.non_negative)
+  corrector: bool = cf.option(True, "adam form: also pull the old outputs back towards their stored references in "
+                              "the same solve (Gauss–Newton corrector)")
+  corrector_weight: float = cf.option(1.0, "adam form: weight γ of the corrector's pull back (1: the Gauss–Newton "
+                                      "model's own)", cf.non_negative)
+  rank: int = cf.option(8, "projection form: eigenvectors of G projected out", cf.positive)
+  refresh_every: int = cf.option(10, "projection form: steps between Lanczos refreshes", cf.positive)
+  lr: float = cf.option(2e-5, "gradient form: step size on the CG direction", cf.positive)
+  damping: float = cf.option(1e-2, "damping λ in (G + λI)", cf.positive)
+  cg_iters: int = cf.option(1, "CG iterations per step", cf.positive)
+  max_norm: float | None = cf.option(None, "gradient form: bound on the direction's norm (none: no bound)",
+                                     cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptim:
+  """AdamW's values in LoRA's coordinates."""
+  lr: float = cf.option(5e-4, "AdamW learning rate of the LoRA methods (instead of --optim.lr)", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFip:
+  """FIP's values in LoRA's coordinates (none: the full model's)."""
+  beta: float | None = cf.option(None, "lora-fip: penalty weight (none: --fip.beta)", cf.non_negative)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraGeodesic:
+  """The geodesic form's values in LoRA's coordinates (none: the full model's)."""
+  kappa: float | None = cf.option(5e-3, "adam form: κ in adapter coordinates (none: --geodesic.kappa)",
+                                  cf.non_negative)
+  lr: float | None = cf.option(1.0, "gradient form: step size on the CG direction (none: --geodesic.lr)",
+                               cf.positive)
+  max_norm: float | None = cf.option(0.03, "gradient form: bound on the direction's norm (none: "
+                                     "--geodesic.max-norm)", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  """LoRA (lora, lora-<method>): where the adapters go, their rank and scale, and the values the LoRA methods use
+  instead of the full model's (``--lora.<section>.<name>`` overrides ``--<section>.<name>``)."""
+  targets: str = cf.option(r"(^|/)(query|value)/kernel$", "regex of the kernels LoRA adapts")
+  rank: int = cf.option(8, "LoRA rank r", cf.positive)
+  alpha: float = cf.option(16.0, "LoRA α (scale α/r)", cf.positive)
+  optim: LoraOptim = cf.section(LoraOptim)
+  fip: LoraFip = cf.section(LoraFip)
+  geodesic: LoraGeodesic = cf.section(LoraGeodesic)
+
+
+@dataclasses.dataclass(frozen=True)
+class EwcConfig:
+  """Elastic weight consolidation (ewc): (λ/2) Σ F (θ − θ*)² with the old tasks' diagonal Fisher."""
+  strength: float = cf.option(1e6, "penalty strength λ", cf.non_negative)
+  samples: int = cf.option(2000, "buffer rows per old task in the per-example Fisher", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiConfig:
+  """Synaptic intelligence (si): c · Σ Ω (θ − θ*)² with the path integral's importances."""
+  strength: float = cf.option(1.0, "penalty strength c", cf.non_negative)
+  xi: float = cf.option(0.1, "damping ξ in Ω = ω / (Δ² + ξ) (the paper's 0.1)", cf.positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemConfig:
+  """Gradient episodic memory (gem, agem): steps that raise no old task's replay loss to first order."""
+  margin: float = cf.option(0.5, "gem: memory strength γ, the dual variables' lower bound (the paper's 0.5)",
+                            cf.non_negative)
+  space: str = cf.option("gradient", "project the gradient before AdamW (the papers' order) or AdamW's step (the "
+                         "step applied keeps the constraints)", cf.one_of("gradient", "step"))
+
+
+@dataclasses.dataclass(frozen=True)
+class BirConfig:
+  """Brain-inspired replay (bir): generated features of the old tasks distilled from the old network."""
+  temperature: float = cf.option(2.0, "distillation temperature T (the paper's 2)", cf.positive)
+  freeze_below: bool = cf.option(True, "freeze the layers below the replayed representation (as the paper's frozen "
+                                 "convolutional layers)")
+  generator: generative.GeneratorConfig = cf.section(generative.GeneratorConfig)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  """Hyperparameters of the methods (only those of the methods run are read)."""
-  beta: float = cf.option(8.0, "FIP penalty weight on the mean distance (the authors' sum over 8 ≈ 8)",
-                          cf.non_negative)
-  distance: str = cf.option("bhattacharyya", "FIP output distance",
-                            cf.one_of("bhattacharyya", "kl", "squared_euclidean"))
-  lora_targets: str = cf.option(r"(^|/)(query|value)/kernel$", "regex of the kernels LoRA adapts")
-  lora_rank: int = cf.option(8, "LoRA rank r", cf.positive)
-  lora_alpha: float = cf.option(16.0, "LoRA α (scale α/r)", cf.positive)
-  lora_lr: float = cf.option(5e-4, "AdamW learning rate of the LoRA methods", cf.positive)
-  lora_beta: float | None = cf.option(None, "lora-fip: penalty weight (none: --beta)", cf.non_negative)
-  ewc_strength: float = cf.option(1e6, "EWC penalty strength λ in (λ/2) Σ F (θ − θ*)²", cf.non_negative)
-  ewc_samples: int = cf.option(2000, "buffer rows per old task in EWC's per-example Fisher", cf.positive)
-  geodesic_form: str = cf.option(
-      "adam", "fip-geodesic: 'adam' (the default, chosen on the cpu preset's validation split) solves "
-      "(κG + D) dθ = D u with u AdamW's step (the methods' learning rate) and D = √v̂ + ε its diagonal metric: "
-      "AdamW in G's null space, shrunk in its range; 'gradient' solves (G + λI) dθ = −∇L and scales by "
-      "--geodesic-lr (it needs more CG iterations: 3 on the cpu preset, 10 on split digits); 'projection' "
-      "removes from AdamW's step its part in G's top --geodesic-rank eigenvectors (Lanczos on a replay batch, "
-      "refreshed every --geodesic-refresh-every steps)",
-      cf.one_of("gradient", "adam", "projection"))
-  geodesic_kappa: float = cf.option(2e-4, "fip-geodesic, adam form: weight κ of the functional metric G (chosen "
-                                    "on the cpu preset's validation split)", cf.non_negative)
-  geodesic_corrector: bool = cf.option(True, "fip-geodesic, adam form: also pull the old outputs back towards "
-                                       "their stored references in the same solve (Gauss–Newton corrector)")
-  geodesic_corrector_weight: float = cf.option(1.0, "fip-geodesic, adam form: weight γ of the corrector's pull "
-                                               "back (1: the Gauss–Newton model's own)", cf.non_negative)
-  geodesic_rank: int = cf.option(8, "fip-geodesic, projection form: eigenvectors of G projected out", cf.positive)
-  geodesic_refresh_every: int = cf.option(10, "fip-geodesic, projection form: steps between Lanczos refreshes",
-                                          cf.positive)
-  geodesic_lr: float = cf.option(2e-5, "fip-geodesic, gradient form: step size on the CG direction", cf.positive)
-  geodesic_damping: float = cf.option(1e-2, "fip-geodesic: damping λ in (G + λI)", cf.positive)
-  geodesic_cg_iters: int = cf.option(1, "fip-geodesic: CG iterations per step", cf.positive)
-  geodesic_max_norm: float | None = cf.option(None, "fip-geodesic: bound on the direction's norm (none: no bound)",
-                                              cf.positive)
-  lora_geodesic_lr: float = cf.option(1.0, "lora-fip-geodesic: step size on the CG direction", cf.positive)
-  lora_geodesic_max_norm: float | None = cf.option(0.03, "lora-fip-geodesic: bound on the direction's norm",
-                                                   cf.positive)
-  lora_geodesic_kappa: float | None = cf.option(
-      5e-3, "lora-fip-geodesic, adam form: κ in adapter coordinates (none: --geodesic-kappa)", cf.non_negative)
-  si_strength: float = cf.option(1.0, "si: penalty strength c in c · Σ Ω (θ − θ*)²", cf.non_negative)
-  si_xi: float = cf.option(0.1, "si: damping ξ in Ω = ω / (Δ² + ξ) (the paper's 0.1)", cf.positive)
-  gem_margin: float = cf.option(0.5, "gem: memory strength γ, the dual variables' lower bound (the paper's 0.5)",
-                                cf.non_negative)
-  gem_space: str = cf.option("gradient", "gem, agem: project the gradient before AdamW (the papers' order) or "
-                             "AdamW's step (the step applied keeps the constraints)", cf.one_of("gradient", "step"))
-  bir_temperature: float = cf.option(2.0, "bir: distillation temperature T (the paper's 2)", cf.positive)
-  bir_freeze_below: bool = cf.option(True, "bir: freeze the layers below the replayed representation (as the "
-                                     "paper's frozen convolutional layers)")
-  bir_generator: generative.GeneratorConfig = cf.section(generative.GeneratorConfig)
+  """Hyperparameters of the methods, a section each (only those of the methods run are read)."""
+  fip: FipConfig = cf.section(FipConfig)
+  geodesic: GeodesicConfig = cf.section(GeodesicConfig)
+  lora: LoraSettings = cf.section(LoraSettings)
+  ewc: EwcConfig = cf.section(EwcConfig)
+  si: SiConfig = cf.section(SiConfig)
+  gem: GemConfig = cf.section(GemConfig)
+  bir: BirConfig = cf.section(BirConfig)
+
+
+def _overridden(section, overrides):
+  """``section`` with the values ``overrides`` sets (its leaves that are not None)."""
+  values = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)}
+  return dataclasses.replace(section, **{k: v for k, v in values.items() if v is not None})
+
+
+def in_lora(hp: MethodConfig, optim: OptimConfig) -> tuple[MethodConfig, OptimConfig]:
+  """The values the LoRA methods train with: the ``lora`` section's overrides folded into the sections they
+  override (the one place where a LoRA value replaces a full-model one)."""
+  o = hp.lora
+  return (dataclasses.replace(hp, fip=_overridden(hp.fip, o.fip), geodesic=_overridden(hp.geodesic, o.geodesic)),
+          _overridden(optim, o.optim))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +471,12 @@ class OldTask:
   # it is not a distance between ``outputs`` and stored logits (a sequence model's compressed token distributions).
   reference_distance: Callable[[PyTree, Any, str], jax.Array] | None = None
 
+  def distance(self, params, batch, distance: str) -> jax.Array:
+    """Mean distance ``D`` of this task's outputs under ``params`` to the stored references of a replay batch."""
+    if self.reference_distance is not None:
+      return self.reference_distance(params, batch, distance)
+    return paths.fip_penalty(self.outputs, distance)(params, batch["inputs"], batch["ref_outputs"])
+
 
 @dataclasses.dataclass(frozen=True)
 class StageContext:
@@ -400,42 +489,41 @@ class StageContext:
   seed: int
   below: str | None = None                # regex of the parameters below the model's split point (none: no split)
 
+  def old_outputs(self) -> dict[str, OldApply]:
+    return {n: t.outputs for n, t in self.old.items()}
+
+  def old_losses(self) -> dict[str, TaskLoss]:
+    return {n: t.loss for n, t in self.old.items()}
+
 
 def _build_ewc(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
   fisher = None
   for t in ctx.old.values():
     # The sum of the old tasks' true diagonal Fishers, taken at the stage's start, anchors the penalty there.
-    f = diagonal_fisher(t.own_outputs, ctx.params, t.buffer_inputs(hp.ewc_samples), batch_size=4)
+    f = diagonal_fisher(t.own_outputs, ctx.params, t.buffer_inputs(hp.ewc.samples), batch_size=4)
     fisher = f if fisher is None else tu.tree_add(fisher, f)
-  return ewc(ctx.task_loss, optimizer, ctx.params, fisher, strength=hp.ewc_strength)
+  return ewc(ctx.task_loss, optimizer, ctx.params, fisher, strength=hp.ewc.strength)
 
 
-def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: bool) -> Method:
-  olds = ctx.old
-  beta = hp.lora_beta if in_lora and hp.lora_beta is not None else hp.beta
-  if not all(t.reference_distance is not None for t in olds.values()):
-    return fip(ctx.task_loss, {n: t.outputs for n, t in olds.items()}, optimizer, distance=hp.distance, beta=beta)
+def _build_fip(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  """β · the mean over old tasks of each one's distance to its stored references (``OldTask.distance``)."""
+  olds, beta, distance = ctx.old, hp.fip.beta, hp.fip.distance
 
   def penalty(params, replay):
-    return beta * sum(t.reference_distance(params, replay[n], hp.distance) for n, t in olds.items()) / len(olds)
+    return beta * (sum(t.distance(params, replay[n], distance) for n, t in olds.items()) / len(olds))
 
   return penalised("fip", ctx.task_loss, penalty, optimizer)
 
 
-def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer, in_lora: bool) -> Method:
-  if hp.geodesic_form == "adam":
-    return fip_preconditioned(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
-                              kappa=hp.lora_geodesic_kappa if in_lora and hp.lora_geodesic_kappa is not None
-                              else hp.geodesic_kappa, corrector=hp.geodesic_corrector,
-                              corrector_weight=hp.geodesic_corrector_weight,
-                              cg_iters=hp.geodesic_cg_iters)
-  if hp.geodesic_form == "projection":
-    return fip_projected(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()}, optimizer,
-                         rank=hp.geodesic_rank, refresh_every=hp.geodesic_refresh_every)
-  return fip_geodesic(ctx.task_loss, {n: t.outputs for n, t in ctx.old.items()},
-                      learning_rate=hp.lora_geodesic_lr if in_lora else hp.geodesic_lr,
-                      max_norm=hp.lora_geodesic_max_norm if in_lora else hp.geodesic_max_norm,
-                      damping=hp.geodesic_damping, cg_iters=hp.geodesic_cg_iters)
+def _build_geodesic(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
+  g = hp.geodesic
+  if g.form == "adam":
+    return fip_preconditioned(ctx.task_loss, ctx.old_outputs(), optimizer, kappa=g.kappa, corrector=g.corrector,
+                              corrector_weight=g.corrector_weight, cg_iters=g.cg_iters)
+  if g.form == "projection":
+    return fip_projected(ctx.task_loss, ctx.old_outputs(), optimizer, rank=g.rank, refresh_every=g.refresh_every)
+  return fip_geodesic(ctx.task_loss, ctx.old_outputs(), learning_rate=g.lr, max_norm=g.max_norm, damping=g.damping,
+                      cg_iters=g.cg_iters)
 
 
 def _build_si(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
@@ -443,10 +531,16 @@ def _build_si(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
   if missing:
     raise ValueError(f"si needs the path integral recorded while each old task trained; {', '.join(missing)} "
                      "has none (it was learnt by another method).")
-  imp = [si_lib.importance(t.memory["si_omega"], t.memory["si_change"], xi=hp.si_xi) for t in ctx.old.values()]
+  imp = [si_lib.importance(t.memory["si_omega"], t.memory["si_change"], xi=hp.si.xi) for t in ctx.old.values()]
   total = jax.tree.map(lambda *xs: sum(xs), *imp)
-  return si(ctx.task_loss, optimizer, ctx.params, total, strength=hp.si_strength,
+  return si(ctx.task_loss, optimizer, ctx.params, total, strength=hp.si.strength,
             mask=None if ctx.trainable is None else ctx.trainable(ctx.params))
+
+
+def si_memory(opt_state: PyTree, start: PyTree, end: PyTree) -> dict:
+  """What a stage trained with SI's path integral recorder leaves: its ω (over the model's parameters) and the
+  weights' change Δ over the stage."""
+  return {"si_omega": tu.unmask(si_lib.recorded(opt_state), end), "si_change": tu.tree_sub(end, start)}
 
 
 def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
@@ -454,53 +548,143 @@ def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
     raise ValueError("bir replays a hidden representation: the stream needs a split of its model into features "
                      "and a readout (Stream.split).")
   method = generative_replay(ctx.task_loss, {n: t.from_features for n, t in ctx.old.items()}, optimizer,
-                             temperature=hp.bir_temperature, new_weight=1.0 / (len(ctx.old) + 1))
-  if hp.bir_freeze_below:
+                             temperature=hp.bir.temperature, new_weight=1.0 / (len(ctx.old) + 1))
+  if hp.bir.freeze_below:
     below = ctx.below
     method = dataclasses.replace(method, trainable=lambda p: jax.tree.map(lambda m: not m, tu.regex_mask(p, below)))
   return method
 
 
-REGISTRY: dict[str, Callable[[StageContext, MethodConfig, Any, bool], Method]] = {
-    "naive": lambda ctx, hp, opt, in_lora: naive(ctx.task_loss, opt),
-    "fip": lambda ctx, hp, opt, in_lora: _build_fip(ctx, hp, opt, in_lora),
-    "fip-geodesic": lambda ctx, hp, opt, in_lora: _build_geodesic(ctx, hp, opt, in_lora),
-    "ewc": lambda ctx, hp, opt, in_lora: _build_ewc(ctx, hp, opt),
-    "replay": lambda ctx, hp, opt, in_lora: replay(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt),
-    "si": lambda ctx, hp, opt, in_lora: _build_si(ctx, hp, opt),
-    "gem": lambda ctx, hp, opt, in_lora: gem(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt,
-                                             margin=hp.gem_margin, space=hp.gem_space),
-    "agem": lambda ctx, hp, opt, in_lora: agem(ctx.task_loss, {n: t.loss for n, t in ctx.old.items()}, opt,
-                                               space=hp.gem_space),
-    "bir": lambda ctx, hp, opt, in_lora: _build_bir(ctx, hp, opt),
+REPLAYS = ("none", "inputs", "outputs", "rows", "generated")
+"""What a method's batches replay of the old tasks: nothing; the buffer's inputs (G's reference inputs); its inputs
+with the outputs of the network entering the stage stored on them (FIP's references); its labelled rows; or
+features drawn from a generator fit when each old task ended."""
+
+OUTPUT_KINDS = ("logits", "tokens")
+"""What the old outputs are: a classifier's logits, or a causal LM's token distributions (stored as top-k)."""
+
+
+def _no_problems(hp: MethodConfig, outputs: str) -> list[str]:
+  return []
+
+
+def _check_fip(hp: MethodConfig, outputs: str) -> list[str]:
+  if outputs == "tokens" and hp.fip.distance not in sequences.DISTANCES:
+    return [f"--fip.distance {hp.fip.distance} has no compressed form for token distributions; choose one of "
+            f"{', '.join(sequences.DISTANCES)}"]
+  return []
+
+
+def _check_geodesic(hp: MethodConfig, outputs: str) -> list[str]:
+  if outputs == "tokens" and hp.geodesic.form == "adam" and hp.geodesic.corrector:
+    return ["--geodesic.form adam with its corrector pulls old outputs back to stored logits, and token "
+            "distributions are stored as top-k references, not logits; add --geodesic.corrector false, or use "
+            "--geodesic.form gradient"]
+  return []
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A registry entry: how the method is built and what it needs from, and leaves to, the stages around it.
+
+  Attributes:
+    build: ``(stage context, hyperparameters, AdamW) -> Method``.
+    replay: what its batches replay (:data:`REPLAYS`), or ``hyperparameters -> that``.
+    lora: whether it has a LoRA form (SI's importances and BI-R's frozen layers are over the model's own weights).
+    first_stage_program: on the full model its step is the first stage's (plain fine-tuning): where the heads
+      agree it may record what the first stage records, so that its program is compiled once for both.
+    keeps: ``(final optimiser state, weights at the stage's start, at its end) -> arrays`` that a finished stage
+      leaves for the method's later stages (SI's ω, recorded by its optimiser, and Δ), or None.
+    check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
+      (:data:`OUTPUT_KINDS`), one sentence each.
+  """
+  build: Callable[[StageContext, MethodConfig, optax.GradientTransformation], Method]
+  replay: str | Callable[[MethodConfig], str] = "none"
+  lora: bool = True
+  first_stage_program: bool = False
+  keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
+  check: Callable[[MethodConfig, str], list[str]] = _no_problems
+
+  def replays(self, hp: MethodConfig) -> str:
+    return self.replay(hp) if callable(self.replay) else self.replay
+
+
+def _geodesic_replay(hp: MethodConfig) -> str:
+  return "outputs" if hp.geodesic.form == "adam" and hp.geodesic.corrector else "inputs"
+
+
+REGISTRY: dict[str, MethodSpec] = {
+    "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True),
+    "fip": MethodSpec(_build_fip, replay="outputs", check=_check_fip),
+    "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic),
+    "ewc": MethodSpec(_build_ewc),
+    "replay": MethodSpec(lambda ctx, hp, opt: replay(ctx.task_loss, ctx.old_losses(), opt), replay="rows"),
+    "si": MethodSpec(_build_si, lora=False, keeps=si_memory),
+    "gem": MethodSpec(lambda ctx, hp, opt: gem(ctx.task_loss, ctx.old_losses(), opt, margin=hp.gem.margin,
+                                               space=hp.gem.space), replay="rows"),
+    "agem": MethodSpec(lambda ctx, hp, opt: agem(ctx.task_loss, ctx.old_losses(), opt, space=hp.gem.space),
+                       replay="rows"),
+    "bir": MethodSpec(_build_bir, replay="generated", lora=False),
 }
-"""``name -> builder(ctx, hyperparameters, optimiser, in_lora)``: adding a method is one entry."""
-FULL_MODEL_ONLY = ("si", "bir")
-"""Methods without a LoRA form: their importances and frozen layers are over the model's own parameters."""
+"""``name -> MethodSpec``: adding a method is one entry (docs/extending.md)."""
 
 
-def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic")) -> tuple[str, ...]:
-  """Every registered name, then ``lora`` (= LoRA naive) and ``lora-<name>`` for ``lora_variants``."""
-  return tuple(REGISTRY) + tuple("lora" if v == "naive" else f"lora-{v}" for v in lora_variants)
+PLAIN, LORA, PREFERENCE = "naive", "lora", "dpo"
+"""How names compose: the registry's plain fine-tuning (``naive``) is named ``lora`` alone in LoRA and ``dpo`` alone on
+a preference loss; any other method ``m`` is ``lora-m``, ``m-dpo``, ``lora-m-dpo``."""
 
 
-def parse_name(name: str) -> tuple[str, bool]:
-  """(registered method, in LoRA's subspace?): ``lora`` is LoRA-naive, ``lora-<m>`` any method with LoRA."""
-  base, in_lora = ("naive", True) if name == "lora" else (name[5:], True) if name.startswith("lora-") else (name, False)
-  if base not in REGISTRY:
-    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())} (or lora-<method>)")
-  if in_lora and base in FULL_MODEL_ONLY:
+class Name(NamedTuple):
+  """A method's name composed: a registered ``method``, ``in_lora`` (prefix ``lora-``) and ``on_preferences``
+  (suffix ``-dpo``): ``lora-fip-dpo`` is (fip, True, True); ``lora`` is (naive, True, False)."""
+  method: str
+  in_lora: bool = False
+  on_preferences: bool = False
+
+  @property
+  def spec(self) -> MethodSpec:
+    return REGISTRY[self.method]
+
+  def __str__(self) -> str:
+    parts = [LORA] * self.in_lora + [self.method] * (self.method != PLAIN) + [PREFERENCE] * self.on_preferences
+    return "-".join(parts) or PLAIN
+
+
+def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic"), *,
+                 on_preferences: bool = False, methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
+  """Every registered name (or ``methods``), then each of ``lora_variants`` in LoRA, on preference losses if
+  ``on_preferences``: ``naive, fip, …, lora, lora-fip, …`` or ``dpo, fip-dpo, …, lora-dpo, lora-fip-dpo, …``."""
+  names = [Name(m, False, on_preferences) for m in (methods or tuple(REGISTRY))]
+  names += [Name(v, True, on_preferences) for v in lora_variants]
+  return tuple(map(str, names))
+
+
+def parse_name(name: str, *, on_preferences: bool = False) -> Name:
+  """The composition of ``name`` (see :class:`Name`); ``on_preferences``: names must end in ``-dpo`` (or be
+  ``dpo``). Raises ValueError naming the valid names."""
+  parts = name.split("-")
+  if on_preferences:
+    if parts[-1] != PREFERENCE:
+      raise ValueError(f"preference methods are named <method>-dpo (dpo, lora-dpo, replay-dpo, fip-dpo, …), got "
+                       f"{name!r}")
+    parts = parts[:-1]
+  lora_ = parts[:1] == [LORA]
+  base = "-".join(parts[lora_:]) or PLAIN
+  if base not in REGISTRY or str(Name(base, lora_, on_preferences)) != name:
+    raise ValueError(f"unknown method {name!r}; choose one of "
+                     f"{', '.join(method_names(on_preferences=on_preferences))} (or lora-<method>)")
+  if lora_ and not REGISTRY[base].lora:
     raise ValueError(f"{name!r}: {base} acts on the model's own parameters and has no LoRA form "
                      f"(run {base} instead)")
-  return base, in_lora
+  return Name(base, lora_, on_preferences)
 
 
-def method_argument(value: str) -> str:
+def method_argument(value: str, *, on_preferences: bool = False) -> str:
   """An argparse ``type`` for ``--method``: ``all``, or names :func:`parse_name` accepts, comma-separated."""
   if value != "all":
     try:
       for name in value.split(","):
-        parse_name(name)
+        parse_name(name, on_preferences=on_preferences)
     except ValueError as e:
       raise cf.argparse.ArgumentTypeError(str(e)) from None
   return value
@@ -511,17 +695,34 @@ def method_list(value: str, every: tuple[str, ...]) -> list[str]:
   return list(every) if value == "all" else list(dict.fromkeys(value.split(",")))
 
 
-def build(name: str, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:
-  """The method ``name`` (see :func:`parse_name`) for the stage ``ctx``, configured by ``hp`` and ``optim``."""
-  base, in_lora = parse_name(name)
-  optimizer = optax.adamw(hp.lora_lr if in_lora else optim.lr, weight_decay=optim.weight_decay)
-  method = REGISTRY[base](ctx, hp, optimizer, in_lora)
+def check_methods(names: Iterable[str], hp: MethodConfig, outputs: str, *, on_preferences: bool = False) -> list[str]:
+  """Every problem of the methods ``names`` with the hyperparameters ``hp`` on old outputs of kind ``outputs``,
+  naming the methods concerned."""
+  by_problem: dict[str, list[str]] = {}
+  for name in names:
+    n = parse_name(name, on_preferences=on_preferences)
+    for problem in n.spec.check(in_lora(hp, OptimConfig())[0] if n.in_lora else hp, outputs):
+      by_problem.setdefault(problem, []).append(name)
+  return [f"{p} ({', '.join(ns)})" for p, ns in by_problem.items()]
+
+
+def build(name: str | Name, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:
+  """The method ``name`` (see :func:`parse_name`) for the stage ``ctx``, configured by ``hp`` and ``optim`` (with
+  the ``lora`` section's overrides in LoRA, :func:`in_lora`)."""
+  n = name if isinstance(name, Name) else parse_name(name)
+  if n.in_lora:
+    hp, optim = in_lora(hp, optim)
+  method = n.spec.build(ctx, hp, adamw(optim))
   own, stage = method.trainable, ctx.trainable
   trainable = (stage if own is None else own if stage is None else
                lambda p: jax.tree.map(lambda a, b: a and b, stage(p), own(p)))
-  method = dataclasses.replace(method, name=name, trainable=trainable)
-  if in_lora:
-    method = with_lora(method, lora.LoraConfig(targets=(hp.lora_targets,), rank=hp.lora_rank, alpha=hp.lora_alpha),
+  method = dataclasses.replace(method, name=str(n), trainable=trainable)
+  if n.in_lora:
+    try:
+      tu.regex_mask(ctx.params, hp.lora.targets)
+    except ValueError as e:
+      raise ValueError(f"--lora.targets: {e}") from None
+    method = with_lora(method, lora.LoraConfig(targets=(hp.lora.targets,), rank=hp.lora.rank, alpha=hp.lora.alpha),
                        jax.random.PRNGKey(ctx.seed + 1), ctx.head)
   return method
 
@@ -734,15 +935,11 @@ def forgetting(r: np.ndarray) -> float:
   return float(np.mean([r[:-1, j].max() - r[-1, j] for j in range(t - 1)]))
 
 
-SOLVER_KEYS = (("cg_residual", "cg_iterations"), ("lanczos_residual", "projected_share"))
-"""The step metrics of each solver :func:`fipjax.paths.solver_metrics` reports: CG's, and the projection's."""
-
-
 def solver_curves(history: list[dict]) -> dict:
   """``{"solver": {"cg_residual": [...], "cg_iterations": [...]}}`` (CG) or ``{"solver": {"lanczos_residual":
   [...], "projected_share": [...]}}`` (the projection), one entry per step, for methods whose steps run a solver
   (see :func:`fipjax.paths.solver_metrics`); ``{}`` for the others."""
-  keys = next((ks for ks in SOLVER_KEYS if history and ks[0] in history[0]), None)
+  keys = next((ks for ks in paths.SOLVER_METRICS.values() if history and ks[0] in history[0]), None)
   return {} if keys is None else {"solver": {k: [row[k] for row in history] for k in keys}}
 
 
@@ -763,14 +960,6 @@ def solver_summary(curves: dict) -> str:
 def cl_metrics(r: np.ndarray) -> dict[str, float]:
   return {"average_accuracy": average_accuracy(r), "backward_transfer": backward_transfer(r),
           "forgetting": forgetting(r)}
-
-
-class Timer:
-  def __init__(self):
-    self.start = time.perf_counter()
-
-  def __call__(self) -> float:
-    return time.perf_counter() - self.start
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def load_task(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     except Exception as e:
       raise DataError(f"could not load {source!r} ({split}) from the Hugging Face hub ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); offline, run the offline preset "
-                      "(--preset cpu) or pass --data-dir with <task>/{train,test}.jsonl files") from e
+                      "(--preset cpu) or pass --data.dir with <task>/{train,test}.jsonl files") from e
     digest = f"{source}:{ds._fingerprint}"
   else:
     data_dir = pathlib.Path(data_dir)

@@ -26,12 +26,11 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
   """The VAE of brain-inspired replay and how it is fit."""
-  bir_latent: int = cf.option(100, "bir: latent dimensions (the paper's 100)", cf.positive)
-  bir_hidden: int = cf.option(256, "bir: hidden units of the generator's encoder and decoder MLPs", cf.positive)
-  bir_gen_steps: int = cf.option(2000, "bir: Adam steps fitting the generator on an old task's features",
-                                 cf.positive)
-  bir_gen_lr: float = cf.option(1e-3, "bir: the generator's Adam learning rate", cf.positive)
-  bir_gen_batch: int = cf.option(128, "bir: the generator's batch size", cf.positive)
+  latent: int = cf.option(100, "latent dimensions (the paper's 100)", cf.positive)
+  hidden: int = cf.option(256, "hidden units of the generator's encoder and decoder MLPs", cf.positive)
+  steps: int = cf.option(2000, "Adam steps fitting the generator on an old task's features", cf.positive)
+  lr: float = cf.option(1e-3, "the generator's Adam learning rate", cf.positive)
+  batch_size: int = cf.option(128, "the generator's batch size", cf.positive)
 
 
 def _dense(key, n_in: int, n_out: int) -> dict:
@@ -45,7 +44,7 @@ def _apply(layer: dict, x: jax.Array) -> jax.Array:
 def init(key: jax.Array, feature_dim: int, num_classes: int, cfg: GeneratorConfig) -> PyTree:
   """Generator parameters: encoder ``h → (μ, log σ²)``, decoder ``z → h``, and the prior's modes ``[C, Z]``."""
   k = jax.random.split(key, 6)
-  z, hid = cfg.bir_latent, cfg.bir_hidden
+  z, hid = cfg.latent, cfg.hidden
   return {"enc": {"hidden": _dense(k[0], feature_dim, hid), "mean": _dense(k[1], hid, z),
                   "logvar": _dense(k[2], hid, z)},
           "dec": {"hidden": _dense(k[3], z, hid), "out": _dense(k[4], hid, feature_dim)},
@@ -89,9 +88,9 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Generat
   returns (parameters, the loss every 100 steps)."""
   key_init, key_train = jax.random.split(jax.random.PRNGKey(seed))
   params = init(key_init, features.shape[1], num_classes, cfg)
-  opt = optax.adam(cfg.bir_gen_lr)
+  opt = optax.adam(cfg.lr)
   x, y = jnp.asarray(features, jnp.float32), jnp.asarray(labels, jnp.int32)
-  n, bs = x.shape[0], min(cfg.bir_gen_batch, x.shape[0])
+  n, bs = x.shape[0], min(cfg.batch_size, x.shape[0])
 
   @jax.jit
   def run(p, x, y):
@@ -103,7 +102,7 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Generat
       updates, s = opt.update(grads, s, p)
       return (optax.apply_updates(p, updates), s), value
 
-    (p, _), values = jax.lax.scan(step, (p, opt.init(p)), jnp.arange(cfg.bir_gen_steps))
+    (p, _), values = jax.lax.scan(step, (p, opt.init(p)), jnp.arange(cfg.steps))
     return p, values
 
   params, values = run(params, x, y)

@@ -395,6 +395,10 @@ def functional_projection(base, f: geometry.Apply | Mapping[str, geometry.Apply]
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+SOLVER_METRICS = {"cg": ("cg_residual", "cg_iterations"), "projection": ("lanczos_residual", "projected_share")}
+"""The step metrics each kind of solver reports (:func:`solver_metrics`): the one place they are named."""
+
+
 def solver_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
   """The solver inside an optimiser state, as step metrics: a :func:`geodesic_direction`'s or
   :func:`functional_precondition`'s last CG solve (``cg_residual``, relative: ‖(G+λI)x − g‖ / ‖g‖, and
@@ -403,9 +407,9 @@ def solver_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
   solvers = (GeodesicState, ProjectionState)
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, solvers)) if isinstance(s, solvers)]
   if found and isinstance(found[0], ProjectionState):
-    return {"lanczos_residual": found[0].residual, "projected_share": found[0].share}
+    return dict(zip(SOLVER_METRICS["projection"], (found[0].residual, found[0].share)))
   found = [s for s in found if isinstance(s, GeodesicState) and s.info is not None]
   if not found:
     return {}
   info = found[0].info
-  return {"cg_residual": info.cg_relative_residual, "cg_iterations": info.cg_iterations}
+  return dict(zip(SOLVER_METRICS["cg"], (info.cg_relative_residual, info.cg_iterations)))

@@ -8,6 +8,8 @@ import platform
 
 import jax
 
+from fipjax import results as results_lib
+
 DEFINITIONS = """Definitions. R[i, j] = test accuracy on task j after stage i, task-aware (argmax within the task's own
 labels). ACC = mean_j R[T, j]. BWT = mean_{j<T} (R[T, j] − R[j, j]) (Lopez-Paz & Ranzato, divided by T − 1).
 Forgetting = mean_{j<T} (max_{l<T} R[l, j] − R[T, j]) (Chaudhry et al.). Task-agnostic accuracy = argmax over every
@@ -33,7 +35,19 @@ def _fmt(x) -> str:
 
 
 def write(out: pathlib.Path, results: dict, title: str) -> str:
-  """``report.md`` and the figures under ``out``; returns the markdown."""
+  """``report.md`` and the figures of a run of either kind (:func:`fipjax.results.kind_of`); returns the
+  markdown."""
+  kind = results_lib.kind_of(results)
+  return (write_stream if kind == results_lib.STREAM.kind else write_alignment)(out, results, title)
+
+
+def _every_scalar(results: dict) -> list[str]:
+  return ["", "## Every scalar column", "", *results_lib.scalar_table(results_lib.kind_of(results),
+                                                                        results["methods"])]
+
+
+def write_stream(out: pathlib.Path, results: dict, title: str) -> str:
+  """``report.md`` and the figures of a task stream's run under ``out``; returns the markdown."""
   methods = results["methods"]
   tasks = next(iter(methods.values()))["tasks"]
   t = len(tasks)
@@ -59,7 +73,7 @@ def write(out: pathlib.Path, results: dict, title: str) -> str:
                 f"hidden representation (loss {info['loss_curve'][0]:.2f} → {info['loss_curve'][-1]:.2f}), whose "
                 f"samples the {task} network classifies as the class they were drawn for "
                 f"{info['class_agreement']:.1%} of the time."]
-  lines += ["", DEFINITIONS, "", timings_line(results["timings"]),
+  lines += [*_every_scalar(results), "", DEFINITIONS, "", timings_line(results["timings"]),
             "", "![weight change](weight_change.png)"]
   if any(m["path"]["step"] for m in methods.values()):
     lines.append("![path](fip_path.png)")
@@ -169,7 +183,7 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
                  " | ".join(_fmt(a) for a in acc) + f" | {m['kl_to_base'][-1]:.4f} | {m['perplexity'][-1]:.2f} | "
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
                  f"{m['train_time_s']:.0f} |")
-  lines += ["", ALIGNMENT_DEFINITIONS, "",
+  lines += [*_every_scalar(results), "", ALIGNMENT_DEFINITIONS, "",
             timings_line(results["timings"]), "",
             "![rewards](rewards.png)", "![drift](drift.png)"]
   return _finish(out, lines, lambda: plot_alignment(out, methods))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 
-from fipjax import checkpoint, continual, data, runs
+from fipjax import continual, data, runs
 from fipjax import config as cf
 from fipjax.models import bert, hub
 
@@ -24,14 +24,14 @@ from fipjax.models import bert, hub
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
   """How a reward classifier is fine-tuned (offline defaults: MiniLM on ../shared/data, about 2 minutes)."""
-  reward_model: str = cf.option("minilm", "BERT the reward classifiers fine-tune: hub id, directory or 'minilm'")
-  reward_train_rows: int = cf.option(2400, "labelled training rows per classifier", cf.positive)
-  reward_test_rows: int = cf.option(1000, "labelled test rows on which its accuracy is reported", cf.positive)
-  reward_max_len: int = cf.option(64, "tokens per text the classifiers read (truncated)", cf.positive)
-  reward_steps: int = cf.option(150, "fine-tuning steps (batch 16, AdamW)", cf.positive)
-  reward_lr: float = cf.option(5e-5, "fine-tuning learning rate", cf.positive)
-  reward_seed: int = cf.option(0, "seed of the classifiers' data and training: the environment, the same for every "
-                               "run's --seed", cf.non_negative)
+  model: str = cf.option("minilm", "BERT the reward classifiers fine-tune: hub id, directory or 'minilm'")
+  train_rows: int = cf.option(2400, "labelled training rows per classifier", cf.positive)
+  test_rows: int = cf.option(1000, "labelled test rows on which its accuracy is reported", cf.positive)
+  max_len: int = cf.option(64, "tokens per text the classifiers read (truncated)", cf.positive)
+  steps: int = cf.option(150, "fine-tuning steps (batch 16, AdamW)", cf.positive)
+  lr: float = cf.option(5e-5, "fine-tuning learning rate", cf.positive)
+  seed: int = cf.option(0, "seed of the classifiers' data and training: the environment, the same for every "
+                        "run's --seed", cf.non_negative)
 
 
 class Classifier:
@@ -72,13 +72,13 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
   """(classifier, {"task", "test_accuracy", "train_rows", "test_rows", "steps"}) for ``task`` ('imdb' or 'yelp'),
   fine-tuned once per configuration and kept in ``cache``."""
   train, test = (data.load_task(task, split, data_dir) for split in ("train", "test"))
-  seed = cfg.reward_seed
-  tokenizer = hub.load_tokenizer(cfg.reward_model)
+  seed = cfg.seed
+  tokenizer = hub.load_tokenizer(cfg.model)
   k = train.num_labels
-  graphdef, init, _, _ = hub.load_bert(cfg.reward_model, {"cls": k}, seed=seed)
-  clf = Classifier(graphdef, init, tokenizer, cfg.reward_max_len)
-  train_enc = data.encode(data.subsample(train, cfg.reward_train_rows, seed), tokenizer, cfg.reward_max_len)
-  test_rows = data.subsample(test, cfg.reward_test_rows, seed)
+  graphdef, init, _, _ = hub.load_bert(cfg.model, {"cls": k}, seed=seed)
+  clf = Classifier(graphdef, init, tokenizer, cfg.max_len)
+  train_enc = data.encode(data.subsample(train, cfg.train_rows, seed), tokenizer, cfg.max_len)
+  test_rows = data.subsample(test, cfg.test_rows, seed)
   parts = {"task": task, "config": cf.to_dict(cfg), "data": train_enc.digest()}
 
   def fit(ckpt_dir: pathlib.Path | None):
@@ -88,28 +88,22 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
       z = apply(params, batch["inputs"], deterministic=rng is None, rng=rng)["cls"]
       return optax.softmax_cross_entropy_with_integer_labels(z, batch["labels"]).mean()
 
-    method = continual.naive(loss, optax.adamw(cfg.reward_lr, weight_decay=0.01))
+    method = continual.naive(loss, continual.adamw(continual.OptimConfig(lr=cfg.lr, weight_decay=0.01)))
     batches = lambda s: ({"new": b} for b in data.train_batches(train_enc, 16, seed, start_step=s))
     params, _, _ = runs.train(method, init, batches,
-                              cfg.reward_steps, name=f"reward classifier ({task})", ckpt_dir=ckpt_dir,
+                              cfg.steps, name=f"reward classifier ({task})", ckpt_dir=ckpt_dir,
                               checkpoint_every=100, rng=jax.random.PRNGKey(seed), progress=progress)
     clf.params = params
     acc = float(np.mean(np.argmax(clf.probs(test_rows.texts), -1) == test_rows.labels))
     return params, {"task": task, "test_accuracy": acc, "train_rows": len(train_enc),
-                    "test_rows": len(test_rows.texts), "steps": cfg.reward_steps, "classes": k}
+                    "test_rows": len(test_rows.texts), "steps": cfg.steps, "classes": k}
 
-  if cache is None:
-    _, info = fit(None)
-    return clf, info
-  with cache.lock(cache.key(f"reward-{task}", parts)) as path:
-    if checkpoint.is_complete(path / "final"):
-      clf.params = checkpoint.restore(path / "final", init)
-      return clf, checkpoint.load_meta(path / "final")["info"]
+  def compute(ckpt_dir):
     t0 = time.perf_counter()
-    params, info = fit(path / "checkpoints")
+    params, info = fit(ckpt_dir)
     runs.log(f"reward classifier ({task}): test accuracy {info['test_accuracy']:.3f} on {info['test_rows']} rows "
              f"({time.perf_counter() - t0:.0f} s)")
-    checkpoint.save(path / "final.tmp", params, {"info": info})
-    runs.StageCache.publish(path / "final.tmp", path / "final")
-    checkpoint.remove(path / "checkpoints")
-  return clf, info
+    return params, {"info": info}
+
+  clf.params, meta = runs.cached(cache, f"reward-{task}", parts, compute, template=init)
+  return clf, meta["info"]

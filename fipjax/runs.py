@@ -17,6 +17,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -27,11 +28,13 @@ import uuid
 from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from fipjax import checkpoint, continual
 
 PyTree = Any
+VERSION = importlib.metadata.version("fipjax")
 
 
 class RunError(Exception):
@@ -270,8 +273,7 @@ class StageCache:
     self.root = pathlib.Path(root)
 
   def key(self, name: str, parts: dict) -> str:
-    from fipjax import __version__
-    return f"{name}-{digest({'parts': parts, 'version': __version__})}"
+    return f"{name}-{digest({'parts': parts, 'version': VERSION})}"
 
   def path(self, key: str) -> pathlib.Path:
     return self.root / key
@@ -294,6 +296,29 @@ class StageCache:
     if final.exists():
       shutil.rmtree(final)
     tmp.rename(final)
+
+
+def cached(cache: StageCache | None, name: str, parts: dict, compute: Callable[[pathlib.Path | None], tuple],
+           *, template: PyTree = None, label: str | None = None) -> tuple[PyTree, dict]:
+  """``compute(checkpoint dir) -> (arrays, meta)`` once per key of ``parts``: the cached entry's (arrays, meta)
+  where one is complete, else computed (resuming from its step checkpoints), saved under a temporary name,
+  published by an atomic rename, and its step checkpoints removed; all under the key's lock. Without a cache,
+  ``compute(None)``. ``template``: the arrays' tree to restore into (None: the saved structure, as numpy)."""
+  if cache is None:
+    return compute(None)
+  with cache.lock(cache.key(name, parts)) as path:
+    final, steps = path / "final", path / "checkpoints"
+    if checkpoint.is_complete(final):
+      if label:
+        log(f"{label}: reusing the cached result in {final}")
+      tree = (jax.tree.map(np.asarray, checkpoint.restore_tree(final)) if template is None
+              else checkpoint.restore(final, template))
+      return tree, checkpoint.load_meta(final)
+    tree, meta = compute(steps)
+    checkpoint.save(path / "final.tmp", tree, {**meta, "key": parts}, keep_structure=template is None)
+    StageCache.publish(path / "final.tmp", final)
+    checkpoint.remove(steps)
+  return tree, meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,8 +425,8 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
     last = next((r["loss"] for r in reversed(history) if math.isfinite(r["loss"])), None)
     raise UsageError(f"{name}: the loss became {e.loss} at step {e.step}"
                      f"{f' (last finite loss {last:.4g})' if last is not None else ' (at the first step)'}. "
-                     "Nothing was cached or reported. Try a smaller learning rate (--lr), a smaller penalty "
-                     "weight, or float32 (--dtype float32); the run stops here rather than report NaN.") from None
+                     "Nothing was cached or reported. Try a smaller learning rate (--optim.lr), a smaller penalty "
+                     "weight, or float32 (--model.dtype float32); the run stops here rather than report NaN.") from None
   finally:
     bar.close()
   return final, history, end.opt_state

@@ -10,18 +10,16 @@ with stored outputs, Fisher, anchors), and after it evaluates every task into th
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-import sys
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fipjax import checkpoint, continual, data, generative, geometry, parallel, paths, report, runs
+from fipjax import continual, data, generative, geometry, parallel, paths, runs
 from fipjax import si as si_lib
+from fipjax import stages as stages_lib
 from fipjax import config as cf
 from fipjax import tree as tu
 
@@ -129,14 +127,14 @@ class Stream:
 @dataclasses.dataclass(frozen=True)
 class FirstStageConfig:
   """How long the first task trains (its result is cached and shared by every method)."""
-  stage1_steps: int | None = cf.option(None, "first-task steps (overrides --stage1-epochs)", cf.positive)
-  stage1_epochs: float = cf.option(1.0, "first-task epochs over its training rows", cf.positive)
+  steps: int | None = cf.option(None, "first-task steps (overrides --first.epochs)", cf.positive)
+  epochs: float = cf.option(1.0, "first-task epochs over its training rows", cf.positive)
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
   """Every later stage: its length, and the old-task buffer the methods may use."""
-  steps: int | None = cf.option(None, "steps of each later task (overrides --epochs)", cf.positive)
+  steps: int | None = cf.option(None, "steps of each later task (overrides --stages.epochs)", cf.positive)
   epochs: float = cf.option(10.0, "epochs of each later task over its training rows", cf.positive)
   replay_batch_size: int = cf.option(8, "replay rows per old task per step", cf.positive)
   buffer_size: int = cf.option(2000, "replay-buffer rows kept per old task", cf.positive)
@@ -157,21 +155,14 @@ class StreamConfig:
   optim: continual.OptimConfig = cf.section(continual.OptimConfig)
   first: FirstStageConfig = cf.section(FirstStageConfig)
   stages: StageConfig = cf.section(StageConfig)
-  method: continual.MethodConfig = cf.section(continual.MethodConfig)
+  method: continual.MethodConfig = cf.section(continual.MethodConfig, inline=True)
   run: RunConfig = cf.section(RunConfig)
   seed: int = cf.option(0, "seed of every random choice (data subsets, initial weights, batches, dropout)",
                         cf.non_negative)
 
   def runner_args(self) -> dict:
-    """The :class:`Runner` keywords these sections set."""
+    """The :class:`fipjax.stages.StageLoop` keywords these sections set."""
     return dict(optim=self.optim, first=self.first, stages=self.stages, hp=self.method, run=self.run, seed=self.seed)
-
-
-def _arrays(memory: dict, first: tuple[str, dict]) -> dict:
-  """The arrays of the tasks' memory that a checkpoint needs: not the first stage's (it is in the stage cache),
-  nor the generator diagnostics (metadata)."""
-  drop = lambda n, k: k == "generator_info" or (n == first[0] and k in first[1])
-  return {n: {k: v for k, v in m.items() if not drop(n, k)} for n, m in memory.items()}
 
 
 def _infos(memory: dict) -> dict:
@@ -193,6 +184,11 @@ class GeneratedReplay:
 
   def sample(self, step: int, batch_size: int) -> dict:
     return self._draw(self.generator, self.teacher, jax.random.fold_in(self.key, step), batch_size)
+
+
+FIRST_STAGE_RECORDER = si_lib.path_integral
+"""What every first stage records while it trains (SI's path integral), so that one cached network serves every
+method."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,40 +234,25 @@ class PathTracker(runs.Observer):
 # The runner.
 
 
-class Runner:
-  """Trains a stream's tasks in order with any method; see the module docstring.
+class Runner(stages_lib.StageLoop):
+  """Trains a stream's tasks in order with any method; see the module docstring and
+  :class:`fipjax.stages.StageLoop` (the arguments but ``stream``)."""
+  stage_word = "stage"
 
-  Args:
-    stream: the model and tasks.
-    optim, first, stages, hp, run: configuration sections.
-    seed: every random choice derives from it (stage k's batches and dropout use ``seed + 100 k``).
-    model_key: what identifies the model beyond its initial weights (name, dtype, heads): part of the cache key.
-    cache: where the first stage is kept (None: not cached).
-    progress: tqdm bars (else a log line every 10% of a stage).
-    stop_after: simulate a kill after this many steps of this process, whatever the stage (tests).
-  """
-
-  def __init__(self, stream: Stream, *, optim: continual.OptimConfig, first: FirstStageConfig,
-               stages: StageConfig, hp: continual.MethodConfig, run: RunConfig, seed: int, model_key: dict,
-               cache: runs.StageCache | None = None, progress: bool = True, stop_after: int | None = None):
-    self.stream, self.optim, self.first, self.stages, self.hp, self.run = stream, optim, first, stages, hp, run
-    self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
-    self.budget = None if stop_after is None else runs.StepBudget(stop_after)
+  def __init__(self, stream: Stream, **kw):
+    super().__init__(**kw)
+    self.stream, self.stage_names = stream, tuple(t.name for t in stream.tasks)
     self.mesh = parallel.data_mesh()
     try:
-      for b in (optim.batch_size, stages.replay_batch_size, run.eval_batch_size):
+      for b in (self.optim.batch_size, self.stages.replay_batch_size, self.run.eval_batch_size):
         parallel.check_batch_size(b, self.mesh)
     except ValueError as e:
       raise runs.UsageError(str(e)) from None
-    for t in stream.tasks:
-      if len(t.splits["train"]) < optim.batch_size:
-        raise runs.UsageError(f"task {t.name} has {len(t.splits['train'])} training rows, fewer than one batch of "
-                              f"{optim.batch_size}; lower --batch-size or use more rows.")
+    self.check_rows({t.name: len(t.splits["train"]) for t in stream.tasks}, "rows")
     self._eval = jax.jit(lambda p, x: stream.apply(p, x))
     self._features = None if stream.split is None else jax.jit(lambda p, x: stream.split[0](p, x))
     # One compiled function per old task, shared by every method's path records.
     self._outputs = {t.name: jax.jit(stream.outputs(t)) for t in stream.tasks}
-    self.timings = runs.Timings()
     self._references: tuple[PyTree, dict] = (None, {})
 
   # -- evaluation ------------------------------------------------------------------------------------------------
@@ -282,7 +263,7 @@ class Runner:
     out = self._on_rows(lambda p, x: pick(self._eval(p, x)), params, ds)
     if not np.isfinite(out).all():
       raise runs.UsageError("the model's outputs are not finite (NaN or inf) on evaluation data: the weights "
-                            "have diverged or an input is out of the model's range (e.g. --max-len above its "
+                            "have diverged or an input is out of the model's range (e.g. --data.max-len above its "
                             "position embeddings). Nothing was reported.")
     return out
 
@@ -323,55 +304,45 @@ class Runner:
     return start
 
   def _train(self, method, params, task, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
-    return runs.train(method, parallel.replicate(params, self.mesh),
-                      self._batches(task, seed, buffers if method.needs_replay else None), steps, name=name,
-                      ckpt_dir=ckpt_dir, checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
-                      observer=observer, progress=self.progress, budget=self.budget, timings=self.timings)
+    return self.train(method, parallel.replicate(params, self.mesh),
+                      self._batches(task, seed, buffers if method.needs_replay else None), steps, seed, ckpt_dir,
+                      observer, name)
 
-  def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict]:
+  def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict, tuple[list, list]]:
     """(the network after the first task, what its stage leaves for later ones: SI's path integral ω and the
-    change Δ), trained once per key and kept in the cache."""
+    change Δ, its evaluation row), trained once per key and kept in the cache."""
     task = self.stream.tasks[0]
-    parts = {"model": self.model_key, "init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(init_params))),
+    parts = {"init": data.digest_arrays(*map(np.asarray, jax.tree.leaves(init_params))),
              "task": task.name, "data": task.splits["train"].digest(),
              "optim": cf.to_dict(self.optim), "first": cf.to_dict(self.first), "seed": self.seed,
              "records": ["si_path_integral"]}
-    steps = continual.num_steps(self.first.stage1_steps, self.first.stage1_epochs, len(task.splits["train"]),
-                                self.optim.batch_size)
+    steps = self.first_steps(len(task.splits["train"]))
     # Every first stage records SI's path integral (one multiply-add per parameter and step), so one cached
     # network serves every method.
-    adamw = optax.adamw(self.optim.lr, weight_decay=self.optim.weight_decay)
     method = dataclasses.replace(continual.naive(self.stream.task_loss(task, self.optim.dropout),
-                                                 si_lib.path_integral(adamw)),
+                                                 FIRST_STAGE_RECORDER(continual.adamw(self.optim))),
                                  trainable=self.stream.trainable(task))
     name = f"stage 1 ({task.name})"
-    memory = lambda params, omega: {"si_omega": omega, "si_change": tu.tree_sub(params, init_params)}
-    if self.cache is None:
-      params, _, opt_state = self._train(method, init_params, task, steps, self.seed, None, name=name)
-      return params, memory(params, tu.unmask(si_lib.recorded(opt_state), params))
-    key = self.cache.key("stage1", parts)
-    with self.cache.lock(key) as path:
-      if checkpoint.is_complete(path / "final"):
-        runs.log(f"{name}: reusing the network in {path}")
-        tree = checkpoint.restore(path / "final", {"params": init_params, "si_omega": init_params})
-        return tree["params"], memory(tree["params"], tree["si_omega"])
+
+    def compute(ckpt_dir):
       runs.log(f"{name}: training for {steps} steps")
       with self.timings.phase("stage1"):
-        params, history, opt_state = self._train(method, init_params, task, steps, self.seed, path / "checkpoints",
-                                                 name=name)
-        omega = tu.unmask(si_lib.recorded(opt_state), params)
-        checkpoint.save(path / "final.tmp", {"params": params, "si_omega": omega},
-                        {"history": history, "key": parts})
-      runs.StageCache.publish(path / "final.tmp", path / "final")
-      checkpoint.remove(path / "checkpoints")
-    return params, memory(params, omega)
+        params, history, opt_state = self._train(method, init_params, task, steps, self.seed, ckpt_dir, name=name)
+      return {"params": params, "si_omega": tu.unmask(si_lib.recorded(opt_state), params)}, {"history": history}
+
+    tree, _ = self.cached("stage1", parts, compute, template={"params": init_params, "si_omega": init_params},
+                          label=name)
+    params = tree["params"]
+    row1 = self.evaluate(params)
+    runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
+    return params, {"si_omega": tree["si_omega"], "si_change": tu.tree_sub(params, init_params)}, row1
 
   def generator(self, task: TaskSpec, params: PyTree) -> dict:
     """Brain-inspired replay's generator of ``task``, fit to the split-point features of its training rows under
     ``params`` (the network at the end of the task's stage): {"generator", "generator_info"}."""
     readout, ds = self.stream.split[1], task.splits["train"]
     h = self._on_rows(self._features, params, ds)
-    gen, curve = generative.fit(h, np.asarray(ds.labels) - task.offset, task.num_labels, self.hp.bir_generator,
+    gen, curve = generative.fit(h, np.asarray(ds.labels) - task.offset, task.num_labels, self.hp.bir.generator,
                                 seed=self.seed + 13)
     hs, ys = generative.sample(gen, jax.random.PRNGKey(self.seed + 17), 1000)
     z = _head(readout(params, hs), task)[:, task.offset:task.offset + task.num_labels]
@@ -409,86 +380,99 @@ class Runner:
       self._references[1][key] = ref if task.keep is None else np.asarray(task.keep(jnp.asarray(ref)), np.float32)
     return self._references[1][key]
 
-  def run_method(self, name: str, first: tuple[PyTree, dict], row1: tuple[list, list], run_dir: runs.RunDir) -> dict:
-    """Tasks 2..T with method ``name`` from the first-stage network and its memory; the result is kept in
-    ``run_dir``."""
-    done = run_dir.part(name)
-    if done is not None:
-      runs.log(f"{name}: already finished in an earlier invocation, reusing it")
-      return done
-    tasks, aware, agnostic = self.stream.tasks, [row1[0]], [row1[1]]
-    params1, memory = first[0], {tasks[0].name: first[1]}     # memory: what each finished task's stage left
-    params, history, records, steps_run, t0 = params1, [], [], [], time.perf_counter()
-    ckpt = run_dir.checkpoints(name)
-    for k in range(1, len(tasks)):
-      task, stage_dir = tasks[k], ckpt / f"after_stage{k + 1}"
-      steps = continual.num_steps(self.stages.steps, self.stages.epochs, len(task.splits["train"]),
-                                  self.optim.batch_size)
-      steps_run.append(steps)
-      if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill
-        meta = checkpoint.load_meta(stage_dir)
-        tree = checkpoint.restore_tree(stage_dir)
-        params, memory = tree["params"], tree["memory"]
-        memory[tasks[0].name] = {**first[1], **memory.get(tasks[0].name, {})}
-        for n, info in meta.get("generators", {}).items():
-          memory[n]["generator_info"] = info
-        history, records, aware, agnostic = meta["history"], meta["records"], meta["aware"], meta["agnostic"]
-        continue
-      with self.timings.phase("buffers"):          # rows now, outputs once the method is known to replay them
-        buffers = self.buffers(params, k, with_outputs=False)
-      ctx = continual.StageContext(
-          self.stream.task_loss(task, self.optim.dropout),
-          {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name], memory.get(t.name))
-           for t in tasks[:k]},
-          params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed,
-          below=None if self.stream.split is None else self.stream.split[2])
-      try:
-        method = continual.build(name, ctx, self.hp, self.optim)
-      except ValueError as e:
-        raise runs.UsageError(str(e)) from None
-      if name == "naive" and self.stream.shares_head(task):
-        # With the first task's head, naive fine-tuning records SI's path integral as the first stage does, so
-        # that its step is the first stage's program: compiled once, then loaded from the compilation cache.
-        method = dataclasses.replace(method, optimizer=si_lib.path_integral(method.optimizer))
-      if method.needs_replay and method.replays != "generated":
-        with self.timings.phase("buffers"):
-          buffers = self.with_references(params, buffers)
-      sources = buffers
-      if method.replays == "generated":
-        for t in tasks[:k]:
-          if "generator" not in memory.get(t.name, {}):   # made when the task ends, kept for every later stage
-            memory[t.name] = {**memory.get(t.name, {}), **self.generator(t, params)}
-        sources = {t.name: GeneratedReplay(memory[t.name]["generator"], params, self.stream.from_features(t),
-                                           self.seed + 100 * k + j) for j, t in enumerate(tasks[:k])}
-      probes = {}
-      for t in tasks[:k]:
-        probe = buffers[t.name].data.take(np.arange(min(self.run.probe_size, len(buffers[t.name].data))))
-        probes[t.name] = (probe.batch(np.arange(len(probe)))["inputs"], self.references(params, t, probe),
-                          self._outputs[t.name])
-      tracker = PathTracker(probes, self.hp.distance, method.to_model, self.run.record_every, len(history))
-      runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
-      start = params
-      params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt / f"stage{k + 1}",
-                                            sources, tracker, name=f"{name} ({task.name})")
-      omega = si_lib.recorded(opt_state)
-      if omega is not None and k < len(tasks) - 1:      # read by later stages only
-        memory[task.name] = {"si_omega": tu.unmask(omega, params), "si_change": tu.tree_sub(params, start)}
-      history, records = history + hist, records + tracker.record.rows
-      a, g = self.evaluate(params)
-      aware, agnostic = aware + [a], agnostic + [g]
-      if k < len(tasks) - 1:
-        checkpoint.save(stage_dir, {"params": params, "memory": _arrays(memory, (tasks[0].name, first[1]))},
-                        {"history": history, "records": records, "aware": aware, "agnostic": agnostic,
-                         "generators": _infos(memory)}, keep_structure=True)
+  # -- the stage loop's hooks ----------------------------------------------------------------------------------------
+
+  def start(self, first) -> stages_lib.StageState:
+    params, memory, row1 = first
+    return stages_lib.StageState(params, {self.stage_names[0]: memory}, {
+        "history": [], "records": [], "aware": [row1[0]], "agnostic": [row1[1]]}, {"first": first})
+
+  def checkpointed_memory(self, state):
+    """The memory's arrays but the first stage's (in the stage cache) and the generators' diagnostics."""
+    first = (self.stage_names[0], state.scratch["first"][1])
+    drop = lambda n, k: k == "generator_info" or (n == first[0] and k in first[1])
+    return {n: {k: v for k, v in m.items() if not drop(n, k)} for n, m in state.memory.items()}
+
+  def checkpoint_meta(self, state):
+    return {"generators": _infos(state.memory)}
+
+  def restored(self, k, state, memory, meta):
+    first = self.stage_names[0]
+    state.memory = memory
+    state.memory[first] = {**state.scratch["first"][1], **memory.get(first, {})}
+    for n, info in meta.get("generators", {}).items():
+      state.memory[n]["generator_info"] = info
+
+  def _sources(self, spec: continual.MethodSpec, k: int, state, buffers) -> dict:
+    """The old tasks' replay sources for a method of ``spec``: buffers (with the entering network's outputs when it
+    replays them) or generators of features (fit once, when the task's stage ended)."""
+    replays, tasks, params = spec.replays(self.hp), self.stream.tasks, state.params
+    if replays == "outputs":
+      with self.timings.phase("buffers"):
+        return self.with_references(params, buffers)
+    if replays != "generated":
+      return buffers
+    for t in tasks[:k]:
+      if "generator" not in state.memory.get(t.name, {}):   # made when the task ends, kept for every later stage
+        state.memory[t.name] = {**state.memory.get(t.name, {}), **self.generator(t, params)}
+    return {t.name: GeneratedReplay(state.memory[t.name]["generator"], params, self.stream.from_features(t),
+                                    self.seed + 100 * k + j) for j, t in enumerate(tasks[:k])}
+
+  def _tracker(self, k: int, params, buffers, method: continual.Method, state) -> PathTracker:
+    probes = {}
+    for t in self.stream.tasks[:k]:
+      probe = buffers[t.name].data.take(np.arange(min(self.run.probe_size, len(buffers[t.name].data))))
+      probes[t.name] = (probe.batch(np.arange(len(probe)))["inputs"], self.references(params, t, probe),
+                        self._outputs[t.name])
+    return PathTracker(probes, self.hp.fip.distance, method.to_model, self.run.record_every,
+                       len(state.log["history"]))
+
+  def stage(self, name, k, state, ckpt_dir):
+    tasks, task, params = self.stream.tasks, self.stream.tasks[k], state.params
+    with self.timings.phase("buffers"):          # rows now, outputs once the method is known to replay them
+      buffers = self.buffers(params, k, with_outputs=False)
+    ctx = continual.StageContext(
+        self.stream.task_loss(task, self.optim.dropout),
+        {t.name: self.stream.old_task(t, self.optim.dropout, buffers[t.name], state.memory.get(t.name))
+         for t in tasks[:k]},
+        params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed,
+        below=None if self.stream.split is None else self.stream.split[2])
+    try:
+      parsed = continual.parse_name(name)
+      method = continual.build(parsed, ctx, self.hp, self.optim)
+    except ValueError as e:
+      raise runs.UsageError(str(e)) from None
+    spec = parsed.spec
+    if spec.first_stage_program and not parsed.in_lora and self.stream.shares_head(task):
+      # With the first task's head, the step records what the first stage records, so that it is the first
+      # stage's program: compiled once, then loaded from the compilation cache.
+      method = dataclasses.replace(method, optimizer=FIRST_STAGE_RECORDER(method.optimizer))
+    sources = self._sources(spec, k, state, buffers)
+    tracker = self._tracker(k, params, buffers, method, state)
+    steps = self.stage_steps(len(task.splits["train"]))
+    runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
+    params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt_dir, sources,
+                                          tracker, name=f"{name} ({task.name})")
+    if spec.keeps is not None and k < len(tasks) - 1:      # read by later stages only
+      state.memory[task.name] = spec.keeps(opt_state, state.params, params)
+    state.params = params
+    state.log["history"] += hist
+    state.log["records"] += tracker.record.rows
+    a, g = self.evaluate(params)
+    state.log["aware"].append(a)
+    state.log["agnostic"].append(g)
+
+  def result(self, name, state):
+    tasks, params, params1, log = self.stream.tasks, state.params, state.scratch["first"][0], state.log
     val_aware, val_agnostic = (self.evaluate(params, "val") if all("val" in t.splits for t in tasks)
                                else (None, None))
-    train_time = time.perf_counter() - t0
-    names = [t.name for t in tasks]
-    r = np.array(aware)
-    result = {
+    steps_run = [self.stage_steps(len(t.splits["train"])) for t in tasks[1:]]
+    train_time, names, history = state.scratch["wall_time_s"], list(self.stage_names), log["history"]
+    r = np.array(log["aware"])
+    return {
         "tasks": names,
         "accuracy_matrix": r.tolist(),
-        "task_agnostic_matrix": agnostic,
+        "task_agnostic_matrix": log["agnostic"],
         "validation": None if val_aware is None else dict(zip(names, val_aware)),
         "validation_task_agnostic": None if val_agnostic is None else dict(zip(names, val_agnostic)),
         "weight_change": continual.fractional_weight_change(params, params1),
@@ -500,67 +484,11 @@ class Runner:
         "final_loss": history[-1]["loss"] if history else None,
         "loss_curve": [row["loss"] for row in history],
         **continual.solver_curves(history),
-        "path": {k: [r[k] for r in records] for k in paths.PathRecord.FIELDS},
-        **({"generators": _infos(memory)} if _infos(memory) else {}),
+        "path": {k: [row[k] for row in log["records"]] for k in paths.PathRecord.FIELDS},
+        **({"generators": _infos(state.memory)} if _infos(state.memory) else {}),
     }
-    run_dir.save_part(name, result)
-    runs.log(f"{name}: " + ", ".join(f"{n} {r[0, j]:.3f} → {r[-1, j]:.3f}" for j, n in enumerate(names)) +
-             f", weight change {result['weight_change']:.4f}" + continual.solver_summary(result))
-    return result
 
-  def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:
-    """The first stage (cached), then every method over the later tasks: ``{"methods": …, "timings": …}``."""
-    first = self.first_stage(init_params)
-    row1 = self.evaluate(first[0])
-    runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
-    results = {"methods": {}}
-    for name in methods:
-      with self.timings.phase(name):
-        results["methods"][name] = self.run_method(name, first, row1, run_dir)
-    results["timings"] = self.timings
-    return results
-
-
-def experiment_main(module: str, argv: Sequence[str] | None, cfg, args, methods: Sequence[str],
-                    build: Callable[[], tuple[Any, PyTree]], *, title: str, runs_root: pathlib.Path,
-                    before: Callable[[], None] = lambda: None, user_errors: tuple[type[Exception], ...] = (),
-                    write: Callable[[pathlib.Path, dict, str], str] = report.write) -> int:
-  """An experiment's ``main`` once ``argv`` is parsed into ``cfg`` and ``args``: ``before()`` (checks that need no
-  data, set-up), then :func:`run_experiment` into ``args.out`` (else the unfinished run of this configuration under
-  ``runs_root``, else a new one). Returns the exit code; failures are one paragraph on stderr (:func:`runs.cli_main`,
-  ``user_errors`` exiting 2 beside :class:`fipjax.data.DataError`)."""
-  command = " ".join([f"python -m {module}"] + list(sys.argv[1:] if argv is None else argv))
-  config = cf.to_dict(cfg)
-
-  def run():
-    before()
-    out = args.out or runs.default_out(runs_root, {"config": config, "methods": list(methods)})
-    runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")
-    run_experiment(build, methods=methods, config=config, out=out, cache_dir=getattr(args, "cache_dir", None),
-                   title=title, command=command, write=write)
-
-  return runs.cli_main(run, user_errors=(data.DataError, *user_errors))
-
-
-def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence[str], config: dict,
-                   out: pathlib.Path, cache_dir: pathlib.Path | None, title: str, command: str,
-                   write: Callable[[pathlib.Path, dict, str], str] = report.write) -> dict:
-  """Everything an experiment's command line does after parsing: check ``out`` and ``cache_dir`` (writing
-  nothing), ``build()`` the runner and the initial parameters (loading the model and data: bad input fails here),
-  open the run directory, ``runner.run_all(methods, init, run_dir)``, write ``results.json`` (last, atomically),
-  and ``write`` ``report.md`` and the figures (a :class:`Runner` or :class:`fipjax.alignment.AlignmentRunner`)."""
-  identity = {"config": config, "methods": list(methods)}
-  runs.RunDir.check(out, identity)
-  if cache_dir is not None:
-    runs.check_writable_dir(cache_dir, "--cache-dir")
-    runs.use_compilation_cache(pathlib.Path(cache_dir) / "xla")
-  runner, init_params = build()
-  run_dir, resuming = runs.RunDir.open(pathlib.Path(out), identity)
-  runs.log(f"{'resuming' if resuming else 'writing'} {out}; devices: {jax.device_count()} "
-           f"({jax.devices()[0].device_kind})")
-  results = runner.run_all(methods, init_params, run_dir)
-  results = {"config": config, "seed": runner.seed, "command": command, "versions": report.versions(), **results}
-  print(write(run_dir.path, results, title))
-  run_dir.finish(results)
-  runs.log(f"wrote {run_dir.path / 'results.json'}, {run_dir.path / 'report.md'}")
-  return results
+  def summary(self, name, result):
+    r = np.array(result["accuracy_matrix"])
+    return (f"{name}: " + ", ".join(f"{n} {r[0, j]:.3f} → {r[-1, j]:.3f}" for j, n in enumerate(result["tasks"])) +
+            f", weight change {result['weight_change']:.4f}" + continual.solver_summary(result))

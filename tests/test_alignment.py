@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from fipjax import alignment, continual, dpo, sequences
+from fipjax import config as cf
 from fipjax.models import llama
 
 VOCAB = 61
@@ -60,10 +61,13 @@ def test_in_batches_equals_one_call_and_compiles_one_shape():
 
 
 def test_method_names_map_to_the_registry():
-  assert [alignment.registry_name(m) for m in ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")] == \
-      ["naive", "lora", "replay", "fip", "lora-fip"]
+  names = ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")
+  parsed = [continual.parse_name(m, on_preferences=True) for m in names]
+  assert [(p.method, p.in_lora) for p in parsed] == [("naive", False), ("naive", True), ("replay", False),
+                                                      ("fip", False), ("fip", True)]
+  assert [str(p) for p in parsed] == list(names) and all(p.on_preferences for p in parsed)
   with pytest.raises(ValueError, match="named <method>-dpo"):
-    alignment.registry_name("fip")
+    continual.parse_name("fip", on_preferences=True)
 
 
 def test_pairs_are_ranked_by_the_reward_and_store_the_policy_log_probabilities(policy):
@@ -115,7 +119,8 @@ def test_fip_on_token_distributions_through_the_registry(policy):
                           lambda n: rows, reference_distance=distance)
   task = lambda p, b, rng=None: jnp.sum(p["model"]["norm"]["scale"] ** 2)
   ctx = continual.StageContext(task, {"old": old}, params, None, (), 0)
-  method = continual.build("fip", ctx, continual.MethodConfig(beta=3.0), continual.OptimConfig())
+  method = continual.build("fip", ctx, cf.with_values(continual.MethodConfig(), {"fip.beta": 3.0}),
+                           continual.OptimConfig())
   batch = {"replay": {"old": {"inputs": rows}}}
   value, grads = jax.value_and_grad(lambda p: method.replay_loss(p, batch)[0])(params)
   assert abs(float(value)) < 1e-6
@@ -124,7 +129,8 @@ def test_fip_on_token_distributions_through_the_registry(policy):
   expected = 3.0 * sequences.fip_penalty(pol.apply, beta=1.0)(moved, {**seqs, "ref": rows["ref"]})
   np.testing.assert_allclose(method.replay_loss(moved, batch)[0], expected, rtol=1e-6)
   assert float(expected) > 0
-  hp = continual.MethodConfig(beta=3.0, lora_beta=0.5, lora_targets=llama.LORA_TARGETS[0])   # LoRA's own weight
+  hp = cf.with_values(continual.MethodConfig(), {"fip.beta": 3.0, "lora.fip.beta": 0.5,   # LoRA's own weight
+                                                 "lora.targets": llama.LORA_TARGETS[0]})
   in_lora = continual.build("lora-fip", ctx, hp, continual.OptimConfig())
   np.testing.assert_allclose(in_lora.replay_loss(moved, batch)[0], expected / 6, rtol=1e-6)
 
@@ -159,7 +165,7 @@ def tiny_runner(pol, n_rounds, pref=None, **kwargs):
             for k in range(n_rounds)]
   sections = streams.StreamConfig(
       optim=continual.OptimConfig(lr=1e-2, batch_size=4, dropout=False),
-      first=streams.FirstStageConfig(stage1_steps=2),
+      first=streams.FirstStageConfig(steps=2),
       stages=streams.StageConfig(steps=3, replay_batch_size=2, buffer_size=6),
       run=streams.RunConfig(eval_batch_size=4, checkpoint_every=1, record_every=1, probe_size=2))
   return alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, alignment.encode_texts(texts[:4], Tokenizer(), 6),

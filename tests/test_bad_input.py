@@ -9,9 +9,10 @@ import pytest
 
 from experiments import yelp_imdb
 
-TINY = ["--preset", "cpu", "--n-train-yelp", "16", "--n-train-imdb", "16", "--n-test", "8", "--n-val", "4",
-        "--max-len", "16", "--batch-size", "4", "--replay-batch-size", "4", "--eval-batch-size", "4",
-        "--stage1-steps", "2", "--steps", "2", "--buffer-size", "8", "--no-progress", "--method", "naive"]
+TINY = ["--preset", "cpu", "--data.n-train-yelp", "16", "--data.n-train-imdb", "16", "--data.n-test", "8",
+        "--data.n-val", "4", "--data.max-len", "16", "--optim.batch-size", "4", "--stages.replay-batch-size", "4",
+        "--run.eval-batch-size", "4", "--first.steps", "2", "--stages.steps", "2", "--stages.buffer-size", "8",
+        "--no-progress", "--method", "naive"]
 
 
 def rows(path: pathlib.Path, n: int) -> list[str]:
@@ -65,32 +66,33 @@ def occupied(tmp: pathlib.Path, kind: str) -> pathlib.Path:
 
 # (flags, exit code, words the message must hold); "{data}", "{tmp}" are filled in per case.
 CASES = [
-    (["--steps", "-5"], 2, "--steps must be > 0"),
-    (["--stage1-steps", "0"], 2, "--stage1-steps must be > 0"),
-    (["--lr", "0"], 2, "--lr must be > 0"),
-    (["--lr=-1e-3"], 2, "--lr must be > 0"),
-    (["--beta=-1"], 2, "--beta must be ≥ 0"),
-    (["--batch-size", "0"], 2, "--batch-size must be > 0"),
-    (["--checkpoint-every", "0"], 2, "--checkpoint-every must be > 0"),
-    (["--record-every", "0"], 2, "--record-every must be > 0"),
-    (["--n-test", "0"], 2, "--n-test must be > 0"),
-    (["--n-val", "0"], 2, "--n-val must be > 0"),
-    (["--max-len", "0"], 2, "--max-len must be > 0"),
-    (["--lr", "fast"], 2, "expected a number"),
-    (["--dropout", "maybe"], 2, "expected true or false"),
-    (["--heads", "both"], 2, "--heads must be one of shared, per-task"),
-    (["--dtype", "float16"], 2, "--dtype must be one of"),
-    (["--distance", "cosine"], 2, "--distance must be one of"),
+    (["--stages.steps", "-5"], 2, "--stages.steps must be > 0"),
+    (["--first.steps", "0"], 2, "--first.steps must be > 0"),
+    (["--optim.lr", "0"], 2, "--optim.lr must be > 0"),
+    (["--optim.lr=-1e-3"], 2, "--optim.lr must be > 0"),
+    (["--fip.beta=-1"], 2, "--fip.beta must be ≥ 0"),
+    (["--optim.batch-size", "0"], 2, "--optim.batch-size must be > 0"),
+    (["--run.checkpoint-every", "0"], 2, "--run.checkpoint-every must be > 0"),
+    (["--run.record-every", "0"], 2, "--run.record-every must be > 0"),
+    (["--data.n-test", "0"], 2, "--data.n-test must be > 0"),
+    (["--data.n-val", "0"], 2, "--data.n-val must be > 0"),
+    (["--data.max-len", "0"], 2, "--data.max-len must be > 0"),
+    (["--optim.lr", "fast"], 2, "expected a number"),
+    (["--optim.dropout", "maybe"], 2, "expected true or false"),
+    (["--model.heads", "both"], 2, "--model.heads must be one of shared, per-task"),
+    (["--model.dtype", "float16"], 2, "--model.dtype must be one of"),
+    (["--fip.distance", "cosine"], 2, "--fip.distance must be one of"),
     (["--method", "sgd"], 2, "unknown method 'sgd'"),
     (["--method", "lora-si"], 2, "has no LoRA form"),
-    (["--si-strength=-1"], 2, "--si-strength must be ≥ 0"),
-    (["--bir-latent", "0"], 2, "--bir-latent must be > 0"),
+    (["--si.strength=-1"], 2, "--si.strength must be ≥ 0"),
+    (["--bir.generator.latent", "0"], 2, "--bir.generator.latent must be > 0"),
     (["--preset", "laptop"], 2, "invalid choice: 'laptop'"),
-    (["--data-dir", "{tmp}/missing"], 2, "does not exist"),
-    (["--model", "{tmp}/no-model"], 2, "does not exist"),
-    (["--max-len", "600"], 2, "exceeds the model's 512 position embeddings"),
-    (["--n-val", "100"], 2, "leaves no yelp training rows"),
-    (["--batch-size", "64", "--replay-batch-size", "64", "--eval-batch-size", "64"], 2, "fewer than one batch"),
+    (["--data.dir", "{tmp}/missing"], 2, "does not exist"),
+    (["--model.name", "{tmp}/no-model"], 2, "does not exist"),
+    (["--data.max-len", "600"], 2, "exceeds the model's 512 position embeddings"),
+    (["--data.n-val", "100"], 2, "leaves no yelp training rows"),
+    (["--optim.batch-size", "64", "--stages.replay-batch-size", "64", "--run.eval-batch-size", "64"], 2,
+     "fewer than one batch"),
     (["SPOIL", '{"text": "fine", "label": 2.5}'], 2, "labels must be integers"),
     (["SPOIL", '{"text": "fine", "label": 2'], 2, "line 2: not valid JSON"),
     (["SPOIL", '["fine", 2]'], 2, "line 2: not a JSON object"),
@@ -111,13 +113,13 @@ def test_bad_input(flags, code, words, tmp_path, small_data, capsys):
   if flags[0] == "SPOIL":
     data, flags = spoil(small_data, tmp_path, flags[1]), []
   elif flags[0] == "MODEL":
-    flags = ["--model", str(broken_model(tmp_path, flags[1]))]
+    flags = ["--model.name", str(broken_model(tmp_path, flags[1]))]
   elif flags[0] == "OUT":
     out, flags = occupied(tmp_path, flags[1]), []
   (tmp_path / "cachefile").write_text("not a directory")
   flags = [f.format(data=data, tmp=tmp_path) for f in flags]
   before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-  argv = TINY + ["--data-dir", str(data), "--out", str(out), "--cache-dir", str(cache)] + flags
+  argv = TINY + ["--data.dir", str(data), "--out", str(out), "--cache-dir", str(cache)] + flags
   try:
     got = yelp_imdb.main(argv)
   except SystemExit as e:        # argparse-level errors
@@ -145,10 +147,10 @@ def test_read_only_out_is_refused_at_once(tmp_path, small_data, capsys):
     pytest.skip("/sys is writable here: no read-only file system to try")
   except OSError:
     pass
-  assert yelp_imdb.main(TINY + ["--data-dir", str(small_data), "--out", str(target)]) == 2
+  assert yelp_imdb.main(TINY + ["--data.dir", str(small_data), "--out", str(target)]) == 2
   err = capsys.readouterr().err
   assert "--out" in err and "is not writable" in err and "Traceback" not in err
-  assert yelp_imdb.main(TINY + ["--data-dir", str(small_data), "--out", str(tmp_path / "run"),
+  assert yelp_imdb.main(TINY + ["--data.dir", str(small_data), "--out", str(tmp_path / "run"),
                                 "--cache-dir", str(target)]) == 2       # refused at once, not after an orbax timeout
   err = capsys.readouterr().err
   assert "--cache-dir" in err and "is not writable" in err and not (tmp_path / "run").exists()

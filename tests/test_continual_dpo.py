@@ -8,12 +8,13 @@ import pytest
 
 from experiments import continual_dpo
 
-TINY = ["--preset", "cpu", "--train-prompts", "8", "--val-prompts", "4", "--test-prompts", "4",
-        "--held-out-texts", "4", "--text-tokens", "16", "--batch-size", "2", "--stage1-steps", "2", "--steps", "4",
-        "--replay-batch-size", "2", "--buffer-size", "4", "--response-tokens", "6", "--prompt-tokens", "4",
-        "--generate-batch-size", "8", "--eval-batch-size", "4", "--checkpoint-every", "2", "--record-every", "2",
-        "--probe-size", "2", "--reward-train-rows", "32", "--reward-test-rows", "16", "--reward-steps", "2",
-        "--reward-max-len", "16", "--top-k", "8", "--lr", "1e-3", "--lora-lr", "1e-2", "--no-progress"]
+TINY = ["--preset", "cpu", "--data.train-prompts", "8", "--data.val-prompts", "4", "--data.test-prompts", "4",
+        "--data.held-out-texts", "4", "--data.text-tokens", "16", "--optim.batch-size", "2", "--first.steps", "2",
+        "--stages.steps", "4", "--stages.replay-batch-size", "2", "--stages.buffer-size", "4",
+        "--dpo.response-tokens", "6", "--dpo.prompt-tokens", "4", "--dpo.generate-batch-size", "8",
+        "--run.eval-batch-size", "4", "--run.checkpoint-every", "2", "--run.record-every", "2", "--run.probe-size",
+        "2", "--rewards.train-rows", "32", "--rewards.test-rows", "16", "--rewards.steps", "2", "--rewards.max-len",
+        "16", "--dpo.top-k", "8", "--optim.lr", "1e-3", "--lora.optim.lr", "1e-2", "--no-progress"]
 # The three methods whose paths differ: plain DPO, DPO on replayed old pairs, LoRA with FIP's penalty on stored
 # token distributions (fip-dpo is the same penalty on the full model; every registry method is tested elsewhere).
 METHODS = ("dpo", "replay-dpo", "lora-fip-dpo")
@@ -22,7 +23,7 @@ MODELS = []
 
 @pytest.fixture(scope="module", autouse=True)
 def _models(small_llama, small_bert, data_dir):
-  MODELS[:] = ["--model", str(small_llama), "--reward-model", str(small_bert), "--data-dir", str(data_dir)]
+  MODELS[:] = ["--model.name", str(small_llama), "--rewards.model", str(small_bert), "--data.dir", str(data_dir)]
 
 
 def _run(tmp, *extra, out="run", cache="cache"):
@@ -80,12 +81,12 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, finished):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--train-prompts", "100000"), "--train-prompts + --val-prompts"),
-    (("--batch-size", "16"), "than one batch of 16 (--batch-size)"),
-    (("--buffer-size", "1"), "fewer pairs than one replay batch"),
-    (("--method", "dpo,fip-dpo", "--distance", "squared_euclidean"), "no compressed form"),
-    (("--method", "fip-geodesic-dpo", "--geodesic-form", "adam"), "add --geodesic-corrector false"),
-    (("--test-prompts", "100000"), "--test-prompts + --held-out-texts"),
+    (("--data.train-prompts", "100000"), "--data.train-prompts + --data.val-prompts"),
+    (("--optim.batch-size", "16"), "than one batch of 16 (--optim.batch-size)"),
+    (("--stages.buffer-size", "1"), "fewer pairs than one replay batch"),
+    (("--method", "dpo,fip-dpo", "--fip.distance", "squared_euclidean"), "no compressed form"),
+    (("--method", "fip-geodesic-dpo", "--geodesic.form", "adam"), "add --geodesic.corrector false"),
+    (("--data.test-prompts", "100000"), "--data.test-prompts + --data.held-out-texts"),
 ])
 def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
   assert _run(tmp_path, *args, cache="cache_bad") == 2
@@ -97,7 +98,10 @@ def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
 def test_unknown_method_is_refused(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     _run(tmp_path, "--method", "fip")
-  assert e.value.code == 2 and "unknown method 'fip'" in capsys.readouterr().err
+  assert e.value.code == 2 and "preference methods are named <method>-dpo" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    _run(tmp_path, "--method", "sgd-dpo")
+  assert e.value.code == 2 and "unknown method 'sgd-dpo'" in capsys.readouterr().err
 
 
 def test_summary_over_seeds(finished, tmp_path):
@@ -117,7 +121,7 @@ def test_the_paper_preset_runs_offline_at_small_size(tmp_path):
   """The GPU preset (hub model and data by default) through the same code path on local files: its own choices
   (bfloat16, β, no dropout, its learning rates) at the tiny run's sizes, FIP-DPO end to end."""
   cfg, _ = continual_dpo.parse_args(["--preset", "paper"])
-  assert cfg.model.model.startswith("HuggingFaceTB/") and cfg.data.data_dir in (None, "")
+  assert cfg.model.name.startswith("HuggingFaceTB/") and cfg.data.dir in (None, "")
   argv = ["paper" if a == "cpu" else a for a in TINY]
   assert continual_dpo.main([*argv, *MODELS, "--method", "fip-dpo", "--out", str(tmp_path / "run"),
                              "--cache-dir", str(tmp_path / "cache")]) == 0

@@ -17,8 +17,7 @@ def _mixture(n=600, dim=16, classes=3, seed=0):
 
 def test_elbo_falls_and_samples_are_classified_as_their_class():
   x, y, means = _mixture()
-  cfg = generative.GeneratorConfig(bir_latent=8, bir_hidden=64, bir_gen_steps=1500, bir_gen_lr=3e-3,
-                                   bir_gen_batch=64)
+  cfg = generative.GeneratorConfig(latent=8, hidden=64, steps=1500, lr=3e-3, batch_size=64)
   params, curve = generative.fit(x, y, 3, cfg, seed=0)
   # It falls to near the noise floor: the reconstruction of unit-variance noise costs at least ½·dim = 8.
   assert curve[-1] < 0.3 * curve[0] and curve[-1] < 1.25 * 8, curve
@@ -36,7 +35,7 @@ def test_elbo_falls_and_samples_are_classified_as_their_class():
 
 
 def test_kl_term_is_the_closed_form_and_zero_at_the_prior():
-  cfg = generative.GeneratorConfig(bir_latent=4, bir_hidden=8)
+  cfg = generative.GeneratorConfig(latent=4, hidden=8)
   params = generative.init(jax.random.PRNGKey(0), 5, 2, cfg)
   h, y = jnp.ones((3, 5)), jnp.array([0, 1, 1])
   mean, logvar = generative.encode(params, h)

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from fipjax import config as cf
 from fipjax import geometry, linalg, paths
 from fipjax import tree as tu
 from conftest import init_mlp, mlp
@@ -264,10 +265,11 @@ def test_functional_projection_removes_gs_top_eigenspace_refreshed_every_n_steps
         np.linalg.norm(refreshed @ ravel(u)) / np.linalg.norm(ravel(u)), rel=1e-6)
     theta = optax.apply_updates(theta, step)
   assert not np.allclose(refreshed, top_projector(params), atol=1e-6)     # the subspace moved with θ
-  hp = continual.MethodConfig(geodesic_form="projection", geodesic_rank=rank, geodesic_refresh_every=2)
+  hp = cf.with_values(continual.MethodConfig(), {"geodesic.form": "projection", "geodesic.rank": rank,
+                                                 "geodesic.refresh_every": 2})
   ctx = continual.StageContext(lambda p, b, rng=None: loss_new(p, b),
                                {"old": continual.OldTask(mlp, mlp, None, None)}, params, None, "^$", 0)
-  method = continual.REGISTRY["fip-geodesic"](ctx, hp, base, False)
+  method = continual.REGISTRY["fip-geodesic"].build(ctx, hp, base)
   _, _, history = continual.fit(method, params, iter([{"new": new_batch, "replay": {"old": {"inputs": x_old}}}] * 2), 2)
   curves = continual.solver_curves(history)
   assert set(curves["solver"]) == {"lanczos_residual", "projected_share"}

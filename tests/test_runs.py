@@ -50,8 +50,7 @@ def test_stage_cache_key_follows_contents_and_version(monkeypatch):
   k = cache.key("stage1", {"data": "abc", "lr": 1e-3})
   assert k == cache.key("stage1", {"lr": 1e-3, "data": "abc"})
   assert k != cache.key("stage1", {"data": "abd", "lr": 1e-3})
-  import fipjax
-  monkeypatch.setattr(fipjax, "__version__", "9.9.9")
+  monkeypatch.setattr(runs, "VERSION", "9.9.9")
   assert k != cache.key("stage1", {"data": "abc", "lr": 1e-3})
 
 
@@ -144,28 +143,30 @@ class Outer:
 
 
 def test_config_flags_help_presets_and_checks(capsys):
-  presets = {"small": Outer(), "big": cf.with_values(Outer(), rate=0.5, steps=10)}
+  presets = {"small": Outer(), "big": cf.with_values(Outer(), {"inner.rate": 0.5, "steps": 10})}
   assert presets["big"].inner.rate == 0.5 and presets["big"].steps == 10
   p = cf.ArgumentParser(prog="x")
   p.add_argument("--preset", default="small", choices=sorted(presets))
-  cfg, _ = cf.parse(p, presets, ["--preset", "big", "--steps", "none", "--flag", "true", "--name", "b"])
+  cfg, _ = cf.parse(p, presets, ["--preset", "big", "--steps", "none", "--flag", "true", "--inner.name", "b"])
   assert cfg == Outer(Inner(0.5, "b"), None, True)
   with pytest.raises(SystemExit) as e:
-    cf.parse(cf.ArgumentParser(prog="x"), presets, ["--rate", "-1"])
-  assert e.value.code == 2 and "--rate must be > 0, got -1.0" in capsys.readouterr().err
+    cf.parse(cf.ArgumentParser(prog="x"), presets, ["--inner.rate", "-1"])
+  assert e.value.code == 2 and "--inner.rate must be > 0, got -1.0" in capsys.readouterr().err
   help_text = cf.ArgumentParser(prog="x")
   cf.add_flags(help_text, presets)
   text = help_text.format_help()
   assert "a rate (small: 0.1; big: 0.5)" in text and "how many (small: None; big: 10)" in text
   with pytest.raises(KeyError):
-    cf.with_values(Outer(), nope=1)
+    cf.with_values(Outer(), {"nope": 1})
 
 
 def test_every_yelp_imdb_flag_has_a_help_sentence():
   from experiments import yelp_imdb
-  for path, field, _, _ in cf.leaves(yelp_imdb.Config()):
-    assert len(field.metadata.get("help", "")) > 10, path
-  assert {p[-1] for p, *_ in cf.leaves(yelp_imdb.Config())} >= {"lr", "beta", "stage1_steps", "steps", "max_len"}
+  for leaf in cf.leaves(yelp_imdb.Config()):
+    assert len(leaf.field.metadata.get("help", "")) > 10, leaf.path
+  flags = {cf.flag_name(leaf.flag) for leaf in cf.leaves(yelp_imdb.Config())}
+  assert flags >= {"--optim.lr", "--fip.beta", "--lora.rank", "--lora.fip.beta", "--geodesic.kappa", "--seed",
+                   "--bir.generator.steps", "--first.steps", "--stages.steps", "--data.max-len"}
 
 
 def test_the_package_exposes_every_module():

@@ -47,7 +47,7 @@ def test_same_seed_same_numbers(results, tmp_path):
 
 def test_cli_refuses_to_overwrite(tmp_path):
   out = tmp_path / "r"
-  cmd = [sys.executable, "-m", "experiments.split_digits", "--method", "naive", "--steps", "20", "--stage1-steps",
+  cmd = [sys.executable, "-m", "experiments.split_digits", "--method", "naive", "--stages.steps", "20", "--first.steps",
          "20", "--out", str(out)]
   done = subprocess.run(cmd, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fipjax import config as cf
-from fipjax import continual, data, runs, streams
+from fipjax import continual, data, experiment, runs, streams
 
 
 # --- the experiment: digits 0–3, 4–6, 7–9 learnt in order by an MLP with one head per task (under 60 lines) ---
@@ -37,15 +37,15 @@ def digit_stream(seed=0):
 
 def run(out, cache, methods=("naive", "fip", "ewc", "si", "gem", "bir"), stop_after=None):   # agem: gem's path
   stream, params = digit_stream()
-  cfg = dict(optim=cf.with_values(continual.OptimConfig(), lr=3e-3, weight_decay=0.0, batch_size=16, dropout=False),
-             first=streams.FirstStageConfig(stage1_steps=30),
+  cfg = dict(optim=continual.OptimConfig(lr=3e-3, weight_decay=0.0, batch_size=16, dropout=False),
+             first=streams.FirstStageConfig(steps=30),
              stages=streams.StageConfig(steps=30, replay_batch_size=16, buffer_size=100),
-             hp=cf.with_values(continual.MethodConfig(), beta=50.0, ewc_samples=50, ewc_strength=50.0,
-                               bir_gen_steps=200, bir_freeze_below=False),
+             hp=cf.with_values(continual.MethodConfig(), {"fip.beta": 50.0, "ewc.samples": 50, "ewc.strength": 50.0,
+                                                          "bir.generator.steps": 200, "bir.freeze_below": False}),
              run=streams.RunConfig(eval_batch_size=40, checkpoint_every=7, record_every=10, probe_size=20))
   build = lambda: (streams.Runner(stream, **cfg, seed=0, model_key={"mlp": 32}, cache=runs.StageCache(cache),
                                   progress=False, stop_after=stop_after), params)
-  return runs.cli_main(lambda: streams.run_experiment(
+  return runs.cli_main(lambda: experiment.run_experiment(
       build, methods=methods, config={k: cf.to_dict(v) for k, v in cfg.items()}, out=out, cache_dir=cache,
       title="Three digit tasks", command="test"))
 # --- end of the experiment ---

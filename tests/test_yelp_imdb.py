@@ -10,10 +10,11 @@ import pytest
 
 from experiments import yelp_imdb
 
-TINY = ["--preset", "cpu", "--n-train-yelp", "64", "--n-train-imdb", "64", "--n-test", "40", "--n-val", "20",
-        "--max-len", "32", "--batch-size", "8", "--replay-batch-size", "8", "--eval-batch-size", "20",
-        "--stage1-steps", "4", "--steps", "4", "--buffer-size", "32", "--ewc-samples", "4", "--probe-size", "16",
-        "--record-every", "2", "--checkpoint-every", "2", "--no-progress", "--bir-gen-steps", "300"]
+TINY = ["--preset", "cpu", "--data.n-train-yelp", "64", "--data.n-train-imdb", "64", "--data.n-test", "40",
+        "--data.n-val", "20", "--data.max-len", "32", "--optim.batch-size", "8", "--stages.replay-batch-size", "8",
+        "--run.eval-batch-size", "20", "--first.steps", "4", "--stages.steps", "4", "--stages.buffer-size", "32",
+        "--ewc.samples", "4", "--run.probe-size", "16", "--run.record-every", "2", "--run.checkpoint-every", "2",
+        "--no-progress", "--bir.generator.steps", "300"]
 
 
 TINY_MODEL = []     # the one-layer MiniLM checkpoint (conftest.small_bert), set once per module
@@ -21,7 +22,7 @@ TINY_MODEL = []     # the one-layer MiniLM checkpoint (conftest.small_bert), set
 
 @pytest.fixture(scope="module", autouse=True)
 def _model(small_bert):
-  TINY_MODEL[:] = ["--model", str(small_bert)]
+  TINY_MODEL[:] = ["--model.name", str(small_bert)]
 
 
 def _run(tmp, *extra, out="run", cache="cache"):
@@ -36,7 +37,7 @@ METHODS = ("fip", "lora-fip-geodesic", "bir")
 @pytest.fixture(scope="module")
 def all_methods(tmp_path_factory, data_dir, _model):
   tmp = tmp_path_factory.mktemp("all")
-  assert _run(tmp, "--method", ",".join(METHODS), "--data-dir", str(data_dir)) == 0
+  assert _run(tmp, "--method", ",".join(METHODS), "--data.dir", str(data_dir)) == 0
   return tmp / "run"
 
 
@@ -76,7 +77,7 @@ def test_lora_methods_change_only_query_value_and_head(all_methods):
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path, data_dir, all_methods):
-  args = ("--method", "fip", "--data-dir", str(data_dir))
+  args = ("--method", "fip", "--data.dir", str(data_dir))
   assert _run(tmp_path, *args, "--stop-after", "3", out="killed", cache="cache_killed") == 130  # in stage 1
   assert _run(tmp_path, *args, "--stop-after", "3", out="killed", cache="cache_killed") == 130  # in stage 2
   assert not (tmp_path / "killed" / "results.json").exists()
@@ -92,9 +93,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, data_dir, all_methods)
 
 
 def test_nan_stops_the_run_and_caches_nothing(tmp_path, capsys, data_dir):
-  assert _run(tmp_path, "--method", "naive", "--data-dir", str(data_dir), "--lr", "1e6") == 2
+  assert _run(tmp_path, "--method", "naive", "--data.dir", str(data_dir), "--optim.lr", "1e6") == 2
   err = capsys.readouterr().err
-  assert "the loss became nan" in err and "--lr" in err and "Traceback" not in err
+  assert "the loss became nan" in err and "--optim.lr" in err and "Traceback" not in err
   assert not (tmp_path / "run" / "results.json").exists()
   assert not list((tmp_path / "cache").glob("*/final"))
 
@@ -114,7 +115,7 @@ def test_naive_stage_two_is_the_first_stages_program(tmp_path, data_dir, monkeyp
     return train(self, method, params, task, steps, seed, *args, **kw)
 
   monkeypatch.setattr(streams.Runner, "_train", spy)
-  assert _run(tmp_path, "--method", "naive", "--data-dir", str(data_dir)) == 0
+  assert _run(tmp_path, "--method", "naive", "--data.dir", str(data_dir)) == 0
 
   def program(method, params, batch):
     step, trainable, frozen, opt_state = continual.train_step(method, params, abstract=True)
@@ -134,11 +135,11 @@ def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
   batch is sharded). Stage 1 runs the same sharded training loop."""
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "experiments.yelp_imdb", *TINY, *TINY_MODEL, "--method", "fip", "--data-dir",
+  cmd = [sys.executable, "-m", "experiments.yelp_imdb", *TINY, *TINY_MODEL, "--method", "fip", "--data.dir",
          str(data_dir), "--out", str(tmp_path / "four"), "--cache-dir", str(all_methods.parent / "cache")]
   done = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "devices: 4" in done.stdout and "stage 1 (yelp): reusing the network" in done.stdout + done.stderr
+  assert "devices: 4" in done.stdout and "stage 1 (yelp): reusing the cached result" in done.stdout + done.stderr
   four = json.loads((tmp_path / "four" / "results.json").read_text())["methods"]["fip"]
   one = json.loads((all_methods / "results.json").read_text())["methods"]["fip"]
   np.testing.assert_allclose(four["loss_curve"], one["loss_curve"], rtol=2e-4)
@@ -147,7 +148,7 @@ def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
 
 @pytest.mark.slow
 def test_per_task_heads(tmp_path, data_dir):
-  assert _run(tmp_path, "--method", "lora", "--heads", "per-task", "--data-dir", str(data_dir)) == 0
+  assert _run(tmp_path, "--method", "lora", "--model.heads", "per-task", "--data.dir", str(data_dir)) == 0
   m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["lora"]
   assert m["task_agnostic_matrix"][-1] == [None, None]      # no shared label space to take an argmax over
   assert 0 <= m["accuracy_matrix"][1][1] <= 1

@@ -1,0 +1,172 @@
+"""The one stage loop every continual run shares: a first stage learnt once (cached across methods and runs), then
+for each method the later stages in order, each evaluated on every stage's test data.
+
+A :class:`StageLoop` owns what is the same for every kind of stream: a method's finished result reused from the run
+directory, the stages' checkpoints and exact resume after a kill, the simulated kill of tests, timings, and the
+training loop with its observers (:func:`fipjax.runs.train`). A subclass supplies what differs: how a stage's
+batches are drawn and its method built (:meth:`StageLoop.stage`), how a stage is evaluated, and what a finished stage
+leaves for later ones (:class:`StageState`): :class:`fipjax.streams.Runner` for classification tasks,
+:class:`fipjax.alignment.AlignmentRunner` for preference rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+
+from fipjax import checkpoint, continual, runs
+from fipjax import results as results_lib
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class StageState:
+  """One method's run through the later stages.
+
+  Attributes:
+    params: the model's weights after the last finished stage.
+    memory: ``stage name -> arrays`` that each finished stage left for later ones (SI's ω, BI-R's generator, a
+      round's pairs); saved with the stage checkpoints where :meth:`StageLoop.checkpointed_memory` says.
+    log: JSON records the result is built from (evaluation rows, loss history, path records, …), saved with every
+      stage checkpoint.
+    scratch: what this process keeps beside them (not saved: rebuilt on resume).
+  """
+  params: PyTree
+  memory: dict[str, dict]
+  log: dict[str, Any]
+  scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class StageLoop:
+  """The stage loop; see the module docstring.
+
+  Args:
+    optim, first, stages, hp, run: configuration sections (:class:`fipjax.streams.StreamConfig`).
+    seed: every random choice derives from it (stage k's batches and dropout use ``seed + 100 k``).
+    model_key: what identifies the model beyond its initial weights: part of every cache key.
+    cache: where first stages (and other reusable artefacts) are kept (None: not cached).
+    progress: tqdm bars (else a log line every 10% of a stage).
+    stop_after: simulate a kill after this many steps of this process, whatever the stage (tests).
+  """
+  stage_names: tuple[str, ...]
+  stage_word = "stage"
+  kind = results_lib.STREAM.kind           # the schema of its results (fipjax.results)
+
+  def __init__(self, *, optim: continual.OptimConfig, first, stages, hp: continual.MethodConfig, run, seed: int,
+               model_key: dict, cache: runs.StageCache | None = None, progress: bool = True,
+               stop_after: int | None = None):
+    self.optim, self.first, self.stages, self.hp, self.run = optim, first, stages, hp, run
+    self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
+    self.budget = None if stop_after is None else runs.StepBudget(stop_after)
+    self.timings = runs.Timings()
+
+  def check_rows(self, rows: Mapping[str, int], what: str) -> None:
+    """Every stage trains on at least one batch: ``rows`` (stage name -> training rows) in words of ``what``."""
+    for name, n in rows.items():
+      if n < self.optim.batch_size:
+        raise runs.UsageError(f"{self.stage_word} {name} has {n} training {what}, fewer than one batch of "
+                              f"{self.optim.batch_size} (--optim.batch-size); lower it or use more {what}.")
+
+  def stage_steps(self, rows: int) -> int:
+    """A later stage's steps over ``rows`` training rows (``--stages.steps`` or ``--stages.epochs``)."""
+    return continual.num_steps(self.stages.steps, self.stages.epochs, rows, self.optim.batch_size)
+
+  def first_steps(self, rows: int) -> int:
+    return continual.num_steps(self.first.steps, self.first.epochs, rows, self.optim.batch_size)
+
+  def train(self, method: continual.Method, params: PyTree, batches: Callable[[int], Iterator[dict]], steps: int,
+            seed: int, ckpt_dir: pathlib.Path | None, observer: runs.Observer | None = None, name: str = ""):
+    """:func:`fipjax.runs.train` with this loop's checkpoints, progress, timings and kill budget; batches and
+    dropout keyed by ``seed``: (final parameters, history, final optimiser state)."""
+    return runs.train(method, params, batches, steps, name=name, ckpt_dir=ckpt_dir,
+                      checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed), observer=observer,
+                      progress=self.progress, budget=self.budget, timings=self.timings)
+
+  def cached(self, name: str, parts: dict, compute: Callable, **kw) -> tuple[PyTree, dict]:
+    """:func:`fipjax.runs.cached` in this loop's cache, keyed also by the model."""
+    return runs.cached(self.cache, name, {"model": self.model_key, **parts}, compute, **kw)
+
+  # -- what a kind of stream supplies ------------------------------------------------------------------------------
+
+  def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict]:
+    """(the weights after the first stage, what it leaves for later ones), learnt once per key."""
+    raise NotImplementedError
+
+  def start(self, first: tuple[PyTree, dict]) -> StageState:
+    """A method's state entering the second stage."""
+    raise NotImplementedError
+
+  def enter(self, k: int, state: StageState) -> None:
+    """Before stage k (0-based) whether it runs or is resumed from its checkpoint (default: nothing)."""
+
+  def stage(self, name: str, k: int, state: StageState, ckpt_dir: pathlib.Path) -> None:
+    """Learn stage k with method ``name`` from ``state``, updating it (weights, memory, log) and evaluating."""
+    raise NotImplementedError
+
+  def result(self, name: str, state: StageState) -> dict:
+    """The method's results.json entry after the last stage (logged by :meth:`summary`)."""
+    raise NotImplementedError
+
+  def summary(self, name: str, result: dict) -> str:
+    return name
+
+  def checkpointed_memory(self, state: StageState) -> dict:
+    """The part of ``state.memory`` a stage checkpoint keeps (default: none; what it needs is rebuilt)."""
+    return {}
+
+  def restored(self, k: int, state: StageState, memory: dict, meta: dict) -> None:
+    """Fold stage k's checkpoint's memory and metadata back into ``state`` (default: nothing)."""
+
+  # -- the loop ----------------------------------------------------------------------------------------------------
+
+  def run_method(self, name: str, first: tuple[PyTree, dict], run_dir: runs.RunDir) -> dict:
+    """Stages 2..T with method ``name`` from the first stage's result; kept in ``run_dir`` as it finishes."""
+    done = run_dir.part(name)
+    if done is not None:
+      runs.log(f"{name}: already finished in an earlier invocation, reusing it")
+      return done
+    state, ckpt, t0 = self.start(first), run_dir.checkpoints(name), time.perf_counter()
+    last = len(self.stage_names) - 1
+    for k in range(1, last + 1):
+      self.enter(k, state)
+      stage_dir = ckpt / f"after_{self.stage_word}{k + 1}"
+      if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill
+        tree = checkpoint.restore_tree(stage_dir)
+        meta = checkpoint.load_meta(stage_dir)
+        state.params, state.log = tree["params"], meta["log"]
+        self.restored(k, state, tree.get("memory", {}), meta)
+        continue
+      self.stage(name, k, state, ckpt / f"{self.stage_word}{k + 1}")
+      if k < last:
+        memory = self.checkpointed_memory(state)
+        checkpoint.save(stage_dir, {"params": state.params, **({"memory": memory} if memory else {})},
+                        {"log": state.log, **self.checkpoint_meta(state)}, keep_structure=True)
+    state.scratch["wall_time_s"] = time.perf_counter() - t0
+    result = self.result(name, state)
+    results_lib.check(self.kind, result)
+    run_dir.save_part(name, result)
+    runs.log(self.summary(name, result))
+    return result
+
+  def checkpoint_meta(self, state: StageState) -> dict:
+    """JSON a stage checkpoint keeps beside ``state.log`` (default: none)."""
+    return {}
+
+  def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:
+    """The first stage (cached), then every method over the later stages: ``{"methods", …, "timings"}``."""
+    first = self.first_stage(init_params)
+    results = {"kind": self.kind, "methods": {}, **self.describe()}
+    for name in methods:
+      with self.timings.phase(name):
+        results["methods"][name] = self.run_method(name, first, run_dir)
+    results["timings"] = self.timings
+    return results
+
+  def describe(self) -> dict:
+    """Entries of results.json beside the methods' (default: none)."""
+    return {}
