@@ -24,7 +24,8 @@ import numpy as np
 
 from fipjax import alignment, continual, data, experiment, rewards, runs, streams
 from fipjax import config as cf
-from fipjax.models import hub, llama
+from fipjax import models
+from fipjax.models import llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_DATA = REPO.parent / "shared" / "data"
@@ -168,14 +169,18 @@ def build(cfg: Config, args):
   """(runner, the base policy's parameters): loads the model, the data and the rewards; input errors are raised
   here."""
   cache = runs.StageCache(args.cache_dir)
-  graphdef, params, _, load_report = hub.load_llama(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
-  runs.log(str(load_report))
-  tokenizer = hub.load_llama_tokenizer(cfg.model.name)
+  model = models.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+  runs.log(str(model.report))
+  if not hasattr(model.family, "generate"):
+    raise runs.UsageError(f"--model.name {cfg.model.name} is a {model.family.__name__.split('.')[-1]} model, not a "
+                          "causal LM; continual alignment samples completions from a decoder (Llama, Qwen2, Mistral, "
+                          "a GGUF file or 'smollm2').")
+  tokenizer = models.load_llama_tokenizer(cfg.model.name)
   rounds, held_out = load_rounds(cfg, tokenizer, cache, not args.no_progress)
   runner = alignment.AlignmentRunner(
-      graphdef, tokenizer, rounds, held_out, **cfg.runner_args(), pref=cfg.dpo, model_key=cf.to_dict(cfg.model),
+      model.graphdef, tokenizer, rounds, held_out, family=model.family, **cfg.runner_args(), pref=cfg.dpo, model_key=cf.to_dict(cfg.model),
       cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
-  return runner, params
+  return runner, model.params
 
 
 def main(argv=None) -> int:
@@ -184,7 +189,7 @@ def main(argv=None) -> int:
   return experiment.experiment_main(
       "experiments.continual_dpo", argv, cfg, args, methods, lambda: build(cfg, args),
       title="Continual DPO: IMDB positive → Yelp negative", runs_root=REPO / "runs",
-      before=lambda: check(cfg, methods), user_errors=(hub.CheckpointError,))
+      before=lambda: check(cfg, methods), user_errors=(models.CheckpointError,))
 
 
 if __name__ == "__main__":

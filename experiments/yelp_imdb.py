@@ -21,7 +21,7 @@ import numpy as np
 
 from fipjax import config as cf
 from fipjax import continual, data, experiment, parallel, runs, streams
-from fipjax.models import bert, hub
+from fipjax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_DATA = REPO.parent / "shared" / "data"
@@ -128,17 +128,17 @@ def build(cfg: Config, args):
   shared = cfg.model.heads == "shared"
   if cfg.model.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
-  tasks = tuple(load_tasks(cfg, hub.load_tokenizer(cfg.model.name), shared))
-  graphdef, params, bert_config, report = hub.load_bert(
-      cfg.model.name, {"shared": 7} if shared else {"yelp": 5, "imdb": 2}, dtype=DTYPES[cfg.model.dtype],
-      remat=cfg.model.remat, seed=cfg.seed)
-  runs.log(str(report))
+  tasks = tuple(load_tasks(cfg, models.load_tokenizer(cfg.model.name), shared))
+  model = models.load(cfg.model.name, family="bert", heads={"shared": 7} if shared else {"yelp": 5, "imdb": 2},
+                      dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat, seed=cfg.seed)
+  runs.log(str(model.report))
+  graphdef, params, bert_config = model.graphdef, model.params, model.config
   if cfg.data.max_len > bert_config.max_position_embeddings:
     raise runs.UsageError(f"--data.max-len {cfg.data.max_len} exceeds the model's "
                           f"{bert_config.max_position_embeddings} position embeddings; choose a --data.max-len of at "
                           "most that.")
-  stream = streams.Stream(bert.make_apply(graphdef), tasks, head_params=lambda head: rf"^heads/{head}/",
-                          layer_group=layer_group, split=bert.make_split(graphdef))
+  stream = streams.Stream(model.apply, tasks, head_params=lambda head: rf"^heads/{head}/",
+                          layer_group=layer_group, split=model.family.make_split(graphdef))
   runner = streams.Runner(stream, **cfg.runner_args(), model_key=cf.to_dict(cfg.model),
                           cache=runs.StageCache(args.cache_dir), progress=not args.no_progress,
                           stop_after=args.stop_after)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
   cfg, args = parse_args(argv)
   return experiment.experiment_main(
       "experiments.yelp_imdb", argv, cfg, args, continual.method_list(args.method, METHODS),
-      lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(hub.CheckpointError,),
+      lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(models.CheckpointError,),
       before=parallel.initialize_distributed if args.distributed else lambda: None)
 
 

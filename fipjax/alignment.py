@@ -30,7 +30,7 @@ from fipjax import continual, data, dpo, runs, sequences
 from fipjax import config as cf
 from fipjax import results as results_lib
 from fipjax import stages as stages_lib
-from fipjax.models import llama
+from fipjax.models import common, llama
 
 PyTree = Any
 
@@ -86,7 +86,12 @@ ANCHORS = ("chosen", "policy")
 class PreferenceConfig:
   """DPO: its loss, the pairs (prompts and sampled completions) and the stored references of old rounds."""
   beta: float = cf.option(0.1, "DPO's β (the implicit reward's scale)", cf.positive)
-  loss: str = cf.option("sigmoid", "preference loss: 'sigmoid' (DPO) or 'ipo'", cf.one_of(*dpo.KINDS))
+  loss: str = cf.option("sigmoid", "preference loss (TRL's loss_type): 'sigmoid' (DPO), 'ipo', 'hinge' (SLiC) or "
+                        "'robust' (robust DPO)", cf.one_of(*dpo.KINDS))
+  label_smoothing: float = cf.option(0.0, "ε: the probability that a preference label is flipped (conservative DPO "
+                                     "for 'sigmoid', robust DPO's noise level)", lambda v: 0 <= v < 0.5)
+  rpo_alpha: float | None = cf.option(None, "α of RPO's negative log-likelihood term on the chosen responses "
+                                      "(none: no term)", cf.non_negative)
   prompt_tokens: int = cf.option(8, "tokens of each review that make its prompt (left-padded)", cf.positive)
   response_tokens: int = cf.option(24, "tokens sampled per completion", cf.positive)
   temperature: float = cf.option(1.0, "sampling temperature of pairs and evaluations", cf.positive)
@@ -146,12 +151,12 @@ def fip_outputs(apply: Callable) -> Callable:
 
 class Policy:
   """A causal LM's sampling, reference log-probabilities, stored top-k references and held-out statistics,
-  each jitted once."""
+  each jitted once; ``family`` is its model family's module (:data:`fipjax.models.FAMILIES`)."""
 
-  def __init__(self, graphdef, tokenizer, pref: PreferenceConfig):
-    self.graphdef, self.apply, self.tokenizer, self.pref = graphdef, llama.make_apply(graphdef), tokenizer, pref
+  def __init__(self, graphdef, tokenizer, pref: PreferenceConfig, family=llama):
+    self.graphdef, self.apply, self.tokenizer, self.pref = graphdef, family.make_apply(graphdef), tokenizer, pref
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    self._generate = jax.jit(lambda p, ids, m, key: llama.generate(
+    self._generate = jax.jit(lambda p, ids, m, key: family.generate(
         graphdef, p, ids, m, key, max_new_tokens=pref.response_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
         temperature=pref.temperature, top_p=pref.top_p)[:2])
     self._ref = jax.jit(lambda p, b: dpo.reference_logprobs(self.apply, p, b, kind=pref.loss))
@@ -165,7 +170,7 @@ class Policy:
       logp = jax.nn.log_softmax(logits[:, :-1], -1)
       logq = jax.nn.log_softmax(self.apply(base, b)[:, :-1], -1)
       m = b["attention_mask"][:, 1:].astype(jnp.float32)
-      nll = -llama.token_logprobs(logits, b["input_ids"])
+      nll = -common.token_logprobs(logits, b["input_ids"])
       kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
       return jnp.sum(nll * m, -1), jnp.sum(kl * m, -1), jnp.sum(m, -1)
 
@@ -252,7 +257,8 @@ class AlignmentRunner(stages_lib.StageLoop):
   """Learns ``rounds`` in order with any method; see the module docstring.
 
   Args:
-    graphdef, tokenizer: the causal LM (its weights entering the first round are passed to :meth:`run_all`).
+    graphdef, tokenizer, family: the causal LM and its family's module (its weights entering the first round are
+      passed to :meth:`run_all`).
     rounds: the rounds in order (at least two).
     held_out_text: right-padded ``{"input_ids", "attention_mask"}`` for perplexity and KL to the base model.
     pref: pairs, DPO and stored references.
@@ -262,7 +268,7 @@ class AlignmentRunner(stages_lib.StageLoop):
   kind = results_lib.ALIGNMENT.kind
 
   def __init__(self, graphdef, tokenizer, rounds: Sequence[Round], held_out_text: Mapping[str, np.ndarray], *,
-               pref: PreferenceConfig, **kw):
+               pref: PreferenceConfig, family=llama, **kw):
     super().__init__(**kw)
     if len(rounds) < 2 or len({r.name for r in rounds}) != len(rounds):
       raise ValueError(f"continual alignment needs at least two rounds with distinct names, got "
@@ -274,12 +280,13 @@ class AlignmentRunner(stages_lib.StageLoop):
                               f"than --stages.replay-batch-size {self.stages.replay_batch_size}; lower it.")
     self.rounds, self.held_out, self.base, self.pref = tuple(rounds), held_out_text, None, pref
     self.stage_names = tuple(r.name for r in rounds)
-    self.policy = Policy(graphdef, tokenizer, pref)
+    self.policy = Policy(graphdef, tokenizer, pref, family)
     self.task_loss = self._pair_loss()
     self._digests: dict[int, tuple[PyTree, str]] = {}
 
   def _pair_loss(self) -> continual.TaskLoss:
-    loss = dpo.task_loss(self.policy.apply, beta=self.pref.beta, kind=self.pref.loss)
+    loss = dpo.task_loss(self.policy.apply, beta=self.pref.beta, kind=self.pref.loss,
+                         label_smoothing=self.pref.label_smoothing, rpo_alpha=self.pref.rpo_alpha)
     return lambda params, batch, rng=None: loss(params, batch["inputs"])
 
   # -- pairs and evaluation ---------------------------------------------------------------------------------------

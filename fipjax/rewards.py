@@ -18,7 +18,7 @@ import optax
 
 from fipjax import continual, data, runs
 from fipjax import config as cf
-from fipjax.models import bert, hub
+from fipjax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Classifier:
   """``probs(texts) -> [N, K]`` of a fine-tuned BERT classifier (jitted per length bucket)."""
 
   def __init__(self, graphdef, params, tokenizer, max_len: int, batch_size: int = 64):
-    apply = bert.make_apply(graphdef)
+    apply = model.apply
     self._probs = jax.jit(lambda p, x: jax.nn.softmax(apply(p, x)["cls"], -1))
     self.params, self.tokenizer, self.max_len, self.batch_size = params, tokenizer, max_len, batch_size
 
@@ -73,16 +73,17 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
   fine-tuned once per configuration and kept in ``cache``."""
   train, test = (data.load_task(task, split, data_dir) for split in ("train", "test"))
   seed = cfg.seed
-  tokenizer = hub.load_tokenizer(cfg.model)
+  tokenizer = models.load_tokenizer(cfg.model)
   k = train.num_labels
-  graphdef, init, _, _ = hub.load_bert(cfg.model, {"cls": k}, seed=seed)
+  model = models.load(cfg.model, family="bert", heads={"cls": k}, seed=seed)
+  graphdef, init = model.graphdef, model.params
   clf = Classifier(graphdef, init, tokenizer, cfg.max_len)
   train_enc = data.encode(data.subsample(train, cfg.train_rows, seed), tokenizer, cfg.max_len)
   test_rows = data.subsample(test, cfg.test_rows, seed)
   parts = {"task": task, "config": cf.to_dict(cfg), "data": train_enc.digest()}
 
   def fit(ckpt_dir: pathlib.Path | None):
-    apply = bert.make_apply(graphdef)
+    apply = model.apply
 
     def loss(params, batch, rng=None):
       z = apply(params, batch["inputs"], deterministic=rng is None, rng=rng)["cls"]

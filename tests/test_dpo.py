@@ -35,27 +35,58 @@ def test_sequence_logprob_sums_response_tokens(x64):
     np.testing.assert_allclose(got, _by_hand(table, batch["chosen"]["input_ids"], 2, average), rtol=1e-12)
 
 
+def _paper_loss(kind: str, margin: np.ndarray, beta: float, eps: float) -> np.ndarray:
+  """Each loss as its paper writes it, in NumPy (float64)."""
+  log_sigmoid = lambda x: -np.log1p(np.exp(-x))
+  z = beta * margin
+  if kind == "sigmoid":      # DPO (Rafailov et al. 2023, eq. 7); ε: conservative DPO's label flips
+    return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+  if kind == "robust":       # Chowdhury et al. 2024, eq. 8
+    return (-(1 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1 - 2 * eps)
+  if kind == "hinge":        # SLiC-HF (Zhao et al. 2023), calibration loss with δ = 1
+    return np.maximum(0.0, 1.0 - z)
+  return (margin - 1.0 / (2.0 * beta)) ** 2        # IPO (Azar et al. 2023, eq. 17)
+
+
 @pytest.mark.parametrize("kind", dpo.KINDS)
-def test_loss_formula_and_training_direction(x64, kind):
+@pytest.mark.parametrize("eps", (0.0, 0.1))
+def test_loss_formula_and_training_direction(x64, kind, eps):
   ref = jax.random.normal(jax.random.key(1), (VOCAB, VOCAB), jnp.float64)
   batch = {**_pairs(), **dpo.reference_logprobs(apply, ref, _pairs(), kind=kind)}
-  loss_fn = dpo.task_loss(apply, beta=0.5, kind=kind)
+  loss_fn = dpo.task_loss(apply, beta=0.5, kind=kind, label_smoothing=eps)
   loss, metrics = loss_fn(ref, batch)
-  expected = np.log(2.0) if kind == "sigmoid" else (1.0 / (2 * 0.5)) ** 2      # policy = reference: Δ = 0
+  expected = _paper_loss(kind, np.zeros(2), 0.5, eps).mean()            # policy = reference: Δ = 0
   np.testing.assert_allclose(loss, expected, rtol=1e-12)
   assert float(metrics["reward_accuracy"]) == 0.0
   policy = ref + 0.3 * jax.random.normal(jax.random.key(2), ref.shape, jnp.float64)
   avg = kind == "ipo"
   margin = ((_by_hand(policy, batch["chosen"]["input_ids"], 2, avg) - batch["ref_chosen"])
             - (_by_hand(policy, batch["rejected"]["input_ids"], 2, avg) - batch["ref_rejected"]))
-  want = (-jax.nn.log_sigmoid(0.5 * margin) if kind == "sigmoid" else (margin - 1.0) ** 2).mean()
-  np.testing.assert_allclose(loss_fn(policy, batch)[0], want, rtol=1e-10)
+  np.testing.assert_allclose(loss_fn(policy, batch)[0], _paper_loss(kind, margin, 0.5, eps).mean(), rtol=1e-10)
   for _ in range(50):
     policy = policy - 0.5 * jax.grad(lambda p: loss_fn(p, batch)[0])(policy)
   assert float(loss_fn(policy, batch)[1]["reward_accuracy"]) == 1.0
   assert float(loss_fn(policy, batch)[0]) < expected
 
 
-def test_unknown_kind():
-  with pytest.raises(ValueError, match="hinge"):
-    dpo.task_loss(apply, kind="hinge")
+def test_rpo_adds_the_chosen_responses_nll_per_token(x64):
+  """RPO (Pang et al. 2024; TRL's rpo_alpha): the DPO loss plus α · the chosen tokens' mean negative
+  log-likelihood."""
+  ref = jax.random.normal(jax.random.key(1), (VOCAB, VOCAB), jnp.float64)
+  policy = ref + 0.3 * jax.random.normal(jax.random.key(2), ref.shape, jnp.float64)
+  batch = {**_pairs(), **dpo.reference_logprobs(apply, ref, _pairs())}
+  plain, _ = dpo.task_loss(apply, beta=0.5)(policy, batch)
+  rpo, metrics = dpo.task_loss(apply, beta=0.5, rpo_alpha=0.7)(policy, batch)
+  ids = np.asarray(batch["chosen"]["input_ids"])
+  token_logps = [jax.nn.log_softmax(policy[row[t - 1]])[row[t]] for row in ids for t in range(2, len(row))
+                 if row[t] > 0]
+  nll = -np.mean(token_logps)
+  np.testing.assert_allclose(metrics["nll"], nll, rtol=1e-12)
+  np.testing.assert_allclose(rpo, plain + 0.7 * nll, rtol=1e-12)
+
+
+def test_unknown_kind_and_label_smoothing_out_of_range():
+  with pytest.raises(ValueError, match="exponential"):
+    dpo.task_loss(apply, kind="exponential")
+  with pytest.raises(ValueError, match="label smoothing"):
+    dpo.task_loss(apply, label_smoothing=0.5)

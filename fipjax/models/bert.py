@@ -2,19 +2,31 @@
 
 Parameter names mirror Hugging Face's (``embeddings/word_embeddings/embedding``,
 ``encoder/layer/0/attention/self/query/kernel``, ``pooler/dense/kernel``, ``heads/<task>/kernel``) so that
-checkpoint conversion (:mod:`fipjax.models.hub`) is a renaming plus kernel transposes.
+checkpoint conversion (:func:`hf_name`, :func:`from_checkpoint`) is a renaming plus kernel transposes. The family
+surface of :mod:`fipjax.models`: ``MODEL_TYPES``, ``Config``, ``hf_name``, ``DROPPED``, ``from_checkpoint``,
+``make_apply``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fipjax.models.common import (CheckpointError, Converted, convert_checkpoint, embed, linear, split_params,
+                                  wide)
+from fipjax.models.common import param_count  # noqa: F401  (re-exported: one API for all models)
+
 PyTree = Any
+
+MODEL_TYPES = ("bert",)
+"""Hugging Face ``model_type`` values this family loads."""
+DROPPED = (re.compile(r"^cls\."), re.compile(r"position_ids$"), re.compile(r"^classifier\."))
+"""Checkpoint tensors a classifier never uses: pre-training heads, buffers, a checkpoint's own classifier."""
 
 _ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "gelu_new": jax.nn.gelu,
                 "gelu_pytorch_tanh": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
@@ -47,27 +59,19 @@ class BertConfig:
     return cfg
 
 
-def _wide(dtype):
-  """Parameter and softmax dtype for compute ``dtype``: float32 for float32/bfloat16, float64 for float64."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _dense(cfg_in: int, cfg_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(cfg_in, cfg_out, dtype=dtype, param_dtype=_wide(dtype),
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+Config = BertConfig
+"""The family's config (``Config.from_dict(config_json)``)."""
 
 
 def _layer_norm(size: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=_wide(dtype), rngs=rngs)
+  return nnx.LayerNorm(size, epsilon=eps, dtype=dtype, param_dtype=wide(dtype), rngs=rngs)
 
 
 class Embeddings(nnx.Module):
   def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    embed = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=_wide(dtype),
-                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.word_embeddings = embed(cfg.vocab_size)
-    self.position_embeddings = embed(cfg.max_position_embeddings)
-    self.token_type_embeddings = embed(cfg.type_vocab_size)
+    self.word_embeddings = embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+    self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size, dtype, rngs)
+    self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, dtype, rngs)
     self.LayerNorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
@@ -81,9 +85,9 @@ class Embeddings(nnx.Module):
 class SelfAttention(nnx.Module):
   def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
     self.num_heads = cfg.num_attention_heads
-    self.query = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
-    self.key = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
-    self.value = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.query = linear(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.key = linear(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.value = linear(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
     self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
 
   def __call__(self, h, bias, deterministic, rng):
@@ -93,7 +97,7 @@ class SelfAttention(nnx.Module):
     # 100 × 128 tokens took 5.1 s instead of 3.8 s.
     split = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
     q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-    scores = (q @ k.swapaxes(-1, -2)).astype(_wide(h.dtype)) / jnp.sqrt(d // self.num_heads)
+    scores = (q @ k.swapaxes(-1, -2)).astype(wide(h.dtype)) / jnp.sqrt(d // self.num_heads)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(h.dtype)
     probs = self.dropout(probs, deterministic=deterministic, rngs=rng)
     return (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
@@ -103,7 +107,7 @@ class Output(nnx.Module):
   """Dense → dropout → residual → LayerNorm (HF's BertSelfOutput and BertOutput)."""
 
   def __init__(self, d_in: int, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    self.dense = _dense(d_in, cfg.hidden_size, dtype, rngs)
+    self.dense = linear(d_in, cfg.hidden_size, dtype, rngs)
     self.LayerNorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
@@ -119,7 +123,7 @@ class Attention(nnx.Module):
 
 class Intermediate(nnx.Module):
   def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    self.dense = _dense(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+    self.dense = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
     self.act = cfg.hidden_act
 
   def __call__(self, h):
@@ -155,7 +159,7 @@ class Encoder(nnx.Module):
 
 class Pooler(nnx.Module):
   def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    self.dense = _dense(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
+    self.dense = linear(cfg.hidden_size, cfg.hidden_size, dtype, rngs)
 
   def __call__(self, h):
     return jnp.tanh(self.dense(h[:, 0]))
@@ -186,8 +190,8 @@ class BertModel(nnx.Module):
       raise ValueError("dropout needs an rng key: pass rng=... or deterministic=True")
     rngs = [None, None] if rng is None else list(jax.random.split(rng))
     h = self.embeddings(input_ids, token_type_ids, deterministic, rngs[0])
-    wide = _wide(h.dtype)
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(wide).min).astype(wide)  # [B,1,1,T]
+    dt = wide(h.dtype)
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dt).min).astype(dt)  # [B,1,1,T]
     h = self.encoder(h, bias, deterministic, rngs[1])
     return h, self.pooler(h)
 
@@ -203,14 +207,14 @@ class BertClassifier(nnx.Module):
                classifier_dropout: float | None = None, rngs: nnx.Rngs):
     self.bert = BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
-    self.heads = nnx.Dict({name: _dense(cfg.hidden_size, n, dtype, rngs) for name, n in heads.items()})
+    self.heads = nnx.Dict({name: linear(cfg.hidden_size, n, dtype, rngs) for name, n in heads.items()})
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
                rng: jax.Array | None = None) -> dict[str, jax.Array]:
     rngs = [None, None] if rng is None else list(jax.random.split(rng))
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, rng=rngs[0])
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs[1])
-    return {name: head(pooled).astype(_wide(pooled.dtype)) for name, head in self.heads.items()}
+    return {name: head(pooled).astype(wide(pooled.dtype)) for name, head in self.heads.items()}
 
   def features(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
                rng: jax.Array | None = None) -> jax.Array:
@@ -224,13 +228,7 @@ class BertClassifier(nnx.Module):
     """Pooler, dropout and heads on [CLS] vectors ``[B, H]``: ``readout(features(x)) == self(x)``."""
     pooled = jnp.tanh(self.bert.pooler.dense(cls))
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=None if rng is None else jax.random.split(rng)[1])
-    return {name: head(pooled).astype(_wide(pooled.dtype)) for name, head in self.heads.items()}
-
-
-def split_params(module: nnx.Module):
-  """(graphdef, plain nested-dict params) of an NNX module."""
-  graphdef, state = nnx.split(module, nnx.Param)
-  return graphdef, nnx.to_pure_dict(state)
+    return {name: head(pooled).astype(wide(pooled.dtype)) for name, head in self.heads.items()}
 
 
 def make_apply(graphdef):
@@ -262,5 +260,45 @@ def make_split(graphdef):
   return features, readout, r"^bert/(embeddings|encoder)/"
 
 
-def param_count(params: PyTree) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(params))
+def hf_name(name: str) -> str:
+  """``encoder.layer.0.attention.self.query.weight`` → ``encoder/layer/0/attention/self/query/kernel`` (an old
+  ``bert.`` prefix and ``LayerNorm.gamma``/``beta`` are accepted)."""
+  name = re.sub(r"^bert\.", "", name)
+  name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+  name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+  parts = name.split(".")
+  module, leaf = parts[:-1], parts[-1]
+  if leaf == "weight":
+    if module[-1] == "LayerNorm":
+      leaf = "scale"
+    elif module[-1].endswith("_embeddings"):
+      leaf = "embedding"
+    else:
+      leaf = "kernel"
+  return "/".join(module + [leaf])
+
+
+def from_checkpoint(cfg: BertConfig, tensors: Mapping[str, Any], *, heads: Mapping[str, int] | None = None,
+                    dtype=jnp.float32, remat: bool = False, seed: int = 0, num_layers: int | None = None) -> Converted:
+  """A :class:`BertClassifier` with fresh ``heads`` (or the bare :class:`BertModel` when None) filled from
+  Hugging Face-named ``tensors``; strict (:func:`~fipjax.models.common.convert_checkpoint`).
+
+  ``num_layers`` keeps only the first that many encoder layers (the later ones are reported as dropped): a real
+  but cheaper network for notebooks and tests. ``seed`` initialises the heads.
+  """
+  if num_layers is not None:
+    if not 1 <= num_layers <= cfg.num_hidden_layers:
+      raise CheckpointError(f"num_layers={num_layers}, but the checkpoint has {cfg.num_hidden_layers} encoder "
+                            f"layers; choose 1 to {cfg.num_hidden_layers} (or None for all).")
+    cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
+  rngs = nnx.Rngs(seed)
+  if heads is None:
+    module, prefix, fresh = BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs), "", None
+  else:
+    module, prefix, fresh = BertClassifier(cfg, heads, dtype=dtype, remat=remat, rngs=rngs), "bert/", r"^heads/"
+  graphdef, template = split_params(module)
+  later = {k for k in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", k))
+           and int(m.group(1)) >= cfg.num_hidden_layers}
+  params, initialised, dropped = convert_checkpoint({k: v for k, v in tensors.items() if k not in later}, template,
+                                                   prefix=prefix, fresh=fresh, rename=hf_name, dropped_patterns=DROPPED)
+  return Converted(graphdef, params, cfg, initialised, sorted(later) + dropped)

@@ -1,7 +1,7 @@
 """Reading a Llama-architecture GGUF file (llama.cpp's format) in NumPy: config, dequantised weights, tokenizer.
 
 Weights come back under Hugging Face names (``model.layers.0.self_attn.q_proj.weight``, ``[out, in]``), so that
-:func:`fipjax.models.hub.load_llama` converts them exactly as it converts a safetensors checkpoint. llama.cpp's
+:func:`fipjax.models.llama.from_checkpoint` converts them exactly as it converts a safetensors checkpoint. llama.cpp's
 converter permutes the rows of q and k (rotary pairs interleaved instead of split in halves): undone here.
 The tokenizer is built from the file's own vocabulary, merges and pre-tokenizer type with ``tokenizers``.
 """
@@ -91,12 +91,6 @@ def _field(reader, key: str, default: Any = None) -> Any:
   return default if field is None else field.contents()
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """Every scalar and string field of the file (arrays such as the vocabulary are left out)."""
-  reader = open_reader(path)
-  return {k: f.contents() for k, f in reader.fields.items() if len(f.data) <= 1}
-
-
 def read_config(reader) -> dict[str, Any]:
   """A Hugging Face-style ``config.json`` dict for the file's Llama architecture."""
   arch = _field(reader, "general.architecture")
@@ -146,7 +140,7 @@ def build_tokenizer(reader):
   """A ``transformers.PreTrainedTokenizerFast`` from the file's byte-level BPE vocabulary, merges, pre-tokenizer
   type, special tokens and chat template (no torch, no network)."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-  from fipjax.models.hub import quiet_transformers
+  from fipjax.models.common import quiet_transformers
   with quiet_transformers():
     from transformers import PreTrainedTokenizerFast
   kind = _field(reader, "tokenizer.ggml.model")
@@ -172,8 +166,9 @@ def build_tokenizer(reader):
                          else tokens[int(_field(reader, f"tokenizer.ggml.{key}"))])
   bos = special("bos_token_id")
   if _field(reader, "tokenizer.ggml.add_bos_token") and bos is not None:      # Llama 3 files: a leading BOS
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(_field(reader, "tokenizer.ggml.bos_token_id")))])
+    bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id"))
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, bos_id)])
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=bos, eos_token=special("eos_token_id"),
       unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"),

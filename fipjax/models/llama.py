@@ -2,8 +2,10 @@
 
 Covers Llama 2/3 (with Llama 3's RoPE scaling), SmolLM and Qwen2-style configs (bias on q/k/v). Parameter names
 mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``, ``model/norm/weight``, ``lm_head/kernel``) so
-that loading (:mod:`fipjax.models.hub`, :mod:`fipjax.models.gguf`) is a renaming plus kernel transposes. The rest
-of fipjax sees ``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a plain parameter dict.
+that loading (:func:`hf_name`, :func:`from_checkpoint`; GGUF files through :mod:`fipjax.models.gguf`) is a renaming
+plus kernel transposes. The rest of fipjax sees ``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a
+plain parameter dict. The family surface of :mod:`fipjax.models`: ``MODEL_TYPES``, ``Config``, ``hf_name``,
+``DROPPED``, ``from_checkpoint``, ``make_apply``, and for a causal LM ``generate`` and ``token_logprobs``.
 
 Padding: a row's positions are counted over its unmasked tokens (``cumsum(mask) - 1``), so left-padded prompts
 (generation) and right-padded sequences (scoring) give the same logits as the unpadded row.
@@ -13,15 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fipjax.models.bert import param_count, split_params  # noqa: F401  (re-exported: one API for all models)
+from fipjax.models.common import CheckpointError, Converted, convert_checkpoint, embed, linear, split_params, wide
+from fipjax.models.common import param_count, token_logprobs  # noqa: F401  (re-exported: one API for all models)
 
 PyTree = Any
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""Hugging Face ``model_type`` values this family loads (GGUF files: ``general.architecture`` llama, qwen2)."""
+DROPPED = (re.compile(r"rotary_emb\.inv_freq$"),)
+"""Checkpoint buffers the model recomputes."""
 
 LORA_TARGETS = (r"self_attn/(q_proj|v_proj)/kernel$",)
 """LoRA's usual targets in a decoder (query and value projections), for :class:`fipjax.lora.LoraConfig`."""
@@ -58,9 +68,9 @@ class LlamaConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
     """From a Hugging Face ``config.json`` dict (``model_type`` llama, qwen2 or mistral); unknown keys ignored."""
     kind = d.get("model_type", "llama")
-    if kind not in ("llama", "qwen2", "mistral"):
-      raise ValueError(f"model_type {kind!r} is not a Llama-family decoder this port covers (llama, qwen2, "
-                       "mistral)")
+    if kind not in MODEL_TYPES:
+      raise ValueError(f"model_type {kind!r} is not a Llama-family decoder this port covers "
+                       f"({', '.join(MODEL_TYPES)})")
     if d.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {d['hidden_act']!r}: only SwiGLU (silu) is supported")
     if d.get("use_sliding_window") or (kind == "mistral" and d.get("sliding_window")):
@@ -84,8 +94,8 @@ class LlamaConfig:
     return cls(**kw)
 
 
-def _wide(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
+Config = LlamaConfig
+"""The family's config (``Config.from_dict(config_json)``)."""
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
@@ -114,18 +124,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class RMSNorm(nnx.Module):
   def __init__(self, size: int, eps: float, dtype):
-    self.weight = nnx.Param(jnp.ones((size,), _wide(dtype)))
+    self.weight = nnx.Param(jnp.ones((size,), wide(dtype)))
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x):
-    x32 = x.astype(_wide(self.dtype))
+    x32 = x.astype(wide(self.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
     return (self.weight[...] * x32).astype(self.dtype)
-
-
-def _linear(d_in, d_out, bias, dtype, rngs):
-  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=_wide(dtype),
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 class KVCache(NamedTuple):
@@ -146,10 +151,10 @@ class KVCache(NamedTuple):
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-    self.q_proj = _linear(cfg.hidden_size, h * d, cfg.qkv_bias, dtype, rngs)
-    self.k_proj = _linear(cfg.hidden_size, kv * d, cfg.qkv_bias, dtype, rngs)
-    self.v_proj = _linear(cfg.hidden_size, kv * d, cfg.qkv_bias, dtype, rngs)
-    self.o_proj = _linear(h * d, cfg.hidden_size, cfg.o_bias, dtype, rngs)
+    self.q_proj = linear(cfg.hidden_size, h * d, dtype, rngs, bias=cfg.qkv_bias)
+    self.k_proj = linear(cfg.hidden_size, kv * d, dtype, rngs, bias=cfg.qkv_bias)
+    self.v_proj = linear(cfg.hidden_size, kv * d, dtype, rngs, bias=cfg.qkv_bias)
+    self.o_proj = linear(h * d, cfg.hidden_size, dtype, rngs, bias=cfg.o_bias)
     self.heads, self.kv_heads, self.head_size = h, kv, d
 
   def __call__(self, x, positions, inv_freq, bias, cache_kv=None, offset=None):
@@ -164,7 +169,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), offset, axis=1)
     groups = self.heads // self.kv_heads
     q = q.reshape(b, t, self.kv_heads, groups, self.head_size)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(_wide(x.dtype))
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(wide(x.dtype))
     probs = jax.nn.softmax(scores / math.sqrt(self.head_size) + bias, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
     return self.o_proj(out), (k, v)
@@ -172,9 +177,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-    self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype, rngs)
-    self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype, rngs)
-    self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype, rngs)
+    self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
+    self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
+    self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs, bias=cfg.mlp_bias)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -195,8 +200,7 @@ class DecoderLayer(nnx.Module):
 
 class Body(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=_wide(dtype),
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
     self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -213,13 +217,13 @@ class LlamaForCausalLM(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
     self.model = Body(cfg, dtype, rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+      self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs, bias=False)
     self.cfg, self.remat = cfg, remat
 
   def _logits(self, h):
     if self.cfg.tie_word_embeddings:
-      return self.model.embed_tokens.attend(h).astype(_wide(h.dtype))
-    return self.lm_head(h).astype(_wide(h.dtype))
+      return self.model.embed_tokens.attend(h).astype(wide(h.dtype))
+    return self.lm_head(h).astype(wide(h.dtype))
 
   def __call__(self, input_ids, attention_mask=None):
     mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -264,8 +268,8 @@ class LlamaForCausalLM(nnx.Module):
 def _bias(allowed: jax.Array, dtype) -> jax.Array:
   """Additive attention bias ``[B, 1, 1, T, S]`` from a boolean ``[B, T, S]`` (a row that may see nothing, a
   left-padding query, attends uniformly instead of producing NaN)."""
-  wide = _wide(dtype)
-  return jnp.where(allowed, 0.0, jnp.finfo(wide).min).astype(wide)[:, None, None]
+  dt = wide(dtype)
+  return jnp.where(allowed, 0.0, jnp.finfo(dt).min).astype(dt)[:, None, None]
 
 
 def make_apply(graphdef):
@@ -276,6 +280,35 @@ def make_apply(graphdef):
     return nnx.merge(graphdef, params)(batch["input_ids"], batch.get("attention_mask"))
 
   return apply
+
+
+def hf_name(name: str) -> str:
+  """``model.layers.0.self_attn.q_proj.weight`` → ``model/layers/0/self_attn/q_proj/kernel``; norms keep
+  ``weight``; ``model.embed_tokens.weight`` → ``model/embed_tokens/embedding``."""
+  parts = name.split(".")
+  module, leaf = parts[:-1], parts[-1]
+  if leaf == "weight" and not module[-1].endswith("norm"):
+    leaf = "embedding" if module[-1] == "embed_tokens" else "kernel"
+  return "/".join(module + [leaf])
+
+
+def from_checkpoint(cfg: LlamaConfig, tensors: Mapping[str, Any], *, dtype=jnp.float32,
+                    remat: bool = False) -> Converted:
+  """A :class:`LlamaForCausalLM` filled from Hugging Face-named ``tensors``; strict: every tensor lands in the
+  model and every weight comes from the checkpoint (a tied model's stored copy of the embedding is dropped)."""
+  dropped = DROPPED
+  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+    # Some tied checkpoints store the head's copy of the embedding too; a different head is not a copy.
+    if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+      raise CheckpointError("the config ties the output head to the embedding, but the checkpoint's lm_head.weight "
+                            "differs from model.embed_tokens.weight; set tie_word_embeddings to false in "
+                            "config.json if the head is trained on its own.")
+    dropped = dropped + (re.compile(r"^lm_head\.weight$"),)
+  # Every weight comes from the file: an abstract template (shapes and dtypes) spares a random initialisation.
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+  graphdef, template = split_params(abstract)
+  params, initialised, dropped = convert_checkpoint(tensors, template, rename=hf_name, dropped_patterns=dropped)
+  return Converted(graphdef, params, cfg, initialised, dropped)
 
 
 class Generated(NamedTuple):
@@ -326,7 +359,3 @@ def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens
   return Generated(tokens.T, mask.T.astype(jnp.int32), logprobs.T)
 
 
-def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-  """``log p(x_{t+1} | x_{≤t})`` ``[B, T-1]`` from logits ``[B, T, V]``."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(_wide(logits.dtype)), -1)
-  return jnp.take_along_axis(logp, input_ids[:, 1:, None], -1)[..., 0]
