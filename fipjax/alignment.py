@@ -65,18 +65,22 @@ def encode_texts(texts: Sequence[str], tokenizer, length: int) -> dict[str, np.n
 
 @dataclasses.dataclass(frozen=True)
 class Round:
-  """One round of preferences: its prompts and the reward that ranks completions.
+  """One round of preferences: its prompts, and either the reward that ranks two completions sampled from the policy
+  entering the round, or the round's own pairs (a preference file), or both.
 
   Attributes:
     name: the round's name (reports, cache keys).
-    prompts: ``{"train", "val", "test"}`` → :class:`Prompts`.
-    reward: ``completion texts -> rewards [N]`` (higher is preferred).
+    prompts: split → :class:`Prompts` (``train`` and ``test``; ``val`` where a reward is evaluated on it).
+    reward: ``completion texts -> rewards [N]`` (higher is preferred), or None.
     reward_id: what the reward is (reports, cache keys; JSON): e.g. its description, classifier and configuration.
+    pairs: split → ``{"chosen", "rejected"}`` sequences (:func:`fipjax.preferences.encode_pairs`): the round's
+      pairs as given, their reference log-probabilities taken from the policy entering the round; None: sampled.
   """
   name: str
   prompts: Mapping[str, Prompts]
-  reward: Callable[[Sequence[str]], np.ndarray]
-  reward_id: Any
+  reward: Callable[[Sequence[str]], np.ndarray] | None
+  reward_id: Any = None
+  pairs: Mapping[str, Mapping[str, Any]] | None = None
 
 
 ANCHORS = ("chosen", "policy")
@@ -89,7 +93,7 @@ class PreferenceConfig:
   loss: str = cf.option("sigmoid", "preference loss (TRL's loss_type): 'sigmoid' (DPO), 'ipo', 'hinge' (SLiC) or "
                         "'robust' (robust DPO)", cf.one_of(*dpo.KINDS))
   label_smoothing: float = cf.option(0.0, "ε: the probability that a preference label is flipped (conservative DPO "
-                                     "for 'sigmoid', robust DPO's noise level)", lambda v: 0 <= v < 0.5)
+                                     "for 'sigmoid', robust DPO's noise level)", cf.interval(0, 0.5))
   rpo_alpha: float | None = cf.option(None, "α of RPO's negative log-likelihood term on the chosen responses "
                                       "(none: no term)", cf.non_negative)
   prompt_tokens: int = cf.option(8, "tokens of each review that make its prompt (left-padded)", cf.positive)
@@ -175,7 +179,7 @@ class Policy:
       return jnp.sum(nll * m, -1), jnp.sum(kl * m, -1), jnp.sum(m, -1)
 
     self._text_stats = jax.jit(text_stats)
-    self._margins = jax.jit(lambda p, b: dpo.implicit_margins(self.apply, p, b, kind=pref.loss))
+    self._pair_stats = jax.jit(lambda p, b: dpo.pair_statistics(self.apply, p, b, kind=pref.loss))
 
   def sample(self, params, prompts: Prompts, key) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) ``[N, R]`` of one sampled completion per prompt."""
@@ -200,12 +204,20 @@ class Policy:
                           self.pref.generate_batch_size))
     return out
 
-  def preference_accuracy(self, params, pairs: Mapping[str, Any], batch_size: int) -> float:
-    """Share of pairs whose implicit reward ranks the chosen response first (margin Δ > 0), over the pairs whose
-    rewards differ (a tie prefers neither)."""
+  def reference_logprobs(self, params, pairs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{"ref_chosen", "ref_rejected"} [N]`` of ``params`` on pairs (the reference stored with them)."""
+    rows = {k: pairs[k] for k in ("chosen", "rejected")}
+    return in_batches(lambda b, _: self._ref(params, b), rows, self.pref.generate_batch_size)
+
+  def pair_statistics(self, params, pairs: Mapping[str, Any], batch_size: int) -> dict[str, float]:
+    """Over the pairs whose rewards differ (a tie prefers neither): the share whose implicit reward ranks the chosen
+    response first (``preference_accuracy``: margin Δ > 0), the mean implicit reward margin ``β Δ``
+    (``reward_margin``), and the mean ``log π(chosen | prompt)`` (``chosen_logp``)."""
     rows = {k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
-    margins = in_batches(lambda b, _: self._margins(params, b), rows, batch_size)
-    return float(np.mean((margins > 0)[pairs["reward_chosen"] != pairs["reward_rejected"]]))
+    margins, chosen = in_batches(lambda b, _: self._pair_stats(params, b), rows, batch_size)
+    keep = pairs["reward_chosen"] != pairs["reward_rejected"]
+    return {"preference_accuracy": float(np.mean((margins > 0)[keep])),
+            "reward_margin": float(self.pref.beta * np.mean(margins[keep])), "chosen_logp": float(np.mean(chosen))}
 
   def reference_topk(self, params, seqs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """The stored top-k reference of ``params`` on sequences: (ids, logprobs, log_tail) ``[N, T−1(, k)]``."""
@@ -260,15 +272,18 @@ class AlignmentRunner(stages_lib.StageLoop):
     graphdef, tokenizer, family: the causal LM and its family's module (its weights entering the first round are
       passed to :meth:`run_all`).
     rounds: the rounds in order (at least two).
-    held_out_text: right-padded ``{"input_ids", "attention_mask"}`` for perplexity and KL to the base model.
+    held_out_text: right-padded ``{"input_ids", "attention_mask"}`` for perplexity and KL to the base model
+      (None: neither is measured, and the base model is not kept).
     pref: pairs, DPO and stored references.
+    first_method: how the first round is learnt, a method with no old rounds (``dpo`` or ``lora-dpo``), shared by
+      every method run.
     **kw: :class:`fipjax.stages.StageLoop`'s (first: round 1's length, stages: later rounds' length and buffers).
   """
   stage_word = "round"
   kind = results_lib.ALIGNMENT.kind
 
-  def __init__(self, graphdef, tokenizer, rounds: Sequence[Round], held_out_text: Mapping[str, np.ndarray], *,
-               pref: PreferenceConfig, family=llama, **kw):
+  def __init__(self, graphdef, tokenizer, rounds: Sequence[Round], held_out_text: Mapping[str, np.ndarray] | None,
+               *, pref: PreferenceConfig, family=llama, first_method: str = "dpo", **kw):
     super().__init__(**kw)
     if len(rounds) < 2 or len({r.name for r in rounds}) != len(rounds):
       raise ValueError(f"continual alignment needs at least two rounds with distinct names, got "
@@ -279,6 +294,7 @@ class AlignmentRunner(stages_lib.StageLoop):
         raise runs.UsageError(f"round {r.name} keeps at most {len(r.prompts['train'])} pairs for replay, fewer "
                               f"than --stages.replay-batch-size {self.stages.replay_batch_size}; lower it.")
     self.rounds, self.held_out, self.base, self.pref = tuple(rounds), held_out_text, None, pref
+    self.first_method = continual.parse_name(first_method, on_preferences=True)
     self.stage_names = tuple(r.name for r in rounds)
     self.policy = Policy(graphdef, tokenizer, pref, family)
     self.task_loss = self._pair_loss()
@@ -292,11 +308,15 @@ class AlignmentRunner(stages_lib.StageLoop):
   # -- pairs and evaluation ---------------------------------------------------------------------------------------
 
   def pairs(self, params, k: int, split: str) -> dict:
-    """Round k's pairs on its ``split`` prompts from the policy ``params`` entering it (cached by its weights)."""
+    """Round k's pairs on its ``split`` prompts with the log-probabilities of the policy ``params`` entering it:
+    its own pairs, or two completions sampled from ``params`` and ranked by its reward (cached by its weights)."""
     rnd, prompts = self.rounds[k], self.rounds[k].prompts[split]
     key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + {"train": 0, "val": 1, "test": 2}[split])
 
     def compute(_):
+      if rnd.pairs is not None:
+        given = dict(rnd.pairs[split])
+        return {**given, **self.policy.reference_logprobs(params, given)}, {}
       runs.log(f"round {k + 1} ({rnd.name}): sampling 2 × {len(prompts)} {split} completions")
       return self.policy.pairs(params, prompts, rnd.reward, key), {}
 
@@ -316,19 +336,23 @@ class AlignmentRunner(stages_lib.StageLoop):
 
   def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
     """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every
-    policy), the implicit-reward preference accuracy on the held-out pairs given, KL to base and perplexity."""
+    policy; None for a round without a reward); on the held-out pairs given, each round's preference accuracy,
+    implicit reward margin and chosen log-probability (:meth:`Policy.pair_statistics`; None for rounds not yet
+    entered); KL to base and perplexity on the held-out text."""
     with self.timings.phase(f"eval_{split}"):
       rewards = []
       for j, rnd in enumerate(self.rounds):
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 7), j)
-        rewards.append(float(np.mean(rnd.reward(self.policy.texts(*self.policy.sample(params, rnd.prompts[split],
-                                                                                        key))))))
+        rewards.append(None if rnd.reward is None or split not in rnd.prompts else float(np.mean(rnd.reward(
+            self.policy.texts(*self.policy.sample(params, rnd.prompts[split], key))))))
       out = {"reward": rewards}
       if split == "test":
-        acc = {name: self.policy.preference_accuracy(params, pairs, self.run.eval_batch_size)
-               for name, pairs in held_out_pairs.items()}
-        out["preference_accuracy"] = [acc.get(r.name) for r in self.rounds]
-        out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
+        stats = {name: self.policy.pair_statistics(params, pairs, self.run.eval_batch_size)
+                 for name, pairs in held_out_pairs.items()}
+        for column in ("preference_accuracy", "reward_margin", "chosen_logp"):
+          out[column] = [stats[r.name][column] if r.name in stats else None for r in self.rounds]
+        if self.held_out is not None:
+          out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
     return out
 
   # -- training ----------------------------------------------------------------------------------------------------
@@ -350,12 +374,16 @@ class AlignmentRunner(stages_lib.StageLoop):
                       seed, ckpt_dir, observer, name)
 
   def first_stage(self, base_params: PyTree) -> tuple[PyTree, dict, list[dict], dict]:
-    """(the policy after DPO on the first round, that round's training pairs, the evaluation rows of the base
-    model and of that policy, the first round's held-out pairs); the policy trained once per key."""
+    """(the policy after DPO on the first round, ``{round: training pairs}`` of the rounds learnt, the evaluation
+    rows of the base model and of that policy, ``{round: held-out pairs}``); the policy trained once per key."""
     self.base = base_params
     pairs = self.pairs(self.base, 0, "train")
     steps = self.first_steps(len(pairs["ref_chosen"]))
-    method = continual.naive(self.task_loss, continual.adamw(self.optim))
+    ctx = continual.StageContext(self.task_loss, {}, self.base, None, (), self.seed)
+    try:
+      method = continual.build(self.first_method, ctx, self.hp, self.optim, steps)
+    except ValueError as e:
+      raise runs.UsageError(str(e)) from None
     name = f"round 1 ({self.rounds[0].name})"
 
     def compute(ckpt_dir):
@@ -364,15 +392,18 @@ class AlignmentRunner(stages_lib.StageLoop):
         params, history, _ = self._train(method, self.base, pairs, steps, self.seed, ckpt_dir, name=name)
       return params, {"history": history}
 
-    parts = {"init": self._digest(self.base) if self.cache is not None else None,
+    parts = {"init": self._digest(self.base) if self.cache is not None else None, "method": str(self.first_method),
              "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
              "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
     params, _ = self.cached("round1", parts, compute, template=self.base, label=name)
     held_out = {self.rounds[0].name: self.pairs(self.base, 0, "test")}
     rows01 = [self.evaluate(self.base, {}), self.evaluate(params, held_out)]
-    runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
-                                            zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])))
-    return params, pairs, rows01, held_out
+    if any(x is not None for x in rows01[1]["reward"]):
+      runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
+                                              zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])
+                                              if b is not None))
+    runs.log(f"round 1: preference accuracy on its test pairs {rows01[1]['preference_accuracy'][0]:.3f}")
+    return params, {self.rounds[0].name: pairs}, rows01, held_out
 
   def describe(self) -> dict:
     return {"rewards": {r.name: r.reward_id for r in self.rounds}}
@@ -421,10 +452,9 @@ class AlignmentRunner(stages_lib.StageLoop):
   # -- the stage loop's hooks ----------------------------------------------------------------------------------------
 
   def start(self, first) -> stages_lib.StageState:
-    params, pairs, rows01, held_out = first
-    log = {"rows": list(rows01), "history": [], "drift": [], "steps": [], "peaks": [], "stored": [], "train_s": 0.0}
-    return stages_lib.StageState(params, {self.rounds[0].name: pairs}, log,
-                                 {"first": params, "held_out": dict(held_out)})
+    params, pairs, rows, held_out = first
+    log = {"rows": list(rows), "history": [], "drift": [], "steps": [], "peaks": [], "stored": [], "train_s": 0.0}
+    return stages_lib.StageState(params, dict(pairs), log, {"first": params, "held_out": dict(held_out)})
 
   def enter(self, k, state):
     """Round k's training and test pairs from the policy entering it (cached: a resumed run draws the same)."""
@@ -439,12 +469,12 @@ class AlignmentRunner(stages_lib.StageLoop):
     rnd, pairs, log = self.rounds[k], state.scratch["pairs"], state.log
     olds, buffers, probes, stored_bytes = self._old_rounds(state.params, state.memory, k)
     ctx = continual.StageContext(self.task_loss, olds, state.params, None, (), self.seed)
+    steps = self.stage_steps(len(pairs["ref_chosen"]))
     try:
       parsed = continual.parse_name(name, on_preferences=True)
-      method = continual.build(parsed, ctx, self.hp, self.optim)
+      method = continual.build(parsed, ctx, self.hp, self.optim, steps)
     except ValueError as e:
       raise runs.UsageError(str(e)) from None
-    steps = self.stage_steps(len(pairs["ref_chosen"]))
     batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
     log["peaks"].append(continual.step_peak_bytes(method, state.params, next(batches(0))))
     log["stored"].append(stored_bytes if parsed.spec.replays(self.hp) == "outputs" else 0)
@@ -462,14 +492,19 @@ class AlignmentRunner(stages_lib.StageLoop):
 
   def result(self, name, state):
     names, rows, log, params = list(self.stage_names), state.log["rows"], state.log, state.params
-    reward = np.array([r["reward"] for r in rows])          # row 0: the base model; row i: after round i
+    column = lambda key: [r.get(key) for r in rows]          # row 0: the base model; row i: after round i
+    reward, accuracy = column("reward"), column("preference_accuracy")
+    drop = lambda m, j: None if m[j + 1][j] is None or m[-1][j] is None else float(m[j + 1][j] - m[-1][j])
     return {
         "rounds": names,
-        "reward_matrix": reward.tolist(),
-        "preference_accuracy_matrix": [r["preference_accuracy"] for r in rows],
-        "kl_to_base": [r["kl_to_base"] for r in rows],
-        "perplexity": [r["perplexity"] for r in rows],
-        "reward_forgetting": [float(reward[j + 1, j] - reward[-1, j]) for j in range(len(names) - 1)],
+        "reward_matrix": reward,
+        "preference_accuracy_matrix": accuracy,
+        "reward_margin_matrix": column("reward_margin"),
+        "chosen_logp_matrix": column("chosen_logp"),
+        "forgetting": [drop(accuracy, j) for j in range(len(names) - 1)],
+        "kl_to_base": column("kl_to_base"),
+        "perplexity": column("perplexity"),
+        "reward_forgetting": [drop(reward, j) for j in range(len(names) - 1)],
         "validation_reward": dict(zip(names, self.evaluate(params, {}, "val")["reward"])),
         "weight_change": continual.fractional_weight_change(params, state.scratch["first"]),
         "steps": log["steps"],
@@ -484,7 +519,10 @@ class AlignmentRunner(stages_lib.StageLoop):
     }
 
   def summary(self, name, result):
-    reward, names = np.array(result["reward_matrix"]), result["rounds"]
-    return (f"{name}: reward after round 1 → after round {len(names)}: " + ", ".join(
-        f"{n} {reward[1, j]:.3f} → {reward[-1, j]:.3f}" for j, n in enumerate(names)) +
-        f"; KL to base {result['kl_to_base'][-1]:.4f}" + continual.solver_summary(result))
+    names, t = result["rounds"], len(result["rounds"])
+    key = "reward_matrix" if result["reward_matrix"][1][0] is not None else "preference_accuracy_matrix"
+    m = result[key]
+    kl = result["kl_to_base"][-1]
+    return (f"{name}: {key.replace('_matrix', '').replace('_', ' ')} after its round → after round {t}: " +
+            ", ".join(f"{n} {m[j + 1][j]:.3f} → {m[-1][j]:.3f}" for j, n in enumerate(names) if m[j + 1][j] is not None)
+            + ("" if kl is None else f"; KL to base {kl:.4f}") + continual.solver_summary(result))

@@ -22,6 +22,13 @@ non_negative: Check = lambda v: v >= 0
 CHECK_WORDS = {positive: "> 0", non_negative: "≥ 0"}
 
 
+def interval(lo, hi) -> Check:
+  """``lo ≤ v < hi``."""
+  check = lambda v: lo <= v < hi
+  CHECK_WORDS[check] = f"in [{lo}, {hi})"
+  return check
+
+
 def one_of(*choices) -> Check:
   check = lambda v: v in choices
   CHECK_WORDS[check] = "one of " + ", ".join(map(str, choices))

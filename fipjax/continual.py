@@ -318,6 +318,9 @@ def with_lora(method: Method, config: lora.LoraConfig, key: jax.Array, train: st
 # One registry: every method built from one configuration.
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW and the batch every stage trains with."""
@@ -325,11 +328,42 @@ class OptimConfig:
   weight_decay: float = cf.option(0.01, "AdamW weight decay", cf.non_negative)
   batch_size: int = cf.option(8, "training batch size (new-task rows per step)", cf.positive)
   dropout: bool = cf.option(True, "train with the model's dropout")
+  schedule: str = cf.option("constant", "learning-rate schedule over each stage's steps after the warm-up "
+                            "(TRL's lr_scheduler_type)", cf.one_of(*SCHEDULES))
+  warmup_ratio: float = cf.option(0.0, "share of each stage's steps over which the learning rate rises linearly "
+                                  "from 0", cf.interval(0, 1))
+  max_grad_norm: float | None = cf.option(None, "clip the gradient to this global norm (none: no clipping)",
+                                          cf.positive)
+  accumulation: int = cf.option(1, "batches whose gradients are averaged into one optimiser step (a stage's steps "
+                                "count batches)", cf.positive)
 
 
-def adamw(optim: OptimConfig) -> optax.GradientTransformation:
-  """The one optimiser builder: AdamW at ``optim``'s learning rate and weight decay."""
-  return optax.adamw(optim.lr, weight_decay=optim.weight_decay)
+def learning_rate(optim: OptimConfig, steps: int | None = None) -> float | optax.Schedule:
+  """``optim``'s learning rate over ``steps`` optimiser steps: constant, or its warm-up then its schedule."""
+  if optim.schedule == "constant" and optim.warmup_ratio == 0:
+    return optim.lr
+  if steps is None:
+    raise ValueError(f"a {optim.schedule} schedule with warm-up ratio {optim.warmup_ratio} needs the stage's steps")
+  warmup = math.ceil(optim.warmup_ratio * steps)
+  rest = max(steps - warmup, 1)
+  decay = {"constant": optax.constant_schedule(optim.lr), "linear": optax.linear_schedule(optim.lr, 0.0, rest),
+           "cosine": optax.cosine_decay_schedule(optim.lr, rest)}[optim.schedule]
+  return decay if warmup == 0 else optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay],
+                                                        [warmup])
+
+
+def adamw(optim: OptimConfig, steps: int | None = None) -> optax.GradientTransformation:
+  """The one optimiser builder: AdamW at ``optim``'s learning rate (its schedule over ``steps`` batches) and weight
+  decay, after clipping the gradient's norm, averaging ``optim.accumulation`` batches' gradients a step."""
+  k = optim.accumulation
+  opt = optax.adamw(learning_rate(optim, None if steps is None else max(steps // k, 1)),
+                    weight_decay=optim.weight_decay)
+  if optim.max_grad_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), opt)
+  if k == 1:
+    return opt
+  accumulate = optax.MultiSteps(opt, every_k_schedule=k)
+  return optax.GradientTransformationExtraArgs(accumulate.init, accumulate.update)   # extra args reach ``opt``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -706,13 +740,14 @@ def check_methods(names: Iterable[str], hp: MethodConfig, outputs: str, *, on_pr
   return [f"{p} ({', '.join(ns)})" for p, ns in by_problem.items()]
 
 
-def build(name: str | Name, ctx: StageContext, hp: MethodConfig, optim: OptimConfig) -> Method:
-  """The method ``name`` (see :func:`parse_name`) for the stage ``ctx``, configured by ``hp`` and ``optim`` (with
-  the ``lora`` section's overrides in LoRA, :func:`in_lora`)."""
+def build(name: str | Name, ctx: StageContext, hp: MethodConfig, optim: OptimConfig,
+          steps: int | None = None) -> Method:
+  """The method ``name`` (see :func:`parse_name`) for a stage of ``steps`` batches ``ctx``, configured by ``hp``
+  and ``optim`` (with the ``lora`` section's overrides in LoRA, :func:`in_lora`)."""
   n = name if isinstance(name, Name) else parse_name(name)
   if n.in_lora:
     hp, optim = in_lora(hp, optim)
-  method = n.spec.build(ctx, hp, adamw(optim))
+  method = n.spec.build(ctx, hp, adamw(optim, steps))
   own, stage = method.trainable, ctx.trainable
   trainable = (stage if own is None else own if stage is None else
                lambda p: jax.tree.map(lambda a, b: a and b, stage(p), own(p)))

@@ -89,8 +89,14 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta: float, 
 def implicit_margins(apply: Callable, params, batch: Mapping, *, kind: str = "sigmoid") -> jax.Array:
   """``Δ [B]``: how much more the policy ``params`` raised the chosen response than the rejected one over the
   stored reference (the implicit reward's margin, divided by β)."""
+  return pair_statistics(apply, params, batch, kind=kind)[0]
+
+
+def pair_statistics(apply: Callable, params, batch: Mapping, *, kind: str = "sigmoid") -> tuple[jax.Array, jax.Array]:
+  """(``Δ [B]`` as :func:`implicit_margins`, ``log π(chosen | prompt) [B]``, summed over the response tokens)."""
   chosen, rejected = _both(apply, params, batch, kind == "ipo")
-  return (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
+  total = chosen if kind != "ipo" else _both(apply, params, batch, False)[0]
+  return (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"]), total
 
 
 def task_loss(apply: Callable, *, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,

@@ -30,8 +30,8 @@ def versions() -> dict[str, str]:
   return out
 
 
-def _fmt(x) -> str:
-  return "n/a" if x is None else f"{x:.3f}"
+def _fmt(x, spec: str = ".3f") -> str:
+  return "n/a" if x is None else format(x, spec)
 
 
 def write(out: pathlib.Path, results: dict, title: str) -> str:
@@ -164,14 +164,21 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
   t = len(rounds)
   cols = ["base"] + [f"after {i + 1}" for i in range(t)]
   lines = [f"# {title}, seed {results['seed']}", "", f"Command: `{results['command']}`", "",
-           "Rewards: " + "; ".join(f"{n}: {r['reward']}" + (
+           "Rewards: " + ("; ".join(f"{n}: {r['reward']}" + (
                f" (test accuracy {r['classifier']['test_accuracy']:.3f} on {r['classifier']['test_rows']} reviews)"
-               if "classifier" in r else "") for n, r in results["rewards"].items()), "",
+               if "classifier" in r else "") for n, r in results["rewards"].items() if r is not None)
+                          or "none (each round's own preference pairs)"), "",
            "## Table 1: mean reward of each round's test prompts, R[i, j]", "",
            "| method | round | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
   for name, m in methods.items():
     for j, rnd in enumerate(rounds):
       lines.append(f"| {name} | {rnd} | " + " | ".join(_fmt(row[j]) for row in m["reward_matrix"]) + " |")
+  lines += ["", "## Table 1b: implicit-reward preference accuracy on each round's test pairs", "",
+            "| method | round | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+  for name, m in methods.items():
+    for j, rnd in enumerate(rounds):
+      lines.append(f"| {name} | {rnd} | " + " | ".join(_fmt(row[j]) for row in m["preference_accuracy_matrix"])
+                   + " |")
   lines += ["", "## Table 2: the final policy", "",
             "| method | " + " | ".join(f"forgetting {r}" for r in rounds[:-1]) + " | " +
             " | ".join(f"pref. acc. {r}" for r in rounds) +
@@ -179,8 +186,9 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
             "|---" * (2 * t + 5) + "|"]
   for name, m in methods.items():
     acc = m["preference_accuracy_matrix"][-1]
-    lines.append(f"| {name} | " + " | ".join(f"{f:+.3f}" for f in m["reward_forgetting"]) + " | " +
-                 " | ".join(_fmt(a) for a in acc) + f" | {m['kl_to_base'][-1]:.4f} | {m['perplexity'][-1]:.2f} | "
+    lines.append(f"| {name} | " + " | ".join(_fmt(f, "+.3f") for f in m["reward_forgetting"]) + " | " +
+                 " | ".join(_fmt(a) for a in acc) + f" | {_fmt(m['kl_to_base'][-1], '.4f')} | "
+                 f"{_fmt(m['perplexity'][-1], '.2f')} | "
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
                  f"{m['train_time_s']:.0f} |")
   lines += [*_every_scalar(results), "", ALIGNMENT_DEFINITIONS, "",
@@ -194,11 +202,14 @@ def plot_alignment(out: pathlib.Path, methods: dict) -> None:
   plt = _pyplot()
   rounds = next(iter(methods.values()))["rounds"]
   fig, axes = plt.subplots(1, len(rounds), figsize=(5 * len(rounds), 4), squeeze=False)
+  rewarded = any(x is not None for m in methods.values() for row in m["reward_matrix"] for x in row)
+  key, what = ("reward_matrix", "reward") if rewarded else ("preference_accuracy_matrix", "preference accuracy")
   for j, (ax, rnd) in enumerate(zip(axes[0], rounds)):
     for name, m in methods.items():
-      ax.plot(range(len(m["reward_matrix"])), [row[j] for row in m["reward_matrix"]], "o-", label=name)
+      points = [(i, row[j]) for i, row in enumerate(m[key]) if row[j] is not None]
+      ax.plot([i for i, _ in points], [v for _, v in points], "o-", label=name)
     ax.set_xticks(range(len(rounds) + 1), ["base"] + [f"after {i + 1}" for i in range(len(rounds))])
-    ax.set_title(f"reward of {rnd} (test prompts)")
+    ax.set_title(f"{what} of {rnd} (test)")
   axes[0][0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out / "rewards.png", dpi=110)

@@ -65,16 +65,22 @@ STREAM = Schema("stream", (
 ALIGNMENT = Schema("alignment", (
     Column("rounds", None, "the rounds in the order learnt"),
     Column("reward_matrix", None, "R[i, j]: mean reward of round j's test prompts after round i (row 0: base)"),
-    Column("preference_accuracy_matrix", None, "implicit-reward preference accuracy on each round's test pairs"),
+    Column("preference_accuracy_matrix", None, "implicit-reward preference accuracy on each round's test pairs "
+           "(rows: base, after round i; columns: round j; None before round j is entered)"),
+    Column("reward_margin_matrix", None, "mean implicit reward margin β Δ on each round's test pairs"),
+    Column("chosen_logp_matrix", None, "mean log π(chosen | prompt) on each round's test pairs"),
+    Column("forgetting", None, "per earlier round j: preference accuracy after round j − after the last round"),
     Column("kl_to_base", None, "per-token KL(π ‖ π_base) on held-out text after each round"),
     Column("perplexity", None, "perplexity on held-out text after each round"),
-    Column("reward_forgetting", None, "per earlier round j: R[j + 1, j] − R[T, j]"),
+    Column("reward_forgetting", None, "per earlier round j: R[j + 1, j] − R[T, j] (None without a reward)"),
     Column("validation_reward", None, "each round's mean reward on its validation prompts after the last round"),
     *COMMON,
     Column("wall_time_s", "{:.0f}", "seconds of this process in the later rounds (pairs, references, evaluation)"),
     Column("peak_step_memory_bytes", "{:.0f}", "peak memory of one training step (XLA's analysis, temporaries in)"),
     Column("stored_reference_bytes", "{:.0f}", "bytes of the stored top-k reference distributions"),
     Column("drift", None, "per record: step, old rounds' distance to the entering policy, new-round loss"),
+    Column("stored_state_bytes", "{:.0f}", "bytes of the stored state a later month continues from (fipjax.align)",
+           optional=True),
 ))
 
 SCHEMAS = {s.kind: s for s in (STREAM, ALIGNMENT)}

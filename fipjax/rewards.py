@@ -35,10 +35,10 @@ class ClassifierConfig:
 
 
 class Classifier:
-  """``probs(texts) -> [N, K]`` of a fine-tuned BERT classifier (jitted per length bucket)."""
+  """``probs(texts) -> [N, K]`` of a fine-tuned BERT classifier, ``apply(params, inputs)["cls"]`` its logits
+  (jitted per length bucket)."""
 
-  def __init__(self, graphdef, params, tokenizer, max_len: int, batch_size: int = 64):
-    apply = model.apply
+  def __init__(self, apply, params, tokenizer, max_len: int, batch_size: int = 64):
     self._probs = jax.jit(lambda p, x: jax.nn.softmax(apply(p, x)["cls"], -1))
     self.params, self.tokenizer, self.max_len, self.batch_size = params, tokenizer, max_len, batch_size
 
@@ -76,8 +76,8 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
   tokenizer = models.load_tokenizer(cfg.model)
   k = train.num_labels
   model = models.load(cfg.model, family="bert", heads={"cls": k}, seed=seed)
-  graphdef, init = model.graphdef, model.params
-  clf = Classifier(graphdef, init, tokenizer, cfg.max_len)
+  init = model.params
+  clf = Classifier(model.apply, init, tokenizer, cfg.max_len)
   train_enc = data.encode(data.subsample(train, cfg.train_rows, seed), tokenizer, cfg.max_len)
   test_rows = data.subsample(test, cfg.test_rows, seed)
   parts = {"task": task, "config": cf.to_dict(cfg), "data": train_enc.digest()}

@@ -55,6 +55,8 @@ class StageLoop:
   """
   stage_names: tuple[str, ...]
   stage_word = "stage"
+  first_stages = 1          # how many stages first_stage covers (a continued run: every stage learnt before)
+  batch_flag = "--optim.batch-size"          # the flag that sets the training batch, for messages
   kind = results_lib.STREAM.kind           # the schema of its results (fipjax.results)
 
   def __init__(self, *, optim: continual.OptimConfig, first, stages, hp: continual.MethodConfig, run, seed: int,
@@ -70,7 +72,7 @@ class StageLoop:
     for name, n in rows.items():
       if n < self.optim.batch_size:
         raise runs.UsageError(f"{self.stage_word} {name} has {n} training {what}, fewer than one batch of "
-                              f"{self.optim.batch_size} (--optim.batch-size); lower it or use more {what}.")
+                              f"{self.optim.batch_size} ({self.batch_flag}); lower it or use more {what}.")
 
   def stage_steps(self, rows: int) -> int:
     """A later stage's steps over ``rows`` training rows (``--stages.steps`` or ``--stages.epochs``)."""
@@ -132,7 +134,7 @@ class StageLoop:
       return done
     state, ckpt, t0 = self.start(first), run_dir.checkpoints(name), time.perf_counter()
     last = len(self.stage_names) - 1
-    for k in range(1, last + 1):
+    for k in range(self.first_stages, last + 1):
       self.enter(k, state)
       stage_dir = ckpt / f"after_{self.stage_word}{k + 1}"
       if checkpoint.is_complete(stage_dir):          # an intermediate stage finished before a kill

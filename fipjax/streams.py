@@ -320,7 +320,7 @@ class Runner(stages_lib.StageLoop):
     # Every first stage records SI's path integral (one multiply-add per parameter and step), so one cached
     # network serves every method.
     method = dataclasses.replace(continual.naive(self.stream.task_loss(task, self.optim.dropout),
-                                                 FIRST_STAGE_RECORDER(continual.adamw(self.optim))),
+                                                 FIRST_STAGE_RECORDER(continual.adamw(self.optim, steps))),
                                  trainable=self.stream.trainable(task))
     name = f"stage 1 ({task.name})"
 
@@ -437,9 +437,10 @@ class Runner(stages_lib.StageLoop):
          for t in tasks[:k]},
         params, self.stream.trainable(task), self.stream.head_params(task.head), self.seed,
         below=None if self.stream.split is None else self.stream.split[2])
+    steps = self.stage_steps(len(task.splits["train"]))
     try:
       parsed = continual.parse_name(name)
-      method = continual.build(parsed, ctx, self.hp, self.optim)
+      method = continual.build(parsed, ctx, self.hp, self.optim, steps)
     except ValueError as e:
       raise runs.UsageError(str(e)) from None
     spec = parsed.spec
@@ -449,7 +450,6 @@ class Runner(stages_lib.StageLoop):
       method = dataclasses.replace(method, optimizer=FIRST_STAGE_RECORDER(method.optimizer))
     sources = self._sources(spec, k, state, buffers)
     tracker = self._tracker(k, params, buffers, method, state)
-    steps = self.stage_steps(len(task.splits["train"]))
     runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
     params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt_dir, sources,
                                           tracker, name=f"{name} ({task.name})")

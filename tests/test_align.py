@@ -1,0 +1,157 @@
+"""End to end: python -m fipjax.align on the shipped example months with a one-layer random Llama (SmolLM2's
+tokenizer and chat template): two months, a third continued from the stored state, the exports loaded by
+transformers, a kill and resume, and the bad-input table."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from fipjax import align, checkpoint, models
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "align"
+TINY = ["--method", "lora-fip-dpo", "--max-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate",
+        "1e-2", "--max-length", "48", "--max-prompt-length", "32", "--replay.buffer-size", "8", "--replay.batch-size",
+        "2", "--fip.top-k", "4", "--eval.batch-size", "8", "--eval.checkpoint-every", "1", "--eval.record-every", "1",
+        "--eval.probe-size", "2", "--no-progress"]
+MONTHS = ["--round", f"m1={EXAMPLES / 'm1.jsonl'}", "--round", f"m2={EXAMPLES / 'm2.jsonl'}"]
+MODEL = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model(small_llama):
+  MODEL[:] = ["--model", str(small_llama)]
+
+
+def run(out, *extra):
+  return align.main([*MODEL, *TINY, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def two_months(tmp_path_factory, _model):
+  out = tmp_path_factory.mktemp("align") / "run"
+  assert run(out, *MONTHS) == 0
+  return out
+
+
+def result(out):
+  return json.loads((out / "results.json").read_text())["methods"]["lora-fip-dpo"]
+
+
+def test_two_months_report_every_month_after_every_month(two_months):
+  m = result(two_months)
+  assert m["rounds"] == ["m1", "m2"] and m["steps"] == [2]
+  acc = np.array(m["preference_accuracy_matrix"], dtype=float)      # rows: base, after m1, after m2
+  assert acc.shape == (3, 2) and np.isnan(acc[0]).all() and np.isnan(acc[1, 1]) and np.isfinite(acc[2]).all()
+  for key in ("reward_margin_matrix", "chosen_logp_matrix"):
+    assert np.isfinite(np.array(m[key][2], dtype=float)).all()
+  assert len(m["forgetting"]) == 1 and m["stored_state_bytes"] > 0 and m["stored_reference_bytes"] > 0
+  assert m["drift"]["step"] == [1, 2] and np.isfinite(m["loss_curve"]).all()
+  assert "Table 1b" in (two_months / "report.md").read_text()
+  assert sorted(p.name for p in (two_months / "export").iterdir()) == ["m1", "m2"]
+
+
+def test_the_export_is_the_final_policy_and_loads_in_transformers(two_months):
+  torch = pytest.importorskip("torch")
+  import transformers
+  final = checkpoint.restore_tree(two_months / "state")["params"]
+  exported = models.load(two_months / "export" / "m2")
+  for a, b in zip(*(jax_leaves(t) for t in (final, exported.params))):
+    np.testing.assert_array_equal(a, b)
+  ids = np.array([[1, 5, 9, 300, 7000, 12, 44, 2]], np.int32)
+  ours = np.asarray(exported.apply(exported.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+  model = transformers.AutoModelForCausalLM.from_pretrained(two_months / "export" / "m2", attn_implementation="eager")
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+  tok = transformers.AutoTokenizer.from_pretrained(two_months / "export" / "m2")
+  assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                             add_generation_prompt=True)
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_a_third_month_continues_from_the_stored_state(two_months, tmp_path):
+  out = tmp_path / "m3"
+  assert run(out, "--resume-from", str(two_months), "--round", f"m3={EXAMPLES / 'm3.jsonl'}") == 0
+  before, after = result(two_months), result(out)
+  assert after["rounds"] == ["m1", "m2", "m3"] and after["steps"] == [2]
+  acc = np.array(after["preference_accuracy_matrix"], dtype=float)
+  assert acc.shape == (4, 3) and np.isfinite(acc[3]).all()
+  np.testing.assert_array_equal(acc[:3, :2], np.array(before["preference_accuracy_matrix"], dtype=float))
+  assert len(after["forgetting"]) == 2 and sorted(p.name for p in (out / "export").iterdir()) == ["m3"]
+
+
+def test_a_killed_run_resumes_to_the_same_numbers(two_months, tmp_path):
+  out = tmp_path / "killed"
+  assert run(out, *MONTHS, "--stop-after", "3") == 130          # in the second month
+  assert not (out / "results.json").exists()
+  assert run(out, *MONTHS) == 0
+  a, b = result(two_months), result(out)
+  for key in ("loss_curve", "preference_accuracy_matrix", "reward_margin_matrix", "chosen_logp_matrix", "drift"):
+    assert a[key] == b[key], key
+
+
+def spoil(tmp_path, line):
+  path = tmp_path / "bad.jsonl"
+  path.write_text("\n".join([line] * 3) + "\n")
+  return f"bad={path}"
+
+
+# (extra flags, words the one-paragraph message holds); {tmp}: the test's folder, {m1}: the first example month.
+CASES = [
+    (["--round", "m1"], "is not NAME=PATH"),
+    (["--round", "m1={m1}", "--round", "m1={m1}"], "is given twice"),
+    ([], "at least one --round"),
+    (["--round", "m1={m1}"], "at least two months"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--test-fraction", "1.5"], "between 0 and 1"),
+    (["--round", "m1={m1}", "--beta", "-1"], "--beta must be > 0"),
+    (["--round", "m1={m1}", "--loss-type", "exponential"], "--loss-type must be one of"),
+    (["--round", "m1={m1}", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+    (["--round", "m1={m1}", "--method", "fip"], "named <method>-dpo"),
+    (["--round", "m1={m1}", "--method", "lora-si-dpo"], "no LoRA form"),
+    (["--round", "m1={m1}", "--resume-from", "{tmp}/nowhere"], "not a finished fipjax.align run"),
+    (["--round", "m1={m1}", "--round", "m2={tmp}/missing.jsonl"], "does not exist"),
+    (["--round", "m1={m1}", "--round", "m2={tmp}"], "without train.jsonl and test.jsonl"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p", "chosen": "a"}'], "missing rejected"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p", "chosen": "a", "rejected": "b", "x": 1}'],
+     "unexpected field(s) x"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p", "chosen": "", "rejected": "b"}'], "is empty"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p", "chosen": "a", "rejected": "a"}'], "identical"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": [{"role": "bot", "content": "x"}], "chosen": [], '
+      '"rejected": []}'], "unknown role 'bot'"),
+    (["--round", "m1={m1}", "--round", "SPOIL", "{not json"], "not valid JSON"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--max-prompt-length", "300", "--max-length", "20"],
+     "fills --max-length"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--lora-target-modules", "attention"], "not a linear module"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--per-device-train-batch-size", "64"], "fewer than one batch"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--held-out-text", "{m1}"], "holds no {\"text\""),
+    (["MODEL", "{tmp}/broken.gguf", "--round", "m1={m1}", "--round", "m2={m1}"], "gguf"),
+    (["MODEL", "minilm", "--round", "m1={m1}", "--round", "m2={m1}"], "not a causal LM"),
+]
+
+
+@pytest.mark.parametrize("flags,words", CASES, ids=[w[:30] for _, w in CASES])
+def test_bad_input_is_one_paragraph_and_writes_nothing(flags, words, tmp_path, capsys):
+  (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not really")
+  fill = lambda f: f.replace("{tmp}", str(tmp_path)).replace("{m1}", str(EXAMPLES / "m1.jsonl"))
+  flags = [fill(f) for f in flags]
+  if "SPOIL" in flags:
+    i = flags.index("SPOIL")
+    flags[i:i + 2] = [spoil(tmp_path, flags[i + 1])]
+  model = MODEL
+  if flags[:1] == ["MODEL"]:
+    model, flags = ["--model", flags[1]], flags[2:]
+  try:
+    code = align.main([*model, *TINY, "--out", str(tmp_path / "out"), *flags])
+  except SystemExit as e:
+    code = e.code
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert words in err and "Traceback" not in err, err
+  assert not (tmp_path / "out").exists()
