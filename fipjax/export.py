@@ -36,7 +36,7 @@ def hf_tensors(params: Mapping) -> dict[str, np.ndarray]:
 def llama_config(cfg, tokenizer) -> dict[str, Any]:
   """A transformers ``config.json`` for a Llama-family :class:`fipjax.models.llama.LlamaConfig`: Qwen3 where the
   heads' queries and keys are normalised, Qwen2 where q/k/v carry biases, Mistral where a window is set, else Llama."""
-  model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else
+  model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias and not cfg.o_bias else
                 "mistral" if cfg.sliding_window is not None else "llama")
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
           "qwen3": "Qwen3ForCausalLM"}[model_type]
@@ -51,8 +51,10 @@ def llama_config(cfg, tokenizer) -> dict[str, Any]:
          "pad_token_id": tokenizer.pad_token_id}
   if cfg.rope_scaling is not None:
     out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
+  if model_type in ("llama", "qwen3"):
+    out["attention_bias"] = cfg.qkv_bias
   if model_type == "llama":
-    out.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    out["mlp_bias"] = cfg.mlp_bias
   if cfg.sliding_window is not None:
     out["sliding_window"] = cfg.sliding_window
     if model_type != "mistral":

@@ -44,23 +44,26 @@ def test_bert_dir_and_packaged_minilm_load_as_bert(small_bert):
   _assert_same(minilm.params, hub.load_bert("minilm", num_layers=1)[1])
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_llama_family_dirs_load_as_llama_and_match_transformers(tmp_path, kind):
-  """Each ``model_type`` the Llama port covers maps to it, and its logits are transformers' own."""
+  """Each ``model_type`` the Llama port covers maps to it, with its defaults (Mistral's 4096-token window, Qwen3's
+  128-wide heads), and its logits are transformers' own."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
-  extra = {"sliding_window": None} if kind == "mistral" else {}
   torch.manual_seed(0)
-  theirs = model_cls(config_cls(**TINY, **extra)).eval()
+  theirs = model_cls(config_cls(**TINY)).eval()
   theirs.save_pretrained(tmp_path, safe_serialization=True)
   assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
 
   loaded = models.load(tmp_path)
   assert loaded.family is llama and isinstance(loaded.config, llama.Config)
   assert loaded.config.qkv_bias == (kind == "qwen2") and loaded.report.initialised == []
+  assert loaded.config.sliding_window == (4096 if kind == "mistral" else None)
+  assert loaded.config.head_size == (128 if kind == "qwen3" else 8)
   graphdef, params, cfg, report = hub.load_llama(tmp_path)
   _assert_same(loaded.params, params)
   assert (loaded.config, loaded.report) == (cfg, report)

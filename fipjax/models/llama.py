@@ -1,11 +1,14 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, a KV cache.
 
-Covers Llama 2/3 (with Llama 3's RoPE scaling), SmolLM and Qwen2-style configs (bias on q/k/v). Parameter names
-mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``, ``model/norm/weight``, ``lm_head/kernel``) so
-that loading (:func:`hf_name`, :func:`from_checkpoint`; GGUF files through :mod:`fipjax.models.gguf`) is a renaming
-plus kernel transposes. The rest of fipjax sees ``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a
-plain parameter dict. The family surface of :mod:`fipjax.models`: ``MODEL_TYPES``, ``Config``, ``hf_name``,
-``DROPPED``, ``from_checkpoint``, ``make_apply``, and for a causal LM ``generate`` and ``token_logprobs``.
+Covers Llama 2/3 (with Llama 3's RoPE scaling), SmolLM, Qwen2 (bias on q/k/v), Qwen3 (RMSNorm on each head's query
+and key, a ``head_dim`` of its own) and Mistral, with sliding-window attention (Mistral's ``sliding_window`` on every
+layer; Qwen2/Qwen3's ``use_sliding_window`` on the layers ``layer_types`` or ``max_window_layers`` name) in the full
+forward pass and the KV cache alike. Parameter names mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``,
+``model/norm/weight``, ``lm_head/kernel``) so that loading (:func:`hf_name`, :func:`from_checkpoint`; GGUF files
+through :mod:`fipjax.models.gguf`) is a renaming plus kernel transposes. The rest of fipjax sees
+``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a plain parameter dict. The family surface of
+:mod:`fipjax.models`: ``MODEL_TYPES``, ``Config``, ``hf_name``, ``DROPPED``, ``from_checkpoint``, ``make_apply``, and
+for a causal LM ``generate`` and ``token_logprobs``.
 
 Padding: a row's positions are counted over its unmasked tokens (``cumsum(mask) - 1``), so left-padded prompts
 (generation) and right-padded sequences (scoring) give the same logits as the unpadded row.
@@ -28,7 +31,7 @@ from fipjax.models.common import param_count, token_logprobs  # noqa: F401  (re-
 
 PyTree = Any
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 """Hugging Face ``model_type`` values this family loads (GGUF files: ``general.architecture`` llama, qwen2)."""
 DROPPED = (re.compile(r"rotary_emb\.inv_freq$"),)
 """Checkpoint buffers the model recomputes."""
@@ -50,33 +53,67 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   rope_scaling: tuple | None = None      # Llama 3: (("factor", 32.0), ("low_freq_factor", 1.0), ...), hashable
   max_position_embeddings: int = 8192
-  tie_word_embeddings: bool = False      # Hugging Face's default for Llama, Qwen2 and Mistral configs
+  tie_word_embeddings: bool = False      # Hugging Face's default for Llama, Qwen2/3 and Mistral configs
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
+  qk_norm: bool = False                  # Qwen3: RMSNorm over each head's query and key, before RoPE
+  sliding_window: int | None = None      # a query sees the keys of the last sliding_window slots (itself included)
+  layer_types: tuple | None = None       # per layer "full_attention" / "sliding_attention"; None: all sliding
+                                         # when sliding_window is set
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"{self.num_attention_heads} attention heads cannot share {self.num_key_value_heads} "
                        "key-value heads evenly (grouped-query attention needs a divisor)")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window {self.sliding_window} must be a positive number of tokens")
+    if self.layer_types is not None:
+      unknown = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+      if unknown or len(self.layer_types) != self.num_hidden_layers:
+        raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the "
+                         f"{self.num_hidden_layers} layers (got {len(self.layer_types)}; unknown: {unknown or 'none'})")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has sliding_attention layers but no sliding_window is set")
 
   @property
   def head_size(self) -> int:
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
+  @property
+  def windows(self) -> tuple:
+    """Each layer's sliding window (None: full causal attention)."""
+    types = self.layer_types or ("sliding_attention",) * self.num_hidden_layers
+    return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
+
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
-    """From a Hugging Face ``config.json`` dict (``model_type`` llama, qwen2 or mistral); unknown keys ignored."""
+    """From a Hugging Face ``config.json`` dict (``model_type`` llama, qwen2, qwen3 or mistral); unknown keys ignored.
+
+    Windows as transformers reads them: Mistral's ``sliding_window`` applies to every layer (``layer_types``
+    ignored); Qwen2/Qwen3's only with ``use_sliding_window``, on the layers ``layer_types`` marks
+    ``sliding_attention`` or, without ``layer_types``, on layers ``i >= max_window_layers``; Llama has none.
+    """
     kind = d.get("model_type", "llama")
     if kind not in MODEL_TYPES:
       raise ValueError(f"model_type {kind!r} is not a Llama-family decoder this port covers "
                        f"({', '.join(MODEL_TYPES)})")
     if d.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {d['hidden_act']!r}: only SwiGLU (silu) is supported")
-    if d.get("use_sliding_window") or (kind == "mistral" and d.get("sliding_window")):
-      raise ValueError("sliding-window attention is not supported")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"sliding_window", "layer_types", "qk_norm"}
     kw = {k: v for k, v in d.items() if k in names and v is not None}
+    # transformers' defaults where config.json leaves a key out: sliding_window 4096, max_window_layers 28, Qwen3's
+    # head_dim 128.
+    if kind == "mistral":
+      kw["sliding_window"] = d.get("sliding_window", 4096)
+    elif kind in ("qwen2", "qwen3"):
+      window = kw["sliding_window"] = d.get("sliding_window", 4096) if d.get("use_sliding_window") else None
+      types = d.get("layer_types") or (None if window is None else [
+          "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+          for i in range(d.get("num_hidden_layers", cls.num_hidden_layers))])
+      kw["layer_types"] = None if types is None else tuple(types)
+    if kind == "qwen3":
+      kw.setdefault("head_dim", 128)
     kw.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
     rope = d.get("rope_scaling") or d.get("rope_parameters")
     kw["rope_scaling"] = None
@@ -91,6 +128,7 @@ class LlamaConfig:
       kw["qkv_bias"] = True
     elif d.get("attention_bias"):
       kw["qkv_bias"] = kw["o_bias"] = True
+    kw["qk_norm"] = kind == "qwen3"
     return cls(**kw)
 
 
@@ -98,10 +136,11 @@ Config = LlamaConfig
 """The family's config (``Config.from_dict(config_json)``)."""
 
 
-def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
-  """Inverse frequencies ``[head_size / 2]``, with Llama 3's long-context scaling when configured."""
+def rope_frequencies(cfg: LlamaConfig, dtype=jnp.float32) -> jax.Array:
+  """Inverse frequencies ``[head_size / 2]`` in ``dtype`` (the parameters' wide dtype: float64 runs are exact), with
+  Llama 3's long-context scaling when configured."""
   d = cfg.head_size
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))
   if cfg.rope_scaling is None:
     return inv
   s = dict(cfg.rope_scaling)
@@ -115,7 +154,7 @@ def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotate ``x [B, T, H, D]`` by ``positions [B, T]`` (Hugging Face's rotate-half convention)."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, T, D/2]
+  angles = positions[..., None].astype(inv_freq.dtype) * inv_freq       # [B, T, D/2]
   cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, :, None] for f in (jnp.cos, jnp.sin))
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
@@ -155,14 +194,20 @@ class Attention(nnx.Module):
     self.k_proj = linear(cfg.hidden_size, kv * d, dtype, rngs, bias=cfg.qkv_bias)
     self.v_proj = linear(cfg.hidden_size, kv * d, dtype, rngs, bias=cfg.qkv_bias)
     self.o_proj = linear(h * d, cfg.hidden_size, dtype, rngs, bias=cfg.o_bias)
-    self.heads, self.kv_heads, self.head_size = h, kv, d
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+    self.heads, self.kv_heads, self.head_size, self.qk_norm = h, kv, d, cfg.qk_norm
 
   def __call__(self, x, positions, inv_freq, bias, cache_kv=None, offset=None):
     """x ``[B, T, H]``; bias ``[B, 1, 1, T, S]`` over the S key slots; cache_kv ``([B, S, KV, D], ...)`` to write
     the T new keys into at ``offset``, or None (the keys are the T tokens themselves)."""
     b, t, _ = x.shape
-    q = apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_size), positions, inv_freq)
-    k = apply_rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_size), positions, inv_freq)
+    q = self.q_proj(x).reshape(b, t, self.heads, self.head_size)
+    k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_size)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_size)
     if cache_kv is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), offset, axis=1)
@@ -228,16 +273,14 @@ class LlamaForCausalLM(nnx.Module):
   def __call__(self, input_ids, attention_mask=None):
     mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
-    t = input_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
     h = self.model.embed_tokens(input_ids)
-    bias = _bias(causal[None] & (mask[:, None, :] > 0), h.dtype)
-    inv_freq = rope_frequencies(self.cfg)
-    call = lambda layer, h: layer(h, positions, inv_freq, bias)[0]
+    biases = _biases(self.cfg, jnp.arange(input_ids.shape[1]), mask, h.dtype)
+    inv_freq = rope_frequencies(self.cfg, wide(h.dtype))
+    call = lambda layer, h, bias: layer(h, positions, inv_freq, bias)[0]
     if self.remat:
       call = nnx.remat(call)
-    for layer in self.model.layers:
-      h = call(layer, h)
+    for layer, bias in zip(self.model.layers, biases):
+      h = call(layer, h, bias)
     return self._logits(self.model.norm(h))
 
   def extend(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -246,23 +289,32 @@ class LlamaForCausalLM(nnx.Module):
     A prompt is one call on an empty cache (left-padded, ``attention_mask`` 0 on the padding); each generated
     token is one more call with ``T = 1``. Equal to :meth:`__call__` on the concatenated tokens.
     """
-    b, t = input_ids.shape
-    size = cache.mask.shape[1]
+    t = input_ids.shape[1]
     slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, 1)
     positions = (jnp.sum(cache.mask, -1, keepdims=True) + jnp.cumsum(attention_mask, -1) - 1)
     positions = jnp.maximum(positions, 0)
-    slots = jnp.arange(size)
-    causal = slots[None, :] <= (cache.length + jnp.arange(t))[:, None]           # [T, S]
     h = self.model.embed_tokens(input_ids)
-    bias = _bias(causal[None] & (slot_mask[:, None, :] > 0), h.dtype)
-    inv_freq = rope_frequencies(self.cfg)
+    biases = _biases(self.cfg, cache.length + jnp.arange(t), slot_mask, h.dtype)
+    inv_freq = rope_frequencies(self.cfg, wide(h.dtype))
     ks, vs = [], []
-    for i, layer in enumerate(self.model.layers):
+    for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
       h, (k, v) = layer(h, positions, inv_freq, bias, (cache.k[i], cache.v[i]), cache.length)
       ks.append(k)
       vs.append(v)
     new = KVCache(jnp.stack(ks), jnp.stack(vs), slot_mask, cache.length + t)
     return self._logits(self.model.norm(h)), new
+
+
+def _biases(cfg: LlamaConfig, query_slots: jax.Array, key_mask: jax.Array, dtype) -> list[jax.Array]:
+  """Each layer's attention bias ``[B, 1, 1, T, S]``: query slot ``q`` (``query_slots [T]``) sees key slot ``s`` of
+  ``key_mask [B, S]`` when ``0 <= q - s < window`` (transformers' ``kv_idx > q_idx - sliding_window``).
+
+  Windows count slots, not positions, as transformers does; left padding precedes every token, so a row's window
+  holds the same tokens either way."""
+  behind = query_slots[:, None] - jnp.arange(key_mask.shape[1])[None, :]          # [T, S]
+  allowed = lambda w: (behind >= 0) if w is None else (behind >= 0) & (behind < w)
+  made = {w: _bias(allowed(w)[None] & (key_mask[:, None, :] > 0), dtype) for w in set(cfg.windows)}
+  return [made[w] for w in cfg.windows]
 
 
 def _bias(allowed: jax.Array, dtype) -> jax.Array:
