@@ -22,10 +22,10 @@ non_negative: Check = lambda v: v >= 0
 CHECK_WORDS = {positive: "> 0", non_negative: "≥ 0"}
 
 
-def interval(lo, hi) -> Check:
-  """``lo ≤ v < hi``."""
-  check = lambda v: lo <= v < hi
-  CHECK_WORDS[check] = f"in [{lo}, {hi})"
+def interval(lo, hi, *, closed: bool = False) -> Check:
+  """``lo ≤ v < hi`` (``closed``: ``lo ≤ v ≤ hi``)."""
+  check = (lambda v: lo <= v <= hi) if closed else (lambda v: lo <= v < hi)
+  CHECK_WORDS[check] = f"in [{lo}, {hi}{']' if closed else ')'}"
   return check
 
 

@@ -458,6 +458,22 @@ class GemConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InterpConfig:
+  """Weight interpolation (interp; WiSE-FT, model averaging): plain fine-tuning, then θ_prev + α (θ_tuned − θ_prev)."""
+  alpha: float = cf.option(0.5, "α: 0 keeps the weights entering the stage, 1 is plain fine-tuning's",
+                           cf.interval(0, 1, closed=True))
+
+
+def interpolate(hp: "MethodConfig", start: PyTree, end: PyTree) -> PyTree:
+  """``start + α (end − start)`` leaf by leaf, α = ``hp.interp.alpha``; exactly ``start`` at α = 0 and ``end`` at
+  α = 1."""
+  alpha = hp.interp.alpha
+  if alpha in (0.0, 1.0):
+    return start if alpha == 0.0 else end
+  return jax.tree.map(lambda a, b: (a + alpha * (b - a)).astype(b.dtype), start, end)
+
+
+@dataclasses.dataclass(frozen=True)
 class BirConfig:
   """Brain-inspired replay (bir): generated features of the old tasks distilled from the old network."""
   temperature: float = cf.option(2.0, "distillation temperature T (the paper's 2)", cf.positive)
@@ -476,6 +492,7 @@ class MethodConfig:
   si: SiConfig = cf.section(SiConfig)
   gem: GemConfig = cf.section(GemConfig)
   bir: BirConfig = cf.section(BirConfig)
+  interp: InterpConfig = cf.section(InterpConfig)
 
 
 def _overridden(section, overrides):
@@ -629,6 +646,8 @@ class MethodSpec:
       agree it may record what the first stage records, so that its program is compiled once for both.
     keeps: ``(final optimiser state, weights at the stage's start, at its end) -> arrays`` that a finished stage
       leaves for the method's later stages (SI's ω, recorded by its optimiser, and Δ), or None.
+    finish: ``(hyperparameters, weights at the stage's start, trained weights) -> the stage's weights``, applied
+      when training ends (weight interpolation), or None.
     check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
       (:data:`OUTPUT_KINDS`), one sentence each.
   """
@@ -637,6 +656,7 @@ class MethodSpec:
   lora: bool = True
   first_stage_program: bool = False
   keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
+  finish: Callable[["MethodConfig", PyTree, PyTree], PyTree] | None = None
   check: Callable[[MethodConfig, str], list[str]] = _no_problems
 
   def replays(self, hp: MethodConfig) -> str:
@@ -659,6 +679,8 @@ REGISTRY: dict[str, MethodSpec] = {
     "agem": MethodSpec(lambda ctx, hp, opt: agem(ctx.task_loss, ctx.old_losses(), opt, space=hp.gem.space),
                        replay="rows"),
     "bir": MethodSpec(_build_bir, replay="generated", lora=False),
+    "interp": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True,
+                         finish=interpolate),
 }
 """``name -> MethodSpec``: adding a method is one entry (docs/extending.md)."""
 

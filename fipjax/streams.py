@@ -453,6 +453,8 @@ class Runner(stages_lib.StageLoop):
     runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
     params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt_dir, sources,
                                           tracker, name=f"{name} ({task.name})")
+    if spec.finish is not None:
+      params = spec.finish(self.hp, state.params, params)
     if spec.keeps is not None and k < len(tasks) - 1:      # read by later stages only
       state.memory[task.name] = spec.keeps(opt_state, state.params, params)
     state.params = params

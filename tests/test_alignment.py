@@ -227,3 +227,19 @@ def test_pairs_and_the_first_round_are_cached_without_the_buffer_only_options(po
   key = alignment.pair_key(pol.pref)
   assert alignment.pair_key(dataclasses.replace(pol.pref, anchor="policy", top_k=3)) == key
   assert alignment.pair_key(dataclasses.replace(pol.pref, temperature=0.5)) != key
+
+
+def test_interp_dpo_is_the_round_1_policy_at_0_and_dpo_at_1(policy, tmp_path):
+  """Weight interpolation on preference rounds: α = 0 keeps the policy entering round 2, α = 1 is DPO's, exactly."""
+  from fipjax import runs
+  pol, params = policy
+  results = {}
+  for alpha in (0.0, 1.0):
+    runner = tiny_runner(pol, 2, cache=runs.StageCache(tmp_path / "cache"))
+    runner.hp = cf.with_values(runner.hp, {"interp.alpha": alpha})
+    run_dir, _ = runs.RunDir.open(tmp_path / f"run{alpha}", {"test": alpha})
+    results[alpha] = runner.run_all(["dpo", "interp-dpo"], params, run_dir)["methods"]
+  at0, at1 = results[0.0]["interp-dpo"], results[1.0]["interp-dpo"]
+  assert at0["weight_change"] == 0.0 and at0["reward_matrix"][2] == at0["reward_matrix"][1]
+  assert at1["reward_matrix"] == results[1.0]["dpo"]["reward_matrix"]
+  assert at1["weight_change"] == results[1.0]["dpo"]["weight_change"] > 0

@@ -98,3 +98,31 @@ def test_a_task_sets_its_own_loss_and_what_is_kept():
   assert buffers["A"].ref_outputs.shape == (10, 2) and buffers["B"].ref_outputs.shape == (10, 3)
   np.testing.assert_allclose(buffers["A"].ref_outputs, stream.outputs(a)(params, buffers["A"].data.inputs),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", (0.0, 0.5, 1.0))
+def test_interp_is_the_previous_weights_plain_fine_tuning_or_between(alpha, tmp_path):
+  """Weight interpolation from the same first stage: α = 0 leaves the weights entering each stage exactly, α = 1 is
+  plain fine-tuning's result exactly, α = ½ lies halfway (leaf by leaf)."""
+  stream, params = digit_stream()
+  hp = cf.with_values(continual.MethodConfig(), {"interp.alpha": alpha})
+  runner = streams.Runner(stream, optim=continual.OptimConfig(lr=3e-3, batch_size=16, dropout=False),
+                          first=streams.FirstStageConfig(steps=10), stages=streams.StageConfig(steps=10),
+                          hp=hp, run=streams.RunConfig(eval_batch_size=40), seed=0, model_key={"mlp": 32})
+  seen = {}
+  finish = continual.REGISTRY["interp"].finish
+  spy = lambda h, start, end: seen.setdefault("ends", []).append((start, end)) or finish(h, start, end)
+  registry = dict(continual.REGISTRY, interp=dataclasses.replace(continual.REGISTRY["interp"], finish=spy))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(continual, "REGISTRY", registry)
+    first = runner.first_stage(params)
+    naive = runner.run_method("naive", first, runs.RunDir.open(tmp_path / "n", {})[0])
+    interp = runner.run_method("interp", first, runs.RunDir.open(tmp_path / "i", {})[0])
+  if alpha == 1.0:
+    assert interp["accuracy_matrix"] == naive["accuracy_matrix"] and interp["weight_change"] == naive["weight_change"]
+  if alpha == 0.0:
+    assert interp["weight_change"] == 0.0 and interp["accuracy_matrix"][-1] == interp["accuracy_matrix"][0]
+  start, end = seen["ends"][0]
+  got = continual.interpolate(hp, start, end)
+  for a, b, g in zip(jax.tree.leaves(start), jax.tree.leaves(end), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, np.asarray(a) + alpha * (np.asarray(b) - np.asarray(a)), rtol=1e-6, atol=1e-7)
