@@ -179,14 +179,16 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
     for j, rnd in enumerate(rounds):
       lines.append(f"| {name} | {rnd} | " + " | ".join(_fmt(row[j]) for row in m["preference_accuracy_matrix"])
                    + " |")
+  rewarded = any(f is not None for m in methods.values() for f in m["reward_forgetting"])
+  forgetting, what = ("reward_forgetting", "reward") if rewarded else ("forgetting", "pref. acc.")
   lines += ["", "## Table 2: the final policy", "",
-            "| method | " + " | ".join(f"forgetting {r}" for r in rounds[:-1]) + " | " +
+            "| method | " + " | ".join(f"forgetting {r} ({what})" for r in rounds[:-1]) + " | " +
             " | ".join(f"pref. acc. {r}" for r in rounds) +
             " | KL to base | perplexity | peak step memory (MiB) | stored references (KiB) | time (s) |",
             "|---" * (2 * t + 5) + "|"]
   for name, m in methods.items():
     acc = m["preference_accuracy_matrix"][-1]
-    lines.append(f"| {name} | " + " | ".join(_fmt(f, "+.3f") for f in m["reward_forgetting"]) + " | " +
+    lines.append(f"| {name} | " + " | ".join(_fmt(f, "+.3f") for f in m[forgetting]) + " | " +
                  " | ".join(_fmt(a) for a in acc) + f" | {_fmt(m['kl_to_base'][-1], '.4f')} | "
                  f"{_fmt(m['perplexity'][-1], '.2f')} | "
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
