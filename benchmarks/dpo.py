@@ -11,7 +11,7 @@ second pass after the DPO backward pass (so it adds time, not peak memory).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -21,10 +21,32 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.run import cli, compiled_call, interleaved_times, random_spec
+from benchmarks import common
 from fipjax import continual, dpo, lora, sequences
 from fipjax import tree as tu
 from fipjax.models import hub, llama
+
+KEYS = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
+        "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
+"""The figures of a run (``benchmarks.run`` copies them into its own result)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSteps:
+  """The DPO steps measured: the batch of each and where LoRA goes (also ``benchmarks.memory``'s)."""
+  pairs: int = common.flag(4, "preference pairs per step")
+  old: int = common.flag(4, "earlier rounds' sequences per step (FIP's replay)")
+  top_k: int = common.flag(32, "stored reference tokens per position")
+  beta: float = common.flag(0.1, "DPO's β")
+  lora_targets: str = common.flag(llama.LORA_TARGETS[0], "regex of the decoder kernels LoRA adapts (default: q/v)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoOptions(DecoderSteps):
+  """``python -m benchmarks.dpo``: the decoder, its sequences, and the timing repeats."""
+  model: str = common.flag("smollm2", "'smollm2', 'random:L:H', a .gguf file, a directory or hub id")
+  seq: int = common.flag(64, "tokens per sequence (the second half is the response)")
+  repeats: int = common.flag(3, "timed runs of each step (the median is kept)")
 
 
 def load(model: str):
@@ -33,7 +55,7 @@ def load(model: str):
   if not model.startswith("random:"):
     graphdef, params, _, _ = hub.load_llama(model)
     return graphdef, params
-  layers, hidden = random_spec(model)
+  layers, hidden = common.random_spec(model)
   heads = hidden // 64
   kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 3))   # SmolLM2's 3:1 or less
   cfg = llama.LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -55,23 +77,23 @@ def batches(apply, params, vocab: int, pairs: int, old: int, seq: int, k: int, s
   return new, replay
 
 
-def methods(apply, beta: float, lora_targets: str = llama.LORA_TARGETS[0]) -> dict[str, continual.Method]:
-  """DPO and FIP-DPO (the penalty at weight 1), in full and inside LoRA (r 8 on the kernels ``lora_targets``
-  matches; default q/v)."""
-  task, optimizer = dpo.task_loss(apply, beta=beta), optax.adamw(1e-5)
+def methods(apply, steps: DecoderSteps) -> dict[str, continual.Method]:
+  """DPO and FIP-DPO (the penalty at weight 1), in full and inside LoRA (r 8 on the kernels ``steps.lora_targets``
+  matches)."""
+  task, optimizer = dpo.task_loss(apply, beta=steps.beta), optax.adamw(1e-5)
   out = {"dpo": continual.naive(task, optimizer),
          "fip-dpo": continual.penalised("fip-dpo", task, sequences.fip_penalty(apply, beta=1.0), optimizer)}
-  config = lora.LoraConfig(targets=(lora_targets,), rank=8, alpha=16)
+  config = lora.LoraConfig(targets=(steps.lora_targets,), rank=8, alpha=16)
   return {**out, **{f"lora-{n}": continual.with_lora(m, config, jax.random.key(0)) for n, m in out.items()}}
 
 
-def setup(model: str, pairs: int, old: int, seq: int, k: int):
+def setup(model: str, seq: int, steps: DecoderSteps):
   """(params, apply, vocabulary size, preference batch, earlier round's sequences) of :func:`load` and
   :func:`batches`."""
   graphdef, params = load(model)
   apply = llama.make_apply(graphdef)
   vocab = params["model"]["embed_tokens"]["embedding"].shape[0]
-  return (params, apply, vocab, *batches(apply, params, vocab, pairs, old, seq, k))
+  return (params, apply, vocab, *batches(apply, params, vocab, steps.pairs, steps.old, seq, steps.top_k))
 
 
 def step_batch(method: continual.Method, new: dict, replay: dict) -> dict:
@@ -79,19 +101,19 @@ def step_batch(method: continual.Method, new: dict, replay: dict) -> dict:
   return {"new": new, **({"replay": replay} if method.needs_replay else {})}
 
 
-def run(args) -> dict:
-  params, apply, vocab, new, replay = setup(args.model, args.pairs, args.old, args.seq, args.top_k)
+def run(opts: DpoOptions) -> dict:
+  params, apply, vocab, new, replay = setup(opts.model, opts.seq, opts)
   calls, peaks = {}, {}
-  for name, method in methods(apply, args.beta, args.lora_targets).items():
+  for name, method in methods(apply, opts).items():
     step, *state = continual.train_step(method, params, donate=False)
-    calls[name], compiled = compiled_call(step, *state, step_batch(method, new, replay))
+    calls[name], compiled = common.compiled_call(step, *state, step_batch(method, new, replay))
     peaks[name] = continual.peak_bytes(compiled)
-  times = interleaved_times(calls, args.repeats)
+  times = common.interleaved_times(calls, opts.repeats)
   stored = sequences.TopK(*replay["ref"]).bytes_per_token()
   return {
-      "config": {"model": args.model, "params": tu.tree_size(params), "vocab": vocab, "pairs": args.pairs,
-                 "old_sequences": args.old, "seq": args.seq, "top_k": args.top_k, "lora_targets": args.lora_targets,
-                 "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "repeats": args.repeats},
+      "config": {"model": opts.model, "params": tu.tree_size(params), "vocab": vocab, "pairs": opts.pairs,
+                 "old_sequences": opts.old, "seq": opts.seq, "top_k": opts.top_k, "lora_targets": opts.lora_targets,
+                 "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "repeats": opts.repeats},
       "times_s": times, "peak_bytes": peaks,
       "fipdpo_over_dpo_peak_memory": peaks["fip-dpo"] / peaks["dpo"],
       "lorafipdpo_over_loradpo_peak_memory": peaks["lora-fip-dpo"] / peaks["lora-dpo"],
@@ -103,32 +125,19 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-  keys = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
-          "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
-  rows = [f"{k:40s} {result[k]:.4g}" for k in keys]
+  rows = [f"{k:40s} {result[k]:.4g}" for k in KEYS]
   rows += [f"{n:40s} {result['times_s'][n] * 1e3:9.1f} ms  {result['peak_bytes'][n] / 2**20:9.1f} MiB"
            for n in result["times_s"]]
   return "\n".join(rows)
 
 
+def parse_args(argv=None) -> tuple[DpoOptions, pathlib.Path | None]:
+  return common.parse_args(DpoOptions, __doc__, "python -m benchmarks.dpo", argv)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="smollm2", help="'smollm2', 'random:L:H', a .gguf file, a directory or hub id")
-  p.add_argument("--seq", type=int, default=64, help="tokens per sequence (the second half is the response)")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--json", type=pathlib.Path, default=None)
-  p.add_argument("--pairs", type=int, default=4, help="preference pairs per step")
-  p.add_argument("--old", type=int, default=4, help="earlier rounds' sequences per step (FIP's replay)")
-  p.add_argument("--top-k", type=int, default=32, help="stored reference tokens per position")
-  p.add_argument("--beta", type=float, default=0.1, help="DPO's β")
-  add_lora_targets(p)
-  return cli(p, run, table, argv)
-
-
-def add_lora_targets(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--lora-targets", default=llama.LORA_TARGETS[0],
-                 help="regex of the decoder kernels LoRA adapts (default: q/v)")
-
+  opts, out = parse_args(argv)
+  return common.cli(lambda: run(opts), table, out)
 
 if __name__ == "__main__":
   sys.exit(main())

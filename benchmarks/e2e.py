@@ -21,7 +21,7 @@ checkpointing, path records (ours), replay-buffer outputs (ours), evaluation and
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -32,46 +32,58 @@ import time
 
 import numpy as np
 
+from benchmarks import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = {"ours_over_torch_run_time": 0.9, "ours_fip_over_authors_fip_run_time": 0.8}
 STAGES = ("stage1", "naive", "fip")
 PARTS = ("compile", "steps", "checkpoint", "records", "buffers", "eval", "other")
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="minilm", help="BERT checkpoint: 'minilm' (packaged), a directory or hub id")
-  p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-  p.add_argument("--n-train", type=int, default=2000, help="training rows per task")
-  p.add_argument("--n-test", type=int, default=1000, help="test rows per task")
-  p.add_argument("--n-val", type=int, default=200, help="validation rows per task")
-  p.add_argument("--max-len", type=int, default=128)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--replay-batch", type=int, default=16)
-  p.add_argument("--eval-batch", type=int, default=100)
-  p.add_argument("--lr", type=float, default=5e-5)
-  p.add_argument("--stage1-steps", type=int, default=125)
-  p.add_argument("--steps", type=int, default=125)
-  p.add_argument("--beta", type=float, default=16.0, help="FIP weight on the replay batch's mean distance")
-  p.add_argument("--buffer-size", type=int, default=2000)
-  p.add_argument("--checkpoint-every", type=int, default=50)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--side", default="both", choices=["both", "ours", "torch"])
-  p.add_argument("--json", type=pathlib.Path, default=None)
-  return p
+@dataclasses.dataclass(frozen=True)
+class E2EOptions:
+  """``python -m benchmarks.e2e``: the run both sides make, and which sides run."""
+  model: str = common.flag("minilm", "BERT checkpoint: 'minilm' (packaged), a directory or hub id")
+  data_dir: str = common.flag(str(REPO.parent / "shared" / "data"), "folder holding yelp/ and imdb/")
+  n_train: int = common.flag(2000, "training rows per task")
+  n_test: int = common.flag(1000, "test rows per task")
+  n_val: int = common.flag(200, "validation rows per task")
+  max_len: int = common.flag(128, "tokens per review")
+  batch: int = common.flag(16, "new-task rows per step")
+  replay_batch: int = common.flag(16, "replayed rows per FIP step")
+  eval_batch: int = common.flag(100, "rows per evaluation batch")
+  lr: float = common.flag(5e-5, "AdamW learning rate")
+  stage1_steps: int = common.flag(125, "steps on Yelp")
+  steps: int = common.flag(125, "steps on IMDB, per method")
+  beta: float = common.flag(16.0, "FIP weight on the replay batch's mean distance")
+  buffer_size: int = common.flag(2000, "Yelp rows kept for replay")
+  checkpoint_every: int = common.flag(50, "steps between checkpoints")
+  seed: int = common.flag(0, "seed of batches, buffer and initialisation")
+  side: str = common.flag("both", "which runs to time", choices=["both", "ours", "torch"])
 
 
-def ours_argv(args, work: pathlib.Path) -> list[str]:
+PROG = "python -m benchmarks.e2e"
+
+
+def parser():
+  """The command line of :class:`E2EOptions` (parsed: :func:`parse_args`)."""
+  return common.parser(E2EOptions, __doc__, PROG)
+
+
+def parse_args(argv=None) -> tuple[E2EOptions, pathlib.Path | None]:
+  return common.parse_args(E2EOptions, __doc__, PROG, argv)
+
+
+def ours_argv(opts: E2EOptions, work: pathlib.Path) -> list[str]:
   """The experiment's command line for this run, everything in ``work``."""
-  return ["--preset", "cpu", "--method", "naive,fip", "--model", args.model, "--data-dir", args.data_dir,
-          "--n-train-yelp", str(args.n_train), "--n-train-imdb", str(args.n_train), "--n-test", str(args.n_test),
-          "--n-val", str(args.n_val), "--max-len", str(args.max_len), "--batch-size", str(args.batch),
-          "--replay-batch-size", str(args.replay_batch), "--eval-batch-size", str(args.eval_batch),
-          "--lr", str(args.lr), "--stage1-steps", str(args.stage1_steps), "--steps", str(args.steps),
-          "--beta", str(args.beta), "--buffer-size", str(args.buffer_size),
-          "--checkpoint-every", str(args.checkpoint_every), "--seed", str(args.seed), "--no-progress",
-          "--out", str(work / "out"), "--cache-dir", str(work / "cache")]
+  flags = {"model.name": opts.model, "data.dir": opts.data_dir, "data.n-train-yelp": opts.n_train,
+           "data.n-train-imdb": opts.n_train, "data.n-test": opts.n_test, "data.n-val": opts.n_val,
+           "data.max-len": opts.max_len, "optim.batch-size": opts.batch, "optim.lr": opts.lr,
+           "stages.replay-batch-size": opts.replay_batch, "run.eval-batch-size": opts.eval_batch,
+           "first.steps": opts.stage1_steps, "stages.steps": opts.steps, "fip.beta": opts.beta,
+           "stages.buffer-size": opts.buffer_size, "run.checkpoint-every": opts.checkpoint_every, "seed": opts.seed}
+  return ["--preset", "cpu", "--method", "naive,fip", *(w for k, v in flags.items() for w in (f"--{k}", str(v))),
+          "--no-progress", "--out", str(work / "out"), "--cache-dir", str(work / "cache")]
 
 
 def stage_parts(t: dict, stage: str) -> dict[str, float]:
@@ -98,12 +110,12 @@ def summary(wall: float, t: dict) -> dict:
           "compile_s": sum(v["compile"] for v in stages.values())}
 
 
-def run_ours(args) -> dict:
+def run_ours(opts: E2EOptions) -> dict:
   with tempfile.TemporaryDirectory(prefix="fipjax-e2e-") as work:
     work = pathlib.Path(work)
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # cold: compilation counts
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "experiments.yelp_imdb", *ours_argv(args, work)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "experiments.yelp_imdb", *ours_argv(opts, work)], cwd=REPO,
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -113,7 +125,7 @@ def run_ours(args) -> dict:
   return {**summary(wall, results["timings"]), "accuracy_matrix": acc, "timings": results["timings"]}
 
 
-def run_torch_child(args) -> dict:
+def run_torch_child(opts: E2EOptions) -> dict:
   """The PyTorch run, in this process: ``{"timings": …, "accuracy_matrix": …}``."""
   import copy
   import torch
@@ -125,34 +137,34 @@ def run_torch_child(args) -> dict:
   t = runs.Timings()
   with t.phase("load"):
     torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(args.seed)
-    cfg = yelp_imdb.parse_args(ours_argv(args, pathlib.Path("unused")))[0]
-    tasks = yelp_imdb.load_tasks(cfg, hub.load_tokenizer(args.model), shared=True)
+    torch.manual_seed(opts.seed)
+    cfg = yelp_imdb.parse_args(ours_argv(opts, pathlib.Path("unused")))[0]
+    tasks = yelp_imdb.load_tasks(cfg, hub.load_tokenizer(opts.model), shared=True)
     model = transformers.BertForSequenceClassification.from_pretrained(
-        str(hub.resolve_model_dir(args.model)), num_labels=7)
+        str(hub.resolve_model_dir(opts.model)), num_labels=7)
   tensors = lambda b: (torch.from_numpy(b["inputs"]["input_ids"]).long(),
                        torch.from_numpy(b["inputs"]["attention_mask"]).long())
 
   def train(model, task, steps, seed, ckpt, buffer=None, frozen=None):
     with t.phase("train"):
-      opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+      opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
       model.train()
-      batches = data.train_batches(task.splits["train"], args.batch, seed)
+      batches = data.train_batches(task.splits["train"], opts.batch, seed)
       for step in range(steps):
         b = next(batches)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(*tensors(b)).logits, torch.from_numpy(b["labels"]).long())
         if buffer is not None:
-          r = tensors(buffer.sample(step, args.replay_batch))
+          r = tensors(buffer.sample(step, opts.replay_batch))
           p = torch.softmax(model(*r).logits, -1)
           with torch.no_grad():
             q = torch.softmax(frozen(*r).logits, -1)
-          loss = loss + args.beta * -torch.log(torch.sum(torch.sqrt(p * q + 1e-12), -1)).mean()
+          loss = loss + opts.beta * -torch.log(torch.sum(torch.sqrt(p * q + 1e-12), -1)).mean()
         loss.backward()
         opt.step()
         if not np.isfinite(loss.item()):           # a training loop logs the loss every step
           raise FloatingPointError(f"loss {loss.item()} at step {step + 1}")
-        if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+        if (step + 1) % opts.checkpoint_every == 0 and step + 1 < steps:
           with t.phase("checkpoint"):
             path = ckpt / f"step_{step + 1}.pt"
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
@@ -166,7 +178,7 @@ def run_torch_child(args) -> dict:
       row = []
       for task in tasks:
         ds, right = task.splits[split], 0
-        for b, idx in data.eval_batches(ds, args.eval_batch):
+        for b, idx in data.eval_batches(ds, opts.eval_batch):
           z = model(*tensors(b)).logits[:len(idx), task.offset:task.offset + task.num_labels].numpy()
           right += int(np.sum(np.argmax(z, -1) + task.offset == ds.labels[idx]))
         row.append(right / len(ds))
@@ -178,7 +190,7 @@ def run_torch_child(args) -> dict:
       (work / d).mkdir()
     yelp, imdb = tasks
     with t.phase("stage1"):
-      train(model, yelp, args.stage1_steps, args.seed, work / "stage1")
+      train(model, yelp, opts.stage1_steps, opts.seed, work / "stage1")
       torch.save(model.state_dict(), work / "stage1" / "final.pt")
     row1 = evaluate(model, "test")
     acc = {}
@@ -189,25 +201,40 @@ def run_torch_child(args) -> dict:
         if name == "fip":
           frozen = copy.deepcopy(model).eval()
           train_rows = yelp.splits["train"]
-          idx = np.sort(np.random.default_rng([args.seed, 11]).choice(
-              len(train_rows), size=min(args.buffer_size, len(train_rows)), replace=False))
-          buffer = data.ReplayBuffer(train_rows.take(idx), None, seed=args.seed)
-        train(net, imdb, args.steps, args.seed + 100, work / name, buffer, frozen)
+          idx = np.sort(np.random.default_rng([opts.seed, 11]).choice(
+              len(train_rows), size=min(opts.buffer_size, len(train_rows)), replace=False))
+          buffer = data.ReplayBuffer(train_rows.take(idx), None, seed=opts.seed)
+        train(net, imdb, opts.steps, opts.seed + 100, work / name, buffer, frozen)
         acc[name] = [row1, evaluate(net, "test")]
         evaluate(net, "val")
   return {"timings": dict(t), "accuracy_matrix": acc}
 
 
-def run_torch(argv: list[str]) -> dict:
-  """The PyTorch run in a fresh process (``--torch-child``), timed from its start."""
+def run_torch(opts: E2EOptions) -> dict:
+  """The PyTorch run in a fresh process (``--torch-child``, the options on its stdin), timed from its start."""
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", *argv, "--torch-child"], cwd=REPO,
-                        capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--torch-child"], cwd=REPO, capture_output=True,
+                        text=True, input=json.dumps(dataclasses.asdict(opts)))
   wall = time.perf_counter() - t0
   if proc.returncode:
     raise RuntimeError(f"the PyTorch run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   return {**summary(wall, out["timings"]), **out}
+
+
+def run(opts: E2EOptions, out: pathlib.Path | None = None) -> dict:
+  """Each side ``opts.side`` names, as a part of the result (with ``out``, written there after each part)."""
+  sides = [side for side in ("ours", "torch") if opts.side in ("both", side)]
+  config = {k: v for k, v in dataclasses.asdict(opts).items() if k != "side"}
+  progress = common.Progress(out, sides, config={**config, "threads": os.cpu_count()})
+  for side in sides:
+    with progress.part(side) as r:
+      r[side] = (run_ours if side == "ours" else run_torch)(opts)
+      if side == "torch" and "ours" in progress.result:
+        ours, torch = progress.result["ours"], r["torch"]
+        r["ours_over_torch_run_time"] = ours["naive_run_s"] / torch["naive_run_s"]
+        r["ours_fip_over_authors_fip_run_time"] = ours["fip_run_s"] / torch["fip_run_s"]
+  return progress.result
 
 
 def table(result: dict) -> str:
@@ -233,26 +260,11 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  p = parser()
-  p.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.torch_child:
-    print(json.dumps(run_torch_child(args)))
+  if argv == ["--torch-child"]:         # run_torch's fresh process: the options on stdin, the result on stdout
+    print(json.dumps(run_torch_child(E2EOptions(**json.loads(sys.stdin.read())))))
     return 0
-  config = {k: v for k, v in vars(args).items() if k not in ("json", "side", "torch_child")}
-  result = {"config": {**config, "threads": os.cpu_count()}}
-  if args.side in ("both", "ours"):
-    result["ours"] = run_ours(args)
-  if args.side in ("both", "torch"):
-    result["torch"] = run_torch([a for a in argv])
-  if args.side == "both":
-    result["ours_over_torch_run_time"] = result["ours"]["naive_run_s"] / result["torch"]["naive_run_s"]
-    result["ours_fip_over_authors_fip_run_time"] = result["ours"]["fip_run_s"] / result["torch"]["fip_run_s"]
-  print(table(result))
-  if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-  return 0
+  opts, out = parse_args(argv)
+  return common.cli(lambda: run(opts, out), table, out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 donated), from XLA's memory analysis of the compiled step: compiled from shapes, never run, so it takes seconds of
 memory and measures models larger than the machine.
 
-    python -m benchmarks.memory --json runs/memory.json                  # MiniLM 16 + 16 × 128; SmolLM2 DPO 4 + 4 × 64
+    python -m benchmarks.memory --json runs/memory.json         # MiniLM 16 + 16 × 128; SmolLM2 DPO 4 + 4 × 64
     python -m benchmarks.memory --model tiny --seq 16 --batch 2 --replay-batch 2 --dpo-model random:1:64 --dpo-seq 8
 
 ``fipjax.continual.peak_bytes`` counts arguments, outputs not aliased to them and temporaries (XLA's CPU peak leaves
@@ -11,14 +11,14 @@ the temporaries out). The BERT steps are benchmarks.run's, the decoder steps ben
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
 import sys
 
 import jax
 
-from benchmarks import dpo as dpo_bench
-from benchmarks.run import DTYPES, Setup, cli, timed_steps
+from benchmarks import common, dpo
+from benchmarks.run import BertSteps, timed_steps
 from fipjax import continual
 
 RATIOS = {"fip_over_naive_peak_memory": ("fip", "naive"), "lorafip_over_lora_peak_memory": ("lora-fip", "lora"),
@@ -32,17 +32,25 @@ def step_peaks(steps) -> dict[str, int]:
   return {name: continual.step_peak_bytes(method, params, batch) for name, method, params, batch in steps}
 
 
-def run(args) -> dict:
-  s = Setup(args.model, args.batch, args.replay_batch, args.seq, DTYPES[args.dtype])
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions(BertSteps, dpo.DecoderSteps):
+  """``python -m benchmarks.memory``: benchmarks.run's BERT steps and benchmarks.dpo's decoder steps."""
+  dpo_model: str = common.flag("smollm2", "decoder of the DPO steps (benchmarks.dpo): 'smollm2', 'random:L:H', ...; "
+                               "'none' skips them")
+  dpo_seq: int = common.flag(64, "tokens per DPO sequence")
+
+
+def run(opts: MemoryOptions) -> dict:
+  s = opts.setup()
   peaks = step_peaks((name, m, s.params, {**b, "rng": jax.random.PRNGKey(0)}) for name, m, b in timed_steps(s))
-  config = {"model": args.model, "batch": args.batch, "replay_batch": args.replay_batch, "seq": args.seq,
-            "dtype": args.dtype, "device": jax.devices()[0].device_kind}
-  if args.dpo_model != "none":
-    params, apply, _, new, replay = dpo_bench.setup(args.dpo_model, args.pairs, args.old, args.dpo_seq, args.top_k)
-    peaks.update(step_peaks((name, m, params, dpo_bench.step_batch(m, new, replay))
-                            for name, m in dpo_bench.methods(apply, beta=0.1, lora_targets=args.lora_targets).items()))
-    config.update(dpo_model=args.dpo_model, pairs=args.pairs, old=args.old, dpo_seq=args.dpo_seq,
-                  lora_targets=args.lora_targets)
+  config = {"model": opts.model, "batch": opts.batch, "replay_batch": opts.replay_batch, "seq": opts.seq,
+            "dtype": opts.dtype, "device": jax.devices()[0].device_kind}
+  if opts.dpo_model != "none":
+    params, apply, _, new, replay = dpo.setup(opts.dpo_model, opts.dpo_seq, opts)
+    peaks.update(step_peaks((name, m, params, dpo.step_batch(m, new, replay))
+                            for name, m in dpo.methods(apply, opts).items()))
+    config.update(dpo_model=opts.dpo_model, pairs=opts.pairs, old=opts.old, dpo_seq=opts.dpo_seq,
+                  lora_targets=opts.lora_targets)
   return {"config": config, "peak_bytes": peaks,
           **{k: peaks[a] / peaks[b] for k, (a, b) in RATIOS.items() if a in peaks}}
 
@@ -52,22 +60,13 @@ def table(result: dict) -> str:
   return "\n".join(rows + [f"{n:40s} {b / 2**20:9.1f} MiB" for n, b in result["peak_bytes"].items()])
 
 
+def parse_args(argv=None) -> tuple[MemoryOptions, pathlib.Path | None]:
+  return common.parse_args(MemoryOptions, __doc__, "python -m benchmarks.memory", argv)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="minilm", help="BERT: 'tiny', 'random:L:H', 'minilm', a directory or hub id")
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--replay-batch", type=int, default=16)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--dpo-model", default="smollm2",
-                 help="decoder of the DPO steps (benchmarks.dpo): 'smollm2', 'random:L:H', ...; 'none' skips them")
-  p.add_argument("--dpo-seq", type=int, default=64, help="tokens per DPO sequence")
-  p.add_argument("--pairs", type=int, default=4, help="preference pairs per DPO step")
-  p.add_argument("--old", type=int, default=4, help="earlier rounds' sequences per FIP-DPO step")
-  p.add_argument("--top-k", type=int, default=32, help="stored reference tokens per position")
-  dpo_bench.add_lora_targets(p)
-  p.add_argument("--json", type=pathlib.Path, default=None)
-  return cli(p, run, table, argv)
+  opts, out = parse_args(argv)
+  return common.cli(lambda: run(opts), table, out)
 
 
 if __name__ == "__main__":

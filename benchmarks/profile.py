@@ -13,8 +13,9 @@ runtime overlaps independent operations.
 from __future__ import annotations
 
 import collections
-import os
+import dataclasses
 import gzip
+import os
 import json
 import pathlib
 import re
@@ -24,6 +25,7 @@ import time
 
 import jax
 
+from benchmarks import common
 from benchmarks import run as bench
 from fipjax import geometry
 
@@ -71,7 +73,7 @@ def jax_pass(op_name: str) -> str:
 
 def xla_profile(call, compiled, repeats: int) -> dict:
   """Seconds per call by pass and by category, from a profiler trace of ``repeats`` runs of ``call`` (a
-  :func:`benchmarks.run.compiled_call` of the ``compiled`` program).
+  :func:`benchmarks.common.compiled_call` of the ``compiled`` program).
 
   Trace events are matched to HLO instructions by name (the CPU runtime's events; GPU events carry ``hlo_op``).
   """
@@ -119,28 +121,34 @@ def torch_profile(step, repeats: int) -> dict:
   return {"by_pass": dict(by_pass), "by_category": dict(by_category), "profiled_wall_s": window}
 
 
-def run(args) -> dict:
-  dtype = bench.DTYPES[args.dtype]
-  s = bench.Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions(bench.BertSteps):
+  """``python -m benchmarks.profile``: benchmarks.run's BERT steps, profiled."""
+  repeats: int = common.flag(3, "profiled runs of each program")
+  no_torch: bool = common.flag(False, "skip the PyTorch steps")
+
+
+def run(opts: ProfileOptions) -> dict:
+  s = opts.setup()
   methods = bench.methods(s)
   steps = {f"ours {name} step": s.step_call(methods[name], batch)
            for name, batch in (("naive", {"new": s.new}), ("fip", s.fip_batch))}
-  steps["ours gradient"] = bench.compiled_call(jax.jit(jax.grad(lambda p: s.task_loss(p, s.new))), s.params)
+  steps["ours gradient"] = common.compiled_call(jax.jit(jax.grad(lambda p: s.task_loss(p, s.new))), s.params)
   gv = jax.jit(lambda p, v: geometry.pullback_metric(s.logits, p, s.new["inputs"], "fisher_rao")(v))
-  steps["ours G·v"] = bench.compiled_call(gv, s.params, s.params)
-  result = {"config": {"model": args.model, "batch": args.batch, "replay_batch": args.replay_batch,
-                       "seq": args.seq, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-                       "repeats": args.repeats}, "steps": {}}
+  steps["ours G·v"] = common.compiled_call(gv, s.params, s.params)
+  result = {"config": {"model": opts.model, "batch": opts.batch, "replay_batch": opts.replay_batch,
+                       "seq": opts.seq, "dtype": opts.dtype, "device": jax.devices()[0].device_kind,
+                       "repeats": opts.repeats}, "steps": {}}
   walls = {name: call for name, (call, _) in steps.items()}
-  torch_steps = {} if args.no_torch else bench.torch_steps(s, os.cpu_count())
+  torch_steps = {} if opts.no_torch else bench.torch_steps(s, os.cpu_count())
   labels = {"naive": "torch naive step", "fip": "torch authors' FIP step"}
   walls.update({labels[k]: torch_steps[k] for k in labels if k in torch_steps})
-  walls = bench.interleaved_times(walls, args.repeats)
+  walls = common.interleaved_times(walls, opts.repeats)
   for name, (call, compiled) in steps.items():
-    result["steps"][name] = {"wall_s": walls[name], **xla_profile(call, compiled, args.repeats)}
+    result["steps"][name] = {"wall_s": walls[name], **xla_profile(call, compiled, opts.repeats)}
   for key, label in labels.items():
     if key in torch_steps:
-      result["steps"][label] = {"wall_s": walls[label], **torch_profile(torch_steps[key], args.repeats)}
+      result["steps"][label] = {"wall_s": walls[label], **torch_profile(torch_steps[key], opts.repeats)}
   return result
 
 
@@ -160,12 +168,17 @@ def table(result: dict) -> str:
   return "\n".join(rows)
 
 
+def parse_args(argv=None) -> tuple[ProfileOptions, pathlib.Path | None]:
+  return common.parse_args(ProfileOptions, __doc__, "python -m benchmarks.profile", argv)
+
+
 def main(argv=None) -> int:
+  opts, out = parse_args(argv)
   # Executables loaded from a persistent compilation cache carry no op metadata to attribute time by: compile anew.
   cached = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    return bench.cli(bench.parser(__doc__, repeats=3), run, table, argv)
+    return common.cli(lambda: run(opts), table, out)
   finally:
     jax.config.update("jax_enable_compilation_cache", cached)
 

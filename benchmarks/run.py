@@ -11,20 +11,20 @@ do not donate their inputs, so it counts the state twice (``benchmarks.memory``:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import common, dpo
+from benchmarks.common import compiled_call, interleaved_times
+from fipjax import config as cf
 from fipjax import continual, geometry
 from fipjax import tree as tu
 from fipjax.models import bert, hub
@@ -35,12 +35,10 @@ TARGETS = {"gv_over_grad_time": 1.3, "fip_overhead_time": 1.05, "fip_over_naive_
            "ours_over_torch_step_time": 1.0, "fipdpo_over_dpo_peak_memory": 1.05,
            "lorafipdpo_over_loradpo_peak_memory": 1.05, "stored_reference_fraction": 0.02,
            "geodesic_over_penalty_step_time": 1.5}
-PRESET_GEODESIC = yelp_imdb.PRESETS["cpu"].method
-"""The cpu preset's geodesic step (form, κ, CG budget; experiments.yelp_imdb), timed against the penalty form."""
-PRESET_CG_ITERS = PRESET_GEODESIC.geodesic_cg_iters
-DPO_KEYS = ("fipdpo_over_dpo_peak_memory", "lorafipdpo_over_loradpo_peak_memory", "fipdpo_over_dpo_step_time",
-            "lorafipdpo_over_loradpo_step_time", "stored_reference_bytes_per_token", "stored_reference_fraction")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRESET_METHODS = yelp_imdb.PRESETS["cpu"].method
+"""The cpu preset's methods (experiments.yelp_imdb): its geodesic step (form, κ, CG budget) is timed against the
+penalty form."""
+PRESET_CG_ITERS = PRESET_METHODS.geodesic.cg_iters
 TINY = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -63,47 +61,10 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n**3 / interleaved_times({"matmul": call}, repeats)["matmul"]
 
 
-def compiled_call(jitted, *args):
-  """(zero-argument call that runs the program on ``args`` and waits for it, the compiled program), compiled once
-  so that its timings, memory and FLOP figures all come from the same executable."""
-  compiled = jitted.lower(*args).compile()
-  return lambda: jax.block_until_ready(compiled(*args)), compiled
-
-
-def interleaved_times(calls: dict, repeats: int) -> dict[str, float]:
-  """Median seconds of each zero-argument call, timed in rounds of one call each (after a warm-up call each), so
-  that drifts of the machine's speed over minutes touch every entry alike and ratios between them stay fair."""
-  for call in calls.values():
-    call()
-  samples = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      t0 = time.perf_counter()
-      call()
-      samples[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(v) for name, v in samples.items()}
-
-
-class SpecError(ValueError):
-  """A model spec that names no model."""
-
-
-def random_spec(spec: str) -> tuple[int, int]:
-  """``'random:L:H'`` → (L layers, width H), H a multiple of 64 (heads of 64); SpecError otherwise."""
-  try:
-    _, layers, hidden = spec.split(":")
-    layers, hidden = int(layers), int(hidden)
-  except ValueError:
-    raise SpecError(f"model spec {spec!r}: expected 'random:LAYERS:HIDDEN', e.g. 'random:12:768'") from None
-  if hidden % 64:
-    raise SpecError(f"model spec {spec!r}: the width must be a multiple of 64 (heads of 64)")
-  return layers, hidden
-
-
 def random_config(spec: str) -> dict:
   """``'random:L:H'`` → a randomly initialised BERT with L layers of width H (H/64 heads, 4H feed-forward), for
   timing how cost grows with model size where no checkpoint of that size is at hand."""
-  layers, hidden = random_spec(spec)
+  layers, hidden = common.random_spec(spec)
   return dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
               intermediate_size=4 * hidden)
 
@@ -151,19 +112,44 @@ class Setup:
     return compiled_call(step, *args, {**batch, "rng": jax.random.PRNGKey(0)})
 
 
-def methods(s: Setup, beta: float = 8.0, cg_iters: int = PRESET_CG_ITERS,
-            form: str = PRESET_GEODESIC.geodesic_form) -> dict[str, continual.Method]:
-  """The benchmarked methods, built by the library's registry as the experiments build them (one old task,
-  ``"old"``: its batch is ``s.fip_batch["replay"]["old"]``)."""
+@dataclasses.dataclass(frozen=True)
+class BertSteps:
+  """The BERT steps measured (also ``benchmarks.profile``'s and ``benchmarks.memory``'s)."""
+  model: str = common.flag("minilm", "'tiny' (random 2-layer), 'random:L:H', 'minilm', a directory or hub id")
+  batch: int = common.flag(16, "new-task rows per step")
+  replay_batch: int = common.flag(16, "replayed rows per step")
+  seq: int = common.flag(128, "tokens per row")
+  dtype: str = common.flag("float32", "compute dtype", choices=sorted(common.DTYPES))
+
+  def setup(self, **change) -> Setup:
+    """:class:`Setup` of these steps (with the fields ``change`` names replaced)."""
+    o = dataclasses.replace(self, **change)
+    return Setup(o.model, o.batch, o.replay_batch, o.seq, common.DTYPES[o.dtype])
+
+
+def method_config(beta: float = 8.0, cg_iters: int = PRESET_CG_ITERS,
+                  form: str = PRESET_METHODS.geodesic.form) -> continual.MethodConfig:
+  """The methods' hyperparameters: the library's defaults with FIP's ``beta``, LoRA at the full model's learning
+  rate, and the cpu preset's geodesic step with ``cg_iters`` and ``form`` (OptionError where a value is invalid)."""
+  hp = cf.with_values(continual.MethodConfig(), {  # dotted paths: the experiments' flags
+      "fip.beta": beta, "lora.optim.lr": 2e-5, "geodesic.cg_iters": cg_iters, "geodesic.form": form,
+      "geodesic.kappa": PRESET_METHODS.geodesic.kappa})
+  if problems := cf.problems(hp):
+    raise common.OptionError("; ".join(problems))
+  return hp
+
+
+def methods(s: Setup, hp: continual.MethodConfig | None = None) -> dict[str, continual.Method]:
+  """The benchmarked methods, built by the library's registry as the experiments build them, configured by ``hp``
+  (default: :func:`method_config`'s); one old task, ``"old"``: its batch is ``s.fip_batch["replay"]["old"]``."""
   ones = jax.tree.map(jnp.ones_like, s.params)
   old = continual.OldTask(s.logits, s.logits, s.task_loss, lambda n: s.replay["inputs"],
                           lambda p, h: s.readout(p, h)["shared"], {"si_omega": ones, "si_change": ones})
   ctx = continual.StageContext(s.task_loss, {"old": old}, s.params, None, r"^heads/", seed=0, below=s.below)
-  hp = continual.MethodConfig(beta=beta, lora_lr=2e-5, geodesic_cg_iters=cg_iters, geodesic_form=form,
-                              geodesic_kappa=PRESET_GEODESIC.geodesic_kappa)
   optim = continual.OptimConfig(lr=2e-5, weight_decay=0.01)
-  return {name: continual.build(name, ctx, hp, optim) for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip")
-          + BASELINES}
+  hp = method_config() if hp is None else hp
+  return {name: continual.build(name, ctx, hp, optim)
+          for name in ("naive", "fip", "fip-geodesic", "lora", "lora-fip") + BASELINES}
 
 
 def timed_steps(s: Setup) -> list[tuple[str, continual.Method, dict]]:
@@ -271,80 +257,112 @@ def cost_row(s: Setup, repeats: int) -> dict[str, float]:
           "grad_s": g["grad"], "fip_step_s": interleaved_times({"fip": fip_step}, repeats)["fip"]}
 
 
-def run(args) -> dict:
-  dtype = DTYPES[args.dtype]
-  s = Setup(args.model, args.batch, args.replay_batch, args.seq, dtype)
-  config = {"model": args.model, "params": tu.tree_size(s.params), "batch": args.batch,
-            "replay_batch": args.replay_batch, "seq": args.seq, "dtype": args.dtype,
+@dataclasses.dataclass(frozen=True)
+class RunOptions(BertSteps):
+  """``python -m benchmarks.run``: what is timed besides the steps, and how often."""
+  repeats: int = common.flag(5, "timed runs of each program (the median is kept)")
+  no_torch: bool = common.flag(False, "skip the PyTorch comparisons")
+  cg_iters: tuple[int, ...] = common.flag(tuple(sorted({PRESET_CG_ITERS, 3, 5})),
+                                          "CG budgets of the geodesic step to time (none: skip that part)")
+  geodesic_form: str = common.flag(PRESET_METHODS.geodesic.form, "the geodesic step timed (the library's "
+                                   "GeodesicConfig.form; default: the cpu preset's)")
+  sizes: tuple[int, ...] = common.flag((), "batch sizes for the scaling table")
+  model_sizes: tuple[str, ...] = common.flag((), "random BERTs of L layers, width H, for the model-size scaling "
+                                             "table", metavar="random:L:H")
+  dpo_model: str = common.flag("smollm2", "decoder for the continual-DPO ratios (benchmarks.dpo): 'smollm2', "
+                               "'random:L:H', a .gguf, a directory or hub id; 'none' skips them")
+  dpo_seq: int = common.flag(64, "tokens per sequence of the DPO ratios")
+
+
+def parts(opts: RunOptions) -> list[str]:
+  """The parts :func:`run` measures, in order (each written to the JSON when done)."""
+  optional = {"geodesic": opts.cg_iters, "scaling": opts.sizes, "model_scaling": opts.model_sizes,
+              "dpo": opts.dpo_model != "none"}
+  return ["steps", "geometry", "throughput", *(name for name, wanted in optional.items() if wanted)]
+
+
+def run(opts: RunOptions, out: pathlib.Path | None = None) -> dict:
+  """Every part of :func:`parts`; with ``out``, the figures so far are written there after each part."""
+  method_config(form=opts.geodesic_form)          # an invalid form fails now, not after the first parts
+  s = opts.setup()
+  config = {"model": opts.model, "params": tu.tree_size(s.params), "batch": opts.batch,
+            "replay_batch": opts.replay_batch, "seq": opts.seq, "dtype": opts.dtype,
             "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "threads": os.cpu_count(),
-            "repeats": args.repeats}
-  calls, peaks = {}, {}
-  for name, method, batch in timed_steps(s):
-    calls[name], compiled = s.step_call(method, batch)
-    if name != "naive_combined":
-      peaks[name] = continual.peak_bytes(compiled)
-  if not args.no_torch:
-    calls.update({f"torch_{k}": fn for k, fn in torch_steps(s, os.cpu_count()).items()})
-  times = interleaved_times(calls, args.repeats)
-  geo = geometry_times(s, args.repeats)
-  times_ours = {k: v for k, v in times.items() if not k.startswith("torch_")}
-  result = {"config": config, "times_s": times_ours, "peak_bytes": peaks, "geometry_times_s": geo,
-            "gv_over_grad_time": geo["gv"] / geo["grad"],
-            "gv_with_linearization_over_grad_time": geo["gv_with_linearization"] / geo["grad"],
-            "gv_over_grad_flops": geo["gv_flops"] / geo["grad_flops"],
-            "gv_with_linearization_over_grad_flops": geo["gv_with_linearization_flops"] / geo["grad_flops"],
-            "fip_overhead_time": times["fip"] / times["naive_combined"],
-            "fip_over_naive_step_time": times["fip"] / times["naive"],
-            "fip_over_naive_peak_memory": peaks["fip"] / peaks["naive"],
-            "lorafip_over_lora_peak_memory": peaks["lora-fip"] / peaks["lora"],
-            **{f"{m}_over_naive_step_time": times[m] / times["naive"] for m in BASELINES}}
-  flops = training_flops(s.cfg, args.batch, args.seq)
-  kind = jax.devices()[0].device_kind
-  datasheet = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-  measured = matmul_peak(dtype)
-  result["naive_step_tflops"] = flops / times["naive"] / 1e12
-  result["mfu"] = None if datasheet is None else flops / times["naive"] / datasheet
-  result["fraction_of_measured_matmul_peak"] = flops / times["naive"] / measured
-  result["measured_matmul_tflops"] = measured / 1e12
+            "repeats": opts.repeats}
+  progress = common.Progress(out, parts(opts), config=config)
+  with progress.part("steps") as r:
+    calls, peaks = {}, {}
+    for name, method, batch in timed_steps(s):
+      calls[name], compiled = s.step_call(method, batch)
+      if name != "naive_combined":
+        peaks[name] = continual.peak_bytes(compiled)
+    if not opts.no_torch:
+      calls.update({f"torch_{k}": fn for k, fn in torch_steps(s, os.cpu_count()).items()})
+    times = interleaved_times(calls, opts.repeats)
+    r.update({"times_s": {k: v for k, v in times.items() if not k.startswith("torch_")}, "peak_bytes": peaks,
+              "fip_overhead_time": times["fip"] / times["naive_combined"],
+              "fip_over_naive_step_time": times["fip"] / times["naive"],
+              "fip_over_naive_peak_memory": peaks["fip"] / peaks["naive"],
+              "lorafip_over_lora_peak_memory": peaks["lora-fip"] / peaks["lora"],
+              **{f"{m}_over_naive_step_time": times[m] / times["naive"] for m in BASELINES}})
+    if not opts.no_torch:
+      tt = {k.removeprefix("torch_"): v for k, v in times.items() if k.startswith("torch_")}
+      r["torch_times_s"] = tt
+      r["ours_fip_over_authors_fip_time"] = times["fip"] / tt["fip"]
+      r["ours_over_torch_step_time"] = times["naive"] / tt["naive"]
+      # Dropping the frozen copy removes at most this share of the authors' step: at equal kernel speed, our FIP
+      # step can reach no less than 1 − share of theirs.
+      r["authors_frozen_forward_share"] = tt["frozen_forward"] / tt["fip"]
+  with progress.part("geometry") as r:
+    geo = geometry_times(s, opts.repeats)
+    r.update({"geometry_times_s": geo, "gv_over_grad_time": geo["gv"] / geo["grad"],
+              "gv_with_linearization_over_grad_time": geo["gv_with_linearization"] / geo["grad"],
+              "gv_over_grad_flops": geo["gv_flops"] / geo["grad_flops"],
+              "gv_with_linearization_over_grad_flops": geo["gv_with_linearization_flops"] / geo["grad_flops"]})
+  with progress.part("throughput") as r:
+    rate = training_flops(s.cfg, opts.batch, opts.seq) / times["naive"]       # model FLOP/s of the naive step
+    kind = jax.devices()[0].device_kind
+    datasheet = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    measured = matmul_peak(common.DTYPES[opts.dtype])
+    r.update({"naive_step_tflops": rate / 1e12, "mfu": None if datasheet is None else rate / datasheet,
+              "fraction_of_measured_matmul_peak": rate / measured, "measured_matmul_tflops": measured / 1e12})
+  if opts.cg_iters:
+    with progress.part("geodesic") as r:
+      r.update(geodesic_ratios(s, opts, calls))
+  if opts.sizes:
+    with progress.part("scaling") as r:
+      r["scaling"] = {f"batch {b}": cost_row(opts.setup(batch=b, replay_batch=b), opts.repeats) for b in opts.sizes}
+  if opts.model_sizes:
+    with progress.part("model_scaling") as r:
+      r["model_scaling"] = {spec: cost_row(opts.setup(model=spec), opts.repeats) for spec in opts.model_sizes}
+  if opts.dpo_model != "none":
+    with progress.part("dpo") as r:       # continual DPO's costs on a decoder (benchmarks.dpo), in the same JSON
+      d = dpo.run(dpo.DpoOptions(model=opts.dpo_model, seq=opts.dpo_seq, repeats=opts.repeats))
+      r.update({"dpo": d, **{k: d[k] for k in dpo.KEYS}})
+  return progress.result
+
+
+def geodesic_ratios(s: Setup, opts: RunOptions, calls: dict) -> dict:
+  """The geodesic step's time over naive's by CG budget, and over the penalty form's at the headline budget: the
+  cpu preset's when timed, else the largest timed (``calls``: the compiled steps of the part "steps")."""
   geodesic_calls = {"naive": calls["naive"], "fip": calls["fip"]}
-  for iters in args.cg_iters:
-    geodesic_calls[str(iters)] = s.step_call(methods(s, cg_iters=iters, form=args.geodesic_form)["fip-geodesic"],
-                                             s.fip_batch)[0]
-  t = interleaved_times(geodesic_calls, args.repeats)
-  result["geodesic_over_naive_time_by_cg_iters"] = {str(i): t[str(i)] / t["naive"] for i in args.cg_iters}
-  # The headline: the cpu preset's CG budget when timed, else the largest timed; penalty form on the same batch.
-  iters = PRESET_CG_ITERS if PRESET_CG_ITERS in args.cg_iters else max(args.cg_iters)
-  result["geodesic_over_penalty_cg_iters"], result["geodesic_form"] = iters, args.geodesic_form
-  result["geodesic_over_penalty_step_time"] = t[str(iters)] / t["fip"]
-  if args.sizes:
-    result["scaling"] = {f"batch {b}": cost_row(Setup(args.model, b, b, args.seq, dtype), args.repeats)
-                         for b in args.sizes}
-  if args.model_sizes:
-    result["model_scaling"] = {spec: cost_row(Setup(spec, args.batch, args.replay_batch, args.seq, dtype),
-                                              args.repeats) for spec in args.model_sizes}
-  if not args.no_torch:
-    tt = {k.removeprefix("torch_"): v for k, v in times.items() if k.startswith("torch_")}
-    result["torch_times_s"] = tt
-    result["ours_fip_over_authors_fip_time"] = times["fip"] / tt["fip"]
-    result["ours_over_torch_step_time"] = times["naive"] / tt["naive"]
-    # Dropping the frozen copy removes at most this share of the authors' step: at equal kernel speed, our FIP
-    # step can reach no less than 1 − share of theirs.
-    result["authors_frozen_forward_share"] = tt["frozen_forward"] / tt["fip"]
-  if args.dpo_model != "none":
-    from benchmarks import dpo     # continual DPO's costs on a decoder (benchmarks/dpo.py), in the same JSON
-    d = dpo.run(argparse.Namespace(model=args.dpo_model, seq=args.dpo_seq, repeats=args.repeats, pairs=4, old=4,
-                                   top_k=32, beta=0.1))
-    result.update({"dpo": d, **{k: d[k] for k in DPO_KEYS}})
-  return result
+  for iters in opts.cg_iters:
+    method = methods(s, method_config(cg_iters=iters, form=opts.geodesic_form))["fip-geodesic"]
+    geodesic_calls[str(iters)] = s.step_call(method, s.fip_batch)[0]
+  t = interleaved_times(geodesic_calls, opts.repeats)
+  iters = PRESET_CG_ITERS if PRESET_CG_ITERS in opts.cg_iters else max(opts.cg_iters)
+  return {"geodesic_over_naive_time_by_cg_iters": {str(i): t[str(i)] / t["naive"] for i in opts.cg_iters},
+          "geodesic_over_penalty_cg_iters": iters, "geodesic_form": opts.geodesic_form,
+          "geodesic_over_penalty_step_time": t[str(iters)] / t["fip"]}
 
 
 def table(result: dict) -> str:
   rows = [f"config: {json.dumps(result['config'])}", "", f"{'ratio':40s} {'value':>8s} {'target':>8s}"]
   for key in ("gv_over_grad_time", "gv_with_linearization_over_grad_time", "gv_over_grad_flops",
               "gv_with_linearization_over_grad_flops", "fip_overhead_time", "fip_over_naive_step_time",
-              "fip_over_naive_peak_memory", "lorafip_over_lora_peak_memory", "geodesic_over_penalty_step_time", "ours_fip_over_authors_fip_time",
-              "ours_over_torch_step_time", "authors_frozen_forward_share",
-              *(f"{m}_over_naive_step_time" for m in BASELINES), *DPO_KEYS):
+              "fip_over_naive_peak_memory", "lorafip_over_lora_peak_memory", "geodesic_over_penalty_step_time",
+              "ours_fip_over_authors_fip_time", "ours_over_torch_step_time", "authors_frozen_forward_share",
+              *(f"{m}_over_naive_step_time" for m in BASELINES), *dpo.KEYS):
     if key in result:
       target = TARGETS.get(key)
       mark = "" if target is None else ("  ok" if result[key] <= target else "  MISSED")
@@ -353,58 +371,22 @@ def table(result: dict) -> str:
   rows.append(f"naive step: {result['naive_step_tflops']:.3f} TFLOP/s model FLOPs; MFU {mfu}; "
               f"{result['fraction_of_measured_matmul_peak']:.3f} of the measured matmul peak "
               f"({result['measured_matmul_tflops']:.3f} TFLOP/s)")
-  rows.append("geodesic step / naive step by CG iterations: " + ", ".join(
-      f"{k}: {v:.2f}" for k, v in result["geodesic_over_naive_time_by_cg_iters"].items()))
+  if "geodesic_over_naive_time_by_cg_iters" in result:
+    rows.append("geodesic step / naive step by CG iterations: " + ", ".join(
+        f"{k}: {v:.2f}" for k, v in result["geodesic_over_naive_time_by_cg_iters"].items()))
   for k, v in {**result.get("scaling", {}), **result.get("model_scaling", {})}.items():
     rows.append(f"{k}: {v['params'] / 1e6:.1f}M params, " + ", ".join(
         f"{n} {x * 1e3:.1f} ms" for n, x in v.items() if n != "params"))
   return "\n".join(rows)
 
 
-def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
-  """The options every benchmark command shares: model, batch sizes, sequence length, dtype, repeats, output."""
-  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="minilm",
-                 help="'tiny' (random 2-layer), 'random:L:H', 'minilm', a directory or hub id")
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--replay-batch", type=int, default=16)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--repeats", type=int, default=repeats)
-  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparisons")
-  p.add_argument("--json", type=pathlib.Path, default=None)
-  return p
-
-
-def cli(p: argparse.ArgumentParser, run_fn, table_fn, argv) -> int:
-  """Parse, run, print the table, write the JSON; a model that cannot be loaded or built exits 2 with the reason."""
-  args = p.parse_args(argv)
-  try:
-    result = run_fn(args)
-  except (hub.CheckpointError, SpecError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(table_fn(result))
-  if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-  return 0
+def parse_args(argv=None) -> tuple[RunOptions, pathlib.Path | None]:
+  return common.parse_args(RunOptions, __doc__, "python -m benchmarks.run", argv)
 
 
 def main(argv=None) -> int:
-  p = parser(__doc__, repeats=5)
-  p.add_argument("--cg-iters", type=int, nargs="+", default=sorted({PRESET_CG_ITERS, 3, 5}),
-                 help="CG budgets of the geodesic step to time")
-  p.add_argument("--geodesic-form", default=PRESET_GEODESIC.geodesic_form, choices=["gradient", "adam"],
-                 help="the geodesic step timed (continual.MethodConfig.geodesic_form; default: the cpu preset's)")
-  p.add_argument("--sizes", type=int, nargs="*", default=[], help="batch sizes for the scaling table")
-  p.add_argument("--model-sizes", nargs="*", default=[], metavar="random:L:H",
-                 help="random BERTs of L layers, width H, for the model-size scaling table")
-  p.add_argument("--dpo-model", default="smollm2",
-                 help="decoder for the continual-DPO ratios (benchmarks.dpo): 'smollm2', 'random:L:H', a .gguf, a "
-                      "directory or hub id; 'none' skips them")
-  p.add_argument("--dpo-seq", type=int, default=64, help="tokens per sequence of the DPO ratios")
-  return cli(p, run, table, argv)
+  opts, out = parse_args(argv)
+  return common.cli(lambda: run(opts, out), table, out)
 
 
 if __name__ == "__main__":

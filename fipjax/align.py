@@ -250,11 +250,22 @@ def parse_rounds(specs: Sequence[str], resumed_names: Sequence[str]) -> list[tup
     name, sep, path = spec.partition("=")
     if not sep or not name.strip() or not path.strip():
       raise runs.UsageError(f"--round {spec!r} is not NAME=PATH; write e.g. --round 2026-11=prefs-november.jsonl.")
+    if name == export.BASE:
+      raise runs.UsageError(f"--round {spec!r}: '{export.BASE}' names the base model's export; choose another month "
+                            "name.")
     if name in resumed_names or name in [n for n, _ in out]:
       raise runs.UsageError(f"--round {name} is given twice (or is a month of --resume-from); every month needs a "
                             "name of its own.")
     out.append((name, pathlib.Path(path)))
   return out
+
+
+def base_model_path(model: str) -> str | None:
+  """Where PEFT finds the base model of a LoRA export: the Hugging Face directory or hub id given; None for a GGUF
+  file (the base is then exported once as ``OUT/export/base``)."""
+  if models.hub.is_gguf(model):
+    return None
+  return str(pathlib.Path(model).resolve()) if pathlib.Path(model).is_dir() else str(model)
 
 
 def held_out_text(path: pathlib.Path | None, tokenizer, length: int) -> dict | None:
@@ -319,7 +330,9 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   problems = continual.check_methods([args.method], kw["hp"], "tokens", on_preferences=True)
   if problems:
     raise runs.UsageError("; ".join(problems) + ".")
-  exporter = export.Exporter(args.out / "export", model, tokenizer)
+  exporter = export.Exporter(args.out / "export", model, tokenizer,
+                             lora_targets=kw["hp"].lora.targets if parsed.in_lora else None,
+                             base_model_path=base_model_path(args.model))
   runner = MonthlyRunner(
       model.graphdef, tokenizer, all_rounds, held_out_text(args.held_out_text, tokenizer, width[0] + width[1]),
       family=model.family, first_method=plain, model_key={"model": str(args.model), "dtype": args.dtype},

@@ -4,14 +4,21 @@ loads (``config.json``, ``model.safetensors``, the tokenizer's files with its ch
 Weights are written under Hugging Face's names (the family's ``hf_name`` map inverted: ``a/b/kernel`` →
 ``a.b.weight``, kernels transposed back to torch's ``[out, in]``), in float32; a tied output head is not written
 twice. The directory appears whole: it is written under a temporary name and renamed.
+
+For LoRA methods the policy is ``W_base + Σ_k ΔW_k`` on the adapted kernels only; :func:`export_peft` writes that
+difference as a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) that
+``PeftModel.from_pretrained(base, dir)`` loads onto the base model: each kernel's ``ΔW`` factored exactly by SVD at
+its numerical rank (≤ months × r). :class:`Exporter` puts it in ``<name>/adapter/``: transformers would load a
+directory with ``adapter_config.json`` at its top as an adapter, not as the full model.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -64,31 +71,154 @@ def llama_config(cfg, tokenizer) -> dict[str, Any]:
   return out
 
 
-def save_pretrained(out: pathlib.Path, params: Mapping, config: Mapping[str, Any], tokenizer) -> pathlib.Path:
-  """Write ``out`` whole (``config.json``, ``model.safetensors``, the tokenizer's files); replaces an earlier
-  export of the same name (a resumed run writes the same month again)."""
-  from safetensors.numpy import save_file
+def _write_whole(out: pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """``write(tmp)`` fills ``out.tmp``, which then replaces ``out`` (an earlier export of the same name); where
+  ``write`` fails, ``out`` is left as it was and ``out.tmp`` removed."""
   out = pathlib.Path(out)
   tmp = out.with_name(out.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  tensors = hf_tensors(params)
-  if config.get("tie_word_embeddings"):
-    tensors.pop("lm_head.weight", None)
-  save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-  (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
-  tokenizer.save_pretrained(str(tmp))
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   shutil.rmtree(out, ignore_errors=True)
   tmp.rename(out)
   return out
 
 
-class Exporter:
-  """``exporter(name, params)`` writes ``root/<name>/`` for ``model``'s family (a causal LM) and ``tokenizer``."""
+def save_pretrained(out: pathlib.Path, params: Mapping, config: Mapping[str, Any], tokenizer, *,
+                    also: Callable[[pathlib.Path], Any] | None = None) -> pathlib.Path:
+  """Write ``out`` whole (``config.json``, ``model.safetensors``, the tokenizer's files, and whatever ``also(dir)``
+  adds); replaces an earlier export of the same name (a resumed run writes the same month again)."""
+  from safetensors.numpy import save_file
 
-  def __init__(self, root: pathlib.Path, model: Loaded, tokenizer):
+  def write(tmp):
+    tensors = hf_tensors(params)
+    if config.get("tie_word_embeddings"):
+      tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
+    tokenizer.save_pretrained(str(tmp))
+    if also is not None:
+      also(tmp)
+
+  return _write_whole(out, write)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT adapters.
+
+PEFT_PREFIX = "base_model.model."     # PeftModelForCausalLM's names: base_model (LoraModel) . model (the LM) . …
+
+
+def low_rank(delta: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+  """``delta`` [in, out] (a Flax kernel's change) = ``(B A)ᵀ`` exactly at its numerical rank k: (A [k, in],
+  B [out, k], the largest singular value dropped). SVD in float64; kept are the singular values above
+  ``max(floor, σ_max · max(in, out) · eps64)`` (numpy's ``matrix_rank`` tolerance), split √σ to each factor."""
+  u, s, vt = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
+  tol = max(floor, (s[0] if s.size else 0.0) * max(delta.shape) * np.finfo(np.float64).eps)
+  k = int(np.sum(s > tol))
+  root = np.sqrt(s[:k])
+  return root[:, None] * u[:, :k].T, vt[:k].T * root[None, :], float(s[k]) if k < s.size else 0.0
+
+
+def peft_adapter(base_params: Mapping, params: Mapping, targets: str) -> dict[str, Any]:
+  """The PEFT LoRA adapter taking ``base_params`` to ``params``: ``{"tensors": {PEFT name: float32 array},
+  "r", "target_modules", "ranks": {module: rank}, "dropped": largest singular value left out}``.
+
+  Each kernel matching ``targets`` (a regex over paths like ``model/layers/0/self_attn/q_proj/kernel``) gives
+  ``ΔW = W − W_base`` [in, out] → ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r] with ``B A = ΔWᵀ`` (torch's
+  [out, in]), one ``r`` (the largest rank, the others zero-padded) and scaling α / r = 1. Singular values below
+  ``eps(dtype) · ‖W‖_F`` are left out: each month's merge rounds ``W`` to its dtype, a full-rank change of spectral
+  norm far below that, under the weights' own resolution. Raises ``ValueError`` where a non-target parameter differs
+  (the adapter would not reproduce the policy), the trees differ, or a target is not a 2-D kernel.
+  """
+  base, new = dict(tu.named_leaves(base_params)), dict(tu.named_leaves(params))
+  if set(base) != set(new):
+    raise ValueError(f"the policy's parameters are not the base model's: {sorted(set(base) ^ set(new))[0]} is in "
+                     "only one of them")
+  pattern = re.compile(targets)
+  factors, ranks, dropped = {}, {}, 0.0
+  for path, w in new.items():
+    w, w0 = np.asarray(w), np.asarray(base[path])
+    if w.shape != w0.shape:
+      raise ValueError(f"{path} has shape {w.shape} in the policy but {w0.shape} in the base model")
+    if not pattern.search(path):
+      if not np.array_equal(w, w0):
+        raise ValueError(f"{path} differs between the base model and the policy but is not a LoRA target "
+                         f"({targets!r}): a PEFT adapter on the base would not reproduce the policy")
+      continue
+    if not path.endswith("/kernel") or w.ndim != 2:
+      raise ValueError(f"{path} matches the LoRA targets {targets!r} but is not a 2-D kernel; PEFT's LoRA adapts "
+                       "linear layers only")
+    floor = float(np.finfo(w.dtype).eps * np.linalg.norm(w.astype(np.float64)))
+    a, b, left = low_rank(w.astype(np.float64) - w0.astype(np.float64), floor)
+    module = ".".join(path.split("/")[:-1])
+    factors[module], ranks[module], dropped = (a, b), a.shape[0], max(dropped, left)
+  if not factors:
+    raise ValueError(f"the LoRA targets {targets!r} match no parameter")
+  r = max(1, max(ranks.values()))
+  tensors = {}
+  for module, (a, b) in factors.items():
+    k = a.shape[0]
+    # C order: safetensors writes an array's memory as it lies (B = V√σ is Fortran-ordered).
+    for name, x, pad in (("lora_A", a, ((0, r - k), (0, 0))), ("lora_B", b, ((0, 0), (0, r - k)))):
+      tensors[f"{PEFT_PREFIX}{module}.{name}.weight"] = np.ascontiguousarray(np.pad(x, pad), np.float32)
+  # PEFT adapts every module whose name ends in a listed name: plain names where they cover every such kernel,
+  # else the full module names (PEFT also matches a name exactly).
+  names = sorted({m.rsplit(".", 1)[-1] for m in factors})
+  every = {".".join(p.split("/")[:-1]) for p in new if p.endswith("/kernel") and p.split("/")[-2] in names}
+  target_modules = names if every == set(factors) else sorted(factors)
+  return {"tensors": tensors, "r": r, "target_modules": target_modules, "ranks": ranks, "dropped": dropped}
+
+
+def peft_config(r: int, target_modules: list[str], base_model_path: str) -> dict[str, Any]:
+  """PEFT's ``adapter_config.json`` for a causal LM's LoRA adapter of rank ``r`` scaled by α / r = 1."""
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "use_rslora": False,
+          "target_modules": list(target_modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+          "inference_mode": True, "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+          "base_model_name_or_path": base_model_path}
+
+
+def export_peft(out_dir: pathlib.Path, base_params: Mapping, params: Mapping, *, targets: str,
+                base_model_path: str) -> pathlib.Path:
+  """Write ``out_dir`` whole as the PEFT LoRA adapter (:func:`peft_adapter`) that
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path), out_dir)`` turns into
+  ``params``; replaces an earlier adapter of the same name."""
+  from safetensors.numpy import save_file
+  adapter = peft_adapter(base_params, params, targets)
+
+  def write(tmp):
+    save_file(adapter["tensors"], str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_config(adapter["r"], adapter["target_modules"], str(base_model_path))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+  return _write_whole(out_dir, write)
+
+
+BASE = "base"
+"""The export folder of the base model, written once where PEFT has no other base to load (a GGUF model)."""
+
+
+class Exporter:
+  """``exporter(name, params)`` writes ``root/<name>/`` for ``model``'s family (a causal LM) and ``tokenizer``.
+
+  With ``lora_targets`` (LoRA methods) also ``root/<name>/adapter/``, the PEFT adapter from ``model``'s parameters
+  (the base) to the policy, on ``base_model_path`` (a Hugging Face directory or hub id holding exactly those
+  weights); without one (a GGUF base) the base is exported once, with the first month, as ``root/base/`` and the
+  adapters name it."""
+
+  def __init__(self, root: pathlib.Path, model: Loaded, tokenizer, *, lora_targets: str | None = None,
+               base_model_path: str | None = None):
     self.root, self.tokenizer = pathlib.Path(root), tokenizer
     self.config = llama_config(model.config, tokenizer)
+    self.base, self.targets, self.base_model_path = model.params, lora_targets, base_model_path
 
   def __call__(self, name: str, params: Mapping) -> pathlib.Path:
-    return save_pretrained(self.root / name, params, self.config, self.tokenizer)
+    if self.targets is not None and self.base_model_path is None:      # written with the first export, not before
+      self.base_model_path = str(save_pretrained(self.root / BASE, self.base, self.config, self.tokenizer).resolve())
+    also = None if self.targets is None else lambda d: export_peft(
+        d / "adapter", self.base, params, targets=self.targets, base_model_path=self.base_model_path)
+    return save_pretrained(self.root / name, params, self.config, self.tokenizer, also=also)

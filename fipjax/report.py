@@ -74,10 +74,20 @@ def write_stream(out: pathlib.Path, results: dict, title: str) -> str:
                 f"samples the {task} network classifies as the class they were drawn for "
                 f"{info['class_agreement']:.1%} of the time."]
   lines += [*_every_scalar(results), "", DEFINITIONS, "", timings_line(results["timings"]),
+            memory_line(results.get("memory")),
             "", "![weight change](weight_change.png)"]
   if any(m["path"]["step"] for m in methods.values()):
     lines.append("![path](fip_path.png)")
   return _finish(out, lines, lambda: plot(out, methods))
+
+
+def memory_line(memory: dict[str, dict[str, int]] | None) -> str:
+  """Peak resident memory at the end of each outermost phase (``results["memory"]``)."""
+  if not memory:
+    return ""
+  top = {k: v for k, v in memory.items() if "/" not in k}
+  return "Peak resident memory so far, at the end of each phase (GiB): " + ", ".join(
+      f"{k} {v['peak_rss_bytes'] / 2**30:.2f}" for k, v in top.items()) + "."
 
 
 def timings_line(timings: dict[str, float]) -> str:
@@ -194,7 +204,7 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
                  f"{m['train_time_s']:.0f} |")
   lines += [*_every_scalar(results), "", ALIGNMENT_DEFINITIONS, "",
-            timings_line(results["timings"]), "",
+            timings_line(results["timings"]), memory_line(results.get("memory")), "",
             "![rewards](rewards.png)", "![drift](drift.png)"]
   return _finish(out, lines, lambda: plot_alignment(out, methods))
 

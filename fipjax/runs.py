@@ -95,17 +95,33 @@ def compile_seconds() -> float:
   return _compile_total[0]
 
 
+def memory_now() -> dict[str, int]:
+  """This process's resident memory now and at its peak so far (bytes), and the first device's bytes in use and
+  peak where the backend reports them (GPUs, TPUs; not XLA's CPU client)."""
+  import resource
+  out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  try:
+    out["rss_bytes"] = int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    out["peak_rss_bytes"] = max(out["peak_rss_bytes"], out["rss_bytes"])     # the kernel's peak lags a little
+  except (OSError, IndexError, ValueError):
+    pass
+  stats = jax.devices()[0].memory_stats() or {}
+  out.update({f"device_{k}": int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats})
+  return out
+
+
 class Timings(dict):
   """Wall-clock seconds by phase, flat: ``{"stage1": s, "stage1/train": s, "stage1/train/compile": s, …}``.
 
   ``with timings.phase(name)`` adds the time spent inside to ``name``, prefixed by the phases open around it
   (``"fip/eval_test"``), and the XLA compilation inside it to ``<name>/compile``; a phase's total includes the
-  phases nested in it.
+  phases nested in it. ``memory[name]``: :func:`memory_now` when the phase last ended.
   """
 
   def __init__(self):
     super().__init__()
     self._open: list[str] = []
+    self.memory: dict[str, dict[str, int]] = {}
 
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:
@@ -118,6 +134,7 @@ class Timings(dict):
       self._open.pop()
       self[key] = self.get(key, 0.0) + time.perf_counter() - t0
       self[f"{key}/compile"] = self.get(f"{key}/compile", 0.0) + compile_seconds() - c0
+      self.memory[key] = memory_now()
 
 
 def check_writable_dir(path: pathlib.Path, flag: str) -> None:

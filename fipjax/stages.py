@@ -167,6 +167,7 @@ class StageLoop:
       with self.timings.phase(name):
         results["methods"][name] = self.run_method(name, first, run_dir)
     results["timings"] = self.timings
+    results["memory"] = {**self.timings.memory, "end": runs.memory_now()}
     return results
 
   def describe(self) -> dict:

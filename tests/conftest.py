@@ -112,8 +112,9 @@ def small_llama(tmp_path_factory):
 
 
 # The end-to-end files first: with `-n 2 --dist loadfile` a long file scheduled last leaves the other worker idle.
-_LONG_FILES = ("test_yelp_imdb.py", "test_benchmarks.py", "test_streams.py", "test_continual_dpo.py",
-               "test_llama.py", "test_alignment.py", "test_split_digits.py", "test_notebooks.py")
+_LONG_FILES = ("test_yelp_imdb.py", "test_benchmarks.py", "test_align.py", "test_streams.py", "test_continual_dpo.py",
+               "test_llama.py", "test_alignment.py", "test_families.py", "test_models.py", "test_benchmark_e2e.py",
+               "test_split_digits.py", "test_export.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -50,7 +50,8 @@ def test_two_months_report_every_month_after_every_month(two_months):
   assert len(m["forgetting"]) == 1 and m["stored_state_bytes"] > 0 and m["stored_reference_bytes"] > 0
   assert m["drift"]["step"] == [1, 2] and np.isfinite(m["loss_curve"]).all()
   assert "Table 1b" in (two_months / "report.md").read_text()
-  assert sorted(p.name for p in (two_months / "export").iterdir()) == ["m1", "m2"]
+  assert sorted(p.name for p in (two_months / "export").iterdir()) == ["m1", "m2"]      # the base: a directory
+  assert (two_months / "export" / "m2" / "adapter" / "adapter_config.json").exists()       # PEFT's, for LoRA
 
 
 def test_the_export_is_the_final_policy_and_loads_in_transformers(two_months):

@@ -5,7 +5,6 @@ import json
 import math
 
 from benchmarks import dpo as bench
-from benchmarks import run
 
 
 def test_dpo_benchmark_reports_memory_time_and_stored_bytes(tmp_path):
@@ -19,7 +18,7 @@ def test_dpo_benchmark_reports_memory_time_and_stored_bytes(tmp_path):
   assert result["stored_reference_bytes_per_token"] == 4 * (2 + 4) + 4   # uint16 ids, float32 log-probs, tail
   assert result["stored_reference_fraction"] == 28 / (4 * 49152)
   assert set(result["times_s"]) == {"dpo", "fip-dpo", "lora-dpo", "lora-fip-dpo"}
-  assert set(run.DPO_KEYS) <= set(result)     # what benchmarks.run copies into its JSON (tested there without DPO)
+  assert set(bench.KEYS) <= set(result)       # what benchmarks.run copies into its JSON
 
 
 def test_bad_model_spec_exits_2(capsys):

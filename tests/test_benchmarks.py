@@ -1,13 +1,18 @@
-"""The benchmark suite in CI size: every ratio is produced and finite (targets are not asserted here)."""
+"""The benchmark suite in CI size: each command's main end to end, every ratio produced and finite (targets are not
+asserted here), the JSON written part by part."""
 
+import ast
+import dataclasses
+import graphlib
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import memory, profile
+from benchmarks import dpo, memory, profile
 from benchmarks import run as bench
 
 KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "fip_over_naive_peak_memory",
@@ -15,26 +20,66 @@ KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "f
         "gv_with_linearization_over_grad_time", "gv_over_grad_flops", "gv_with_linearization_over_grad_flops",
         "geodesic_over_penalty_step_time",
         *(f"{m}_over_naive_step_time" for m in bench.BASELINES))
+TINY = ["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16"]
 
 
 def test_benchmark_json_has_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
-  assert bench.main(["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16", "--repeats", "3",
-                     "--cg-iters", "1", "--model-sizes", "random:1:64", "--dpo-model", "none", "--json", str(out)]) == 0
+  assert bench.main([*TINY, "--repeats", "3", "--cg-iters", "1", "--model-sizes", "random:1:64",
+                     "--dpo-model", "random:1:64", "--dpo-seq", "8", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
   assert set(result["geodesic_over_naive_time_by_cg_iters"]) == {"1"} and result["geodesic_over_penalty_cg_iters"] == 1
   assert set(result["config"]) >= {"model", "batch", "replay_batch", "seq", "dtype", "device", "threads"}
   assert 0 < result["authors_frozen_forward_share"] < 1
-  assert not set(bench.DPO_KEYS) & set(result)          # --dpo-model none; the DPO ratios: test_benchmark_dpo
   assert set(result["model_scaling"]["random:1:64"]) == {"params", "gv_s", "gv_with_linearization_s", "grad_s",
                                                         "fip_step_s"}
+  # benchmarks.dpo's figures, run with its own options (the DPO ratios themselves: test_benchmark_dpo)
+  assert set(dpo.KEYS) <= set(result) and result["dpo"]["config"]["seq"] == 8
+  assert result["parts"] == {"done": ["steps", "geometry", "throughput", "geodesic", "model_scaling", "dpo"],
+                             "pending": []}
+
+
+def test_a_crash_in_a_late_part_keeps_the_earlier_figures(tmp_path, monkeypatch):
+  """The JSON is written after each part: a failure in the last (DPO's, where the command once crashed after 11
+  minutes) leaves every figure measured before it on disk, and names the part that failed."""
+  def crash(opts):
+    raise AttributeError("late failure")
+  monkeypatch.setattr(dpo, "run", crash)
+  out = tmp_path / "bench.json"
+  with pytest.raises(AttributeError, match="late failure"):
+    bench.main([*TINY, "--repeats", "1", "--no-torch", "--cg-iters", "--dpo-model", "random:1:64",
+                "--json", str(out)])
+  result = json.loads(out.read_text())
+  assert result["parts"] == {"done": ["steps", "geometry", "throughput"], "pending": ["dpo"],
+                             "failed": {"part": "dpo", "error": "AttributeError: late failure"}}
+  for key in ("fip_overhead_time", "fip_over_naive_peak_memory", "gv_over_grad_time", "measured_matmul_tflops"):
+    assert math.isfinite(result[key]) and result[key] > 0, key
+  assert not set(dpo.KEYS) & set(result)
+  assert list(tmp_path.iterdir()) == [out]             # written beside it, then renamed over it
+
+
+def test_options_come_from_the_command_line_typed():
+  opts, out = bench.parse_args(["--cg-iters", "--sizes", "8", "16", "--no-torch", "--dpo-model", "none"])
+  assert (opts.cg_iters, opts.sizes, opts.model_sizes, opts.no_torch, out) == ((), (8, 16), (), True, None)
+  assert bench.parts(opts) == ["steps", "geometry", "throughput", "scaling"]
+  default, _ = bench.parse_args([])
+  assert default == bench.RunOptions() and bench.PRESET_CG_ITERS in default.cg_iters
+  assert bench.parts(default) == ["steps", "geometry", "throughput", "geodesic", "dpo"]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    default.batch = 2
 
 
 def test_bad_model_spec_exits_2(capsys):
   assert bench.main(["--model", "random:two:64", "--no-torch", "--dpo-model", "none"]) == 2
   assert "random:LAYERS:HIDDEN" in capsys.readouterr().err
+
+
+def test_unknown_geodesic_form_exits_2_before_measuring(capsys, monkeypatch):
+  monkeypatch.setattr(bench, "Setup", None)          # nothing is built
+  assert bench.main(["--geodesic-form", "newton"]) == 2
+  assert "geodesic.form" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -53,6 +98,15 @@ def test_profile_attributes_time_to_passes_and_kinds_of_work(tmp_path):
     assert step["by_category"]["matmul"] > 0, name
     # Against the wall of the profiled window itself: a wall timed apart can be stretched by the other worker.
     assert sum(step["by_category"].values()) > 0.2 * step["profiled_wall_s"], name
+
+
+def test_profile_main_without_torch(tmp_path):
+  """The profiler's command at the smallest size (the attribution itself, with PyTorch's steps: the test above)."""
+  out = tmp_path / "profile.json"
+  assert profile.main([*TINY, "--repeats", "1", "--no-torch", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert set(result["steps"]) == {"ours naive step", "ours fip step", "ours gradient", "ours G·v"}
+  assert result["config"]["repeats"] == 1 and result["steps"]["ours fip step"]["by_pass"]["replay forward"] > 0
 
 
 def test_category_names_the_kind_of_work():
@@ -76,3 +130,20 @@ def test_memory_of_every_step_counts_its_training_state(tmp_path):
   state = 3 * sum(a.nbytes for a in jax.tree.leaves(s.params))         # parameters and Adam's two moments
   assert result["peak_bytes"]["naive"] > state
   assert result["peak_bytes"]["lora"] < result["peak_bytes"]["naive"]
+
+
+def test_benchmark_modules_import_each_other_without_a_circle():
+  """Benchmarks call each other's functions: the modules they import form no circle (function-level imports too)."""
+  folder = pathlib.Path(bench.__file__).parent
+  modules = {path.stem for path in folder.glob("*.py")}
+  graph = {}
+  for name in modules:
+    found = set()
+    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks"):
+        found |= {a.name for a in node.names} if node.module == "benchmarks" else {node.module.split(".")[1]}
+      elif isinstance(node, ast.Import):
+        found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
+    graph[name] = found & modules
+  assert graph["dpo"] == {"common"} and "run" in graph["memory"]
+  list(graphlib.TopologicalSorter(graph).static_order())      # CycleError on a circle

@@ -14,9 +14,10 @@ TINY = ["--stage1-steps", "3", "--steps", "3", "--n-train", "32", "--n-test", "8
 def test_ours_command_is_the_experiment_with_these_flags(tmp_path):
   args = e2e.parser().parse_args(TINY)
   cfg, parsed = yelp_imdb.parse_args(e2e.ours_argv(args, tmp_path))
-  assert (cfg.first.stage1_steps, cfg.stages.steps, cfg.optim.batch_size, cfg.stages.replay_batch_size,
+  assert (cfg.first.steps, cfg.stages.steps, cfg.optim.batch_size, cfg.stages.replay_batch_size,
           cfg.data.max_len) == (3, 3, 4, 4, 16)
-  assert (cfg.method.beta, cfg.stages.buffer_size, cfg.run.checkpoint_every, cfg.model.model) == (16.0, 16, 2, "minilm")
+  assert (cfg.method.fip.beta, cfg.stages.buffer_size, cfg.run.checkpoint_every, cfg.model.name) == \
+      (16.0, 16, 2, "minilm")
   assert parsed.out == tmp_path / "out" and parsed.cache_dir == tmp_path / "cache"
 
 

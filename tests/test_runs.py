@@ -11,6 +11,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fipjax import checkpoint, report, runs
@@ -175,3 +176,14 @@ def test_the_package_exposes_every_module():
                "generative"):
     assert hasattr(fipjax, name), name
   assert fipjax.models.load_bert is not None and fipjax.continual.build is not None
+
+
+def test_each_phase_records_the_memory_when_it_ended():
+  t = runs.Timings()
+  with t.phase("outer"):
+    with t.phase("inner"):
+      block = np.ones(2**25, np.uint8)        # 32 MiB resident inside the inner phase
+    del block
+  assert set(t.memory) == {"outer", "outer/inner"}
+  for m in t.memory.values():
+    assert m["peak_rss_bytes"] >= m["rss_bytes"] > 2**25

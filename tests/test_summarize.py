@@ -40,3 +40,13 @@ def test_files_from_different_stage1_networks_are_refused(tmp_path, capsys, othe
     paths[-1].write_text(json.dumps(r))
   assert summarize.main([str(p) for p in paths]) == 2
   assert "do not share one stage-1 network" in capsys.readouterr().err
+
+
+def test_main_prints_the_table_of_files_of_one_experiment(tmp_path, capsys):
+  paths = []
+  for seed, acc in ((0, 0.3), (1, 0.4)):
+    paths.append(tmp_path / f"{seed}.json")
+    paths[-1].write_text(json.dumps(result(seed, {"naive": acc})))
+  assert summarize.main([str(p) for p in paths]) == 0
+  out = capsys.readouterr().out
+  assert "| naive | 0.500 ± 0.000 | 0.350 ± 0.071 |" in out and "Every scalar column" in out

@@ -193,6 +193,11 @@ _ANY_OFFLINE = (f"Offline, use a packaged model ('minilm', installed with `{MINI
                 "model.safetensors.")
 
 
+def is_gguf(name_or_path) -> bool:
+  """Whether ``name_or_path`` names a GGUF file (or the packaged SmolLM2)."""
+  return _is_gguf(name_or_path)
+
+
 def _is_gguf(name_or_path) -> bool:
   return str(name_or_path) == gguf.PACKAGED_SMOLLM2 or str(name_or_path).endswith(".gguf")
 
