@@ -153,16 +153,30 @@ def sections(cfg: AlignConfig, widths: tuple[int, int], rows_per_month: int) -> 
 STATE = "state"
 
 
-def save_state(out: pathlib.Path, params, memory: dict, held_out: dict, meta: dict) -> int:
+def save_state(out: pathlib.Path, params, memory: dict, held_out: dict, meta: dict,
+               lora: tuple[Any, str] | None = None) -> int:
   """``OUT/state``: the final policy, each month's buffered training pairs and test pairs with their reference
-  log-probabilities, and ``meta``; returns its size in bytes."""
+  log-probabilities, and ``meta``; returns its size in bytes. With ``lora`` = (the base model's parameters, the LoRA
+  targets) the policy is kept as the low-rank change of each target kernel from the base (every month's adapters
+  together, :func:`fipjax.export.kernel_deltas`): megabytes instead of the whole model."""
   path = out / STATE
   keep = ("chosen", "rejected", "ref_chosen", "ref_rejected", "reward_chosen", "reward_rejected")
   pairs = {n: {k: np.asarray(v[k]) if not isinstance(v[k], dict) else {a: np.asarray(b) for a, b in v[k].items()}
                for k in keep} for n, v in memory.items()}
   tests = {n: {k: v[k] for k in keep} for n, v in held_out.items()}
-  checkpoint.save(path, {"params": params, "pairs": pairs, "test": tests}, meta, keep_structure=True)
+  policy = {"params": params}
+  if lora is not None:
+    deltas, _ = export.kernel_deltas(lora[0], params, lora[1])
+    policy = {"deltas": {p: {"a": a.astype(np.float32), "b": b.astype(np.float32)} for p, (a, b) in deltas.items()}}
+  checkpoint.save(path, {**policy, "pairs": pairs, "test": tests}, meta, keep_structure=True)
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def stored_policy(tree: dict, base_params) -> Any:
+  """The policy of a stored state: its parameters, or the base model's moved by its stored low-rank changes."""
+  if "params" in tree:
+    return tree["params"]
+  return export.apply_deltas(base_params, {p: (d["a"], d["b"]) for p, d in tree["deltas"].items()})
 
 
 def load_state(path: pathlib.Path, model: str) -> tuple[Any, dict]:
@@ -187,9 +201,11 @@ class MonthlyRunner(alignment.AlignmentRunner):
   each month's policy exported, the final state stored."""
   batch_flag = "--per-device-train-batch-size"
 
-  def __init__(self, *args, out: pathlib.Path, resumed: tuple | None, export_fn, state_meta: dict, **kw):
+  def __init__(self, *args, out: pathlib.Path, resumed: tuple | None, export_fn, state_meta: dict,
+               lora_state: tuple[Any, str] | None, **kw):
     super().__init__(*args, **kw)
     self.out, self.resumed, self.export_fn, self.state_meta = out, resumed, export_fn, state_meta
+    self.lora_state = lora_state
     if resumed is not None:
       self.first_stages = len(resumed[1])
 
@@ -211,7 +227,8 @@ class MonthlyRunner(alignment.AlignmentRunner):
   def result(self, name, state):
     result = super().result(name, state)
     size = save_state(self.out, state.params, state.memory, state.scratch["held_out"],
-                      {**self.state_meta, "rows": state.log["rows"], "rounds": list(self.stage_names)})
+                      {**self.state_meta, "rows": state.log["rows"], "rounds": list(self.stage_names)},
+                      lora=self.lora_state)
     runs.log(f"stored state of the run: {size / 2**20:.1f} MiB in {self.out / STATE}")
     return {**result, "stored_state_bytes": size}
 
@@ -319,7 +336,7 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
                                                     p["chosen"]["attention_mask"][:, :width[0]])
                                for s, p in (("train", memory[n]), ("test", tests[n]))}, None)
            for n in meta["rounds"]]
-    first = (tree["params"], memory, meta["rows"], tests)
+    first = (stored_policy(tree, model.params), memory, meta["rows"], tests)
   all_rounds = old + rounds
   if len(all_rounds) < 2:
     raise runs.UsageError("continual alignment needs at least two months: give two --round flags, or one with "
@@ -337,7 +354,8 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
       model.graphdef, tokenizer, all_rounds, held_out_text(args.held_out_text, tokenizer, width[0] + width[1]),
       family=model.family, first_method=plain, model_key={"model": str(args.model), "dtype": args.dtype},
       cache=None, progress=not args.no_progress, stop_after=args.stop_after, out=args.out, resumed=first,
-      export_fn=exporter, state_meta={"model": str(args.model), "method": args.method, "width": list(width)}, **kw)
+      export_fn=exporter, state_meta={"model": str(args.model), "method": args.method, "width": list(width)},
+      lora_state=(model.params, kw["hp"].lora.targets) if parsed.in_lora else None, **kw)
   return runner, model.params
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
 from fipjax import tree as tu
@@ -124,23 +125,19 @@ def low_rank(delta: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, np.ndar
   return root[:, None] * u[:, :k].T, vt[:k].T * root[None, :], float(s[k]) if k < s.size else 0.0
 
 
-def peft_adapter(base_params: Mapping, params: Mapping, targets: str) -> dict[str, Any]:
-  """The PEFT LoRA adapter taking ``base_params`` to ``params``: ``{"tensors": {PEFT name: float32 array},
-  "r", "target_modules", "ranks": {module: rank}, "dropped": largest singular value left out}``.
-
-  Each kernel matching ``targets`` (a regex over paths like ``model/layers/0/self_attn/q_proj/kernel``) gives
-  ``ΔW = W − W_base`` [in, out] → ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r] with ``B A = ΔWᵀ`` (torch's
-  [out, in]), one ``r`` (the largest rank, the others zero-padded) and scaling α / r = 1. Singular values below
-  ``eps(dtype) · ‖W‖_F`` are left out: each month's merge rounds ``W`` to its dtype, a full-rank change of spectral
-  norm far below that, under the weights' own resolution. Raises ``ValueError`` where a non-target parameter differs
-  (the adapter would not reproduce the policy), the trees differ, or a target is not a 2-D kernel.
-  """
+def kernel_deltas(base_params: Mapping, params: Mapping, targets: str) -> tuple[dict[str, tuple], float]:
+  """``({path: (A [k, in], B [out, k])}, the largest singular value left out)``: each kernel matching ``targets`` (a
+  regex over paths like ``model/layers/0/self_attn/q_proj/kernel``) as ``W_base + (B A)ᵀ`` (:func:`low_rank` of
+  ``ΔW = W − W_base``; singular values below ``eps(dtype) · ‖W‖_F`` left out: each month's merge rounds ``W`` to its
+  dtype, a full-rank change of spectral norm under the weights' own resolution). Raises ``ValueError`` where a
+  non-target parameter differs (no low-rank change would reproduce the policy), the trees differ, or a target is
+  not a 2-D kernel."""
   base, new = dict(tu.named_leaves(base_params)), dict(tu.named_leaves(params))
   if set(base) != set(new):
     raise ValueError(f"the policy's parameters are not the base model's: {sorted(set(base) ^ set(new))[0]} is in "
                      "only one of them")
   pattern = re.compile(targets)
-  factors, ranks, dropped = {}, {}, 0.0
+  factors, dropped = {}, 0.0
   for path, w in new.items():
     w, w0 = np.asarray(w), np.asarray(base[path])
     if w.shape != w0.shape:
@@ -155,10 +152,32 @@ def peft_adapter(base_params: Mapping, params: Mapping, targets: str) -> dict[st
                        "linear layers only")
     floor = float(np.finfo(w.dtype).eps * np.linalg.norm(w.astype(np.float64)))
     a, b, left = low_rank(w.astype(np.float64) - w0.astype(np.float64), floor)
-    module = ".".join(path.split("/")[:-1])
-    factors[module], ranks[module], dropped = (a, b), a.shape[0], max(dropped, left)
+    factors[path], dropped = (a, b), max(dropped, left)
   if not factors:
     raise ValueError(f"the LoRA targets {targets!r} match no parameter")
+  return factors, dropped
+
+
+def apply_deltas(base_params: Mapping, factors: Mapping[str, tuple]) -> dict:
+  """``base_params`` with each kernel of ``factors`` moved by ``(B A)ᵀ`` (summed in float64, then in its dtype)."""
+  def move(path, w):
+    if path not in factors:
+      return w
+    a, b = (np.asarray(x, np.float64) for x in factors[path])
+    return (np.asarray(w, np.float64) + a.T @ b.T).astype(np.asarray(w).dtype)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+  return jax.tree_util.tree_unflatten(treedef, [move(tu.path_str(p), w) for p, w in leaves])
+
+
+def peft_adapter(base_params: Mapping, params: Mapping, targets: str) -> dict[str, Any]:
+  """The PEFT LoRA adapter taking ``base_params`` to ``params`` (:func:`kernel_deltas`): ``{"tensors": {PEFT name:
+  float32 array}, "r", "target_modules", "ranks": {module: rank}, "dropped": largest singular value left out}``,
+  ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r] with ``B A = ΔWᵀ`` (torch's [out, in]), one ``r`` (the
+  largest rank, the others zero-padded) and scaling α / r = 1."""
+  deltas, dropped = kernel_deltas(base_params, params, targets)
+  new = dict(tu.named_leaves(params))
+  factors = {".".join(path.split("/")[:-1]): ab for path, ab in deltas.items()}
+  ranks = {module: a.shape[0] for module, (a, _) in factors.items()}
   r = max(1, max(ranks.values()))
   tensors = {}
   for module, (a, b) in factors.items():

@@ -57,10 +57,14 @@ def test_two_months_report_every_month_after_every_month(two_months):
 def test_the_export_is_the_final_policy_and_loads_in_transformers(two_months):
   torch = pytest.importorskip("torch")
   import transformers
-  final = checkpoint.restore_tree(two_months / "state")["params"]
   exported = models.load(two_months / "export" / "m2")
-  for a, b in zip(*(jax_leaves(t) for t in (final, exported.params))):
-    np.testing.assert_array_equal(a, b)
+  tree = checkpoint.restore_tree(two_months / "state")
+  assert "params" not in tree          # a LoRA method's state: the low-rank change of each target kernel
+  stored = align.stored_policy(tree, models.load(MODEL[1]).params)
+  for a, b in zip(*(jax_leaves(t) for t in (stored, exported.params))):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  weights = (two_months / "export" / "m2" / "model.safetensors").stat().st_size
+  assert result(two_months)["stored_state_bytes"] < weights / 2
   ids = np.array([[1, 5, 9, 300, 7000, 12, 44, 2]], np.int32)
   ours = np.asarray(exported.apply(exported.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
   model = transformers.AutoModelForCausalLM.from_pretrained(two_months / "export" / "m2", attn_implementation="eager")
@@ -78,9 +82,13 @@ def jax_leaves(tree):
 
 
 def test_a_third_month_continues_from_the_stored_state(two_months, tmp_path):
-  out = tmp_path / "m3"
-  assert run(out, "--resume-from", str(two_months), "--round", f"m3={EXAMPLES / 'm3.jsonl'}") == 0
+  out, text = tmp_path / "m3", tmp_path / "held_out.jsonl"
+  text.write_text("\n".join(json.dumps({"text": t}) for t in ("A quiet film about a lighthouse.",
+                                                               "The soup was cold and the service slow.")))
+  assert run(out, "--resume-from", str(two_months), "--round", f"m3={EXAMPLES / 'm3.jsonl'}",
+             "--held-out-text", str(text)) == 0
   before, after = result(two_months), result(out)
+  assert after["kl_to_base"][:3] == [None] * 3 and after["kl_to_base"][3] > 0 and after["perplexity"][3] > 1
   assert after["rounds"] == ["m1", "m2", "m3"] and after["steps"] == [2]
   acc = np.array(after["preference_accuracy_matrix"], dtype=float)
   assert acc.shape == (4, 3) and np.isfinite(acc[3]).all()
