@@ -178,8 +178,8 @@ def build(cfg: Config, args):
   tokenizer = models.load_llama_tokenizer(cfg.model.name)
   rounds, held_out = load_rounds(cfg, tokenizer, cache, not args.no_progress)
   runner = alignment.AlignmentRunner(
-      model.graphdef, tokenizer, rounds, held_out, family=model.family, **cfg.runner_args(), pref=cfg.dpo, model_key=cf.to_dict(cfg.model),
-      cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
+      model.graphdef, tokenizer, rounds, held_out, family=model.family, **cfg.runner_args(), pref=cfg.dpo,
+      model_key=cf.to_dict(cfg.model), cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
   return runner, model.params
 
 

@@ -29,14 +29,12 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, checkpoint, continual, experiment, export, preferences, runs, stages, streams
+from fipjax import alignment, checkpoint, continual, experiment, export, preferences, runs, streams
 from fipjax import config as cf
 from fipjax import models
-from fipjax.models import common
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PEFT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +48,8 @@ class FipSettings:
   distance: str = cf.option("bhattacharyya", "distance between token distributions", cf.one_of("bhattacharyya", "kl"))
   top_k: int = cf.option(32, "stored reference tokens per position (the tail's mass kept as one bucket)", cf.positive)
   anchor: str = cf.option("chosen", "sequences the penalty holds: the buffered pairs' chosen completions, or "
-                          "'policy': completions sampled from the policy entering the month", cf.one_of(*alignment.ANCHORS))
+                          "'policy': completions sampled from the policy entering the month",
+                          cf.one_of(*alignment.ANCHORS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,7 +115,8 @@ def load_round(path: str | pathlib.Path, *, test_fraction: float, seed: int) -> 
                     "pairs, change --test-fraction, or pass a directory with train.jsonl and test.jsonl).")
   order = np.random.default_rng([seed, 29]).permutation(len(rows))
   test = set(order[:n_test].tolist())
-  return {"train": [r for i, r in enumerate(rows) if i not in test], "test": [r for i, r in enumerate(rows) if i in test]}
+  return {"train": [r for i, r in enumerate(rows) if i not in test],
+          "test": [r for i, r in enumerate(rows) if i in test]}
 
 
 def render(rows: Sequence[Mapping], tokenizer) -> list[tuple[str, str, str]]:
@@ -169,8 +170,8 @@ def widths(*rounds: tuple[list, list, list, int]) -> tuple[int, int]:
           max(len(c) for r in rounds for part in (r[1], r[2]) for c in part))
 
 
-def encode_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], *, width: tuple[int, int],
-                 pad_id: int) -> dict[str, Any]:
+def encode_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], *,
+                 width: tuple[int, int], pad_id: int) -> dict[str, Any]:
   """``{"prompt": (ids, mask) [N, P], "chosen", "rejected": {"input_ids", "attention_mask", "response_mask"}
   [N, P + R], "reward_chosen", "reward_rejected" [N]}``: prompts left-padded, completions right-padded. The rows'
   own preference ranks chosen above rejected (reward 1 against 0)."""

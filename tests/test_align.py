@@ -4,7 +4,6 @@ transformers, a kill and resume, and the bad-input table."""
 
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
