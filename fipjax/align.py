@@ -328,9 +328,8 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   first, old = None, []
   if resumed is not None:
     tree, meta = resumed
-    repad = lambda p: {**preferences.repad(p, width, pad)}
-    memory = {n: repad(p) for n, p in tree["pairs"].items()}
-    tests = {n: repad(p) for n, p in tree["test"].items()}
+    memory = {n: preferences.repad(p, width, pad) for n, p in tree["pairs"].items()}
+    tests = {n: preferences.repad(p, width, pad) for n, p in tree["test"].items()}
     old = [alignment.Round(n, {s: alignment.Prompts(p["chosen"]["input_ids"][:, :width[0]],
                                                     p["chosen"]["attention_mask"][:, :width[0]])
                                for s, p in (("train", memory[n]), ("test", tests[n]))}, None)

@@ -481,9 +481,8 @@ class AlignmentRunner(stages_lib.StageLoop):
     tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every, len(log["history"]))
     runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
     t_train = time.perf_counter()
-    params, hist, _ = self._train(method, state.params, pairs, steps, self.seed + 100 * k, ckpt_dir, buffers,
-                                  tracker, name=f"{name} ({rnd.name})")
-    state.params = params if parsed.spec.finish is None else parsed.spec.finish(self.hp, state.params, params)
+    state.params, hist, _ = self._train(method, state.params, pairs, steps, self.seed + 100 * k, ckpt_dir, buffers,
+                                        tracker, name=f"{name} ({rnd.name})")
     log["train_s"] += time.perf_counter() - t_train
     log["steps"].append(steps)
     log["history"] += hist

@@ -80,6 +80,8 @@ class Method:
     needs_replay: whether batches must carry old-task replay batches.
     replays: what those batches are: ``"buffer"`` (stored inputs, labels and outputs) or ``"generated"``
       (features drawn from a generator with the old network's outputs on them, brain-inspired replay).
+    finish: ``(model weights at the start, trained model weights) -> the weights`` :func:`fit` returns (weight
+      interpolation), or None.
   """
 
   name: str
@@ -92,6 +94,7 @@ class Method:
   extra_args: Callable[[Batch], dict] = lambda batch: {}
   needs_replay: bool = False
   replays: str = "buffer"
+  finish: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,10 +591,14 @@ def _build_si(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
             mask=None if ctx.trainable is None else ctx.trainable(ctx.params))
 
 
-def si_memory(opt_state: PyTree, start: PyTree, end: PyTree) -> dict:
-  """What a stage trained with SI's path integral recorder leaves: its ω (over the model's parameters) and the
-  weights' change Δ over the stage."""
-  return {"si_omega": tu.unmask(si_lib.recorded(opt_state), end), "si_change": tu.tree_sub(end, start)}
+def si_memory(omega: PyTree, start: PyTree, end: PyTree) -> dict:
+  """What a stage leaves for SI: the path integral ω (over the model's parameters) and the weights' change Δ."""
+  return {"si_omega": omega, "si_change": tu.tree_sub(end, start)}
+
+
+def _si_keeps(opt_state: PyTree, start: PyTree, end: PyTree) -> dict:
+  """:func:`si_memory` of a stage trained with SI's path integral recorder (its ω in the optimiser's state)."""
+  return si_memory(tu.unmask(si_lib.recorded(opt_state), end), start, end)
 
 
 def _build_bir(ctx: StageContext, hp: MethodConfig, optimizer) -> Method:
@@ -646,8 +653,6 @@ class MethodSpec:
       agree it may record what the first stage records, so that its program is compiled once for both.
     keeps: ``(final optimiser state, weights at the stage's start, at its end) -> arrays`` that a finished stage
       leaves for the method's later stages (SI's ω, recorded by its optimiser, and Δ), or None.
-    finish: ``(hyperparameters, weights at the stage's start, trained weights) -> the stage's weights``, applied
-      when training ends (weight interpolation), or None.
     check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
       (:data:`OUTPUT_KINDS`), one sentence each.
   """
@@ -656,7 +661,6 @@ class MethodSpec:
   lora: bool = True
   first_stage_program: bool = False
   keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
-  finish: Callable[["MethodConfig", PyTree, PyTree], PyTree] | None = None
   check: Callable[[MethodConfig, str], list[str]] = _no_problems
 
   def replays(self, hp: MethodConfig) -> str:
@@ -673,14 +677,14 @@ REGISTRY: dict[str, MethodSpec] = {
     "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic),
     "ewc": MethodSpec(_build_ewc),
     "replay": MethodSpec(lambda ctx, hp, opt: replay(ctx.task_loss, ctx.old_losses(), opt), replay="rows"),
-    "si": MethodSpec(_build_si, lora=False, keeps=si_memory),
+    "si": MethodSpec(_build_si, lora=False, keeps=_si_keeps),
     "gem": MethodSpec(lambda ctx, hp, opt: gem(ctx.task_loss, ctx.old_losses(), opt, margin=hp.gem.margin,
                                                space=hp.gem.space), replay="rows"),
     "agem": MethodSpec(lambda ctx, hp, opt: agem(ctx.task_loss, ctx.old_losses(), opt, space=hp.gem.space),
                        replay="rows"),
     "bir": MethodSpec(_build_bir, replay="generated", lora=False),
-    "interp": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True,
-                         finish=interpolate),
+    "interp": MethodSpec(lambda ctx, hp, opt: dataclasses.replace(
+        naive(ctx.task_loss, opt), finish=lambda start, end: interpolate(hp, start, end)), first_stage_program=True),
 }
 """``name -> MethodSpec``: adding a method is one entry (docs/extending.md)."""
 
@@ -707,10 +711,10 @@ class Name(NamedTuple):
 
 
 def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic"), *,
-                 on_preferences: bool = False, methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
-  """Every registered name (or ``methods``), then each of ``lora_variants`` in LoRA, on preference losses if
-  ``on_preferences``: ``naive, fip, …, lora, lora-fip, …`` or ``dpo, fip-dpo, …, lora-dpo, lora-fip-dpo, …``."""
-  names = [Name(m, False, on_preferences) for m in (methods or tuple(REGISTRY))]
+                 on_preferences: bool = False) -> tuple[str, ...]:
+  """Every registered name, then each of ``lora_variants`` in LoRA, on preference losses if ``on_preferences``:
+  ``naive, fip, …, lora, lora-fip, …`` or ``dpo, fip-dpo, …, lora-dpo, lora-fip-dpo, …``."""
+  names = [Name(m, False, on_preferences) for m in REGISTRY]
   names += [Name(v, True, on_preferences) for v in lora_variants]
   return tuple(map(str, names))
 
@@ -965,7 +969,9 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
         if snapshot is not None and sys.getrefcount(snapshot) > 2:   # kept: copy before the buffers are reused
           snapshot.materialize()
     pending = []
-  return method.to_model(full(trainable)), TrainState(num_steps, full(trainable), opt_state), history
+  final = method.to_model(full(trainable))
+  final = final if method.finish is None else method.finish(model_params, final)
+  return final, TrainState(num_steps, full(trainable), opt_state), history
 
 
 # ---------------------------------------------------------------------------------------------------------------

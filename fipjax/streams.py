@@ -237,7 +237,6 @@ class PathTracker(runs.Observer):
 class Runner(stages_lib.StageLoop):
   """Trains a stream's tasks in order with any method; see the module docstring and
   :class:`fipjax.stages.StageLoop` (the arguments but ``stream``)."""
-  stage_word = "stage"
 
   def __init__(self, stream: Stream, **kw):
     super().__init__(**kw)
@@ -335,7 +334,7 @@ class Runner(stages_lib.StageLoop):
     params = tree["params"]
     row1 = self.evaluate(params)
     runs.log("stage 1: " + ", ".join(f"{t.name} {a:.3f}" for t, a in zip(self.stream.tasks, row1[0])))
-    return params, {"si_omega": tree["si_omega"], "si_change": tu.tree_sub(params, init_params)}, row1
+    return params, continual.si_memory(tree["si_omega"], init_params, params), row1
 
   def generator(self, task: TaskSpec, params: PyTree) -> dict:
     """Brain-inspired replay's generator of ``task``, fit to the split-point features of its training rows under
@@ -453,8 +452,6 @@ class Runner(stages_lib.StageLoop):
     runs.log(f"stage {k + 1} ({name}): {steps} steps on {task.name}")
     params, hist, opt_state = self._train(method, params, task, steps, self.seed + 100 * k, ckpt_dir, sources,
                                           tracker, name=f"{name} ({task.name})")
-    if spec.finish is not None:
-      params = spec.finish(self.hp, state.params, params)
     if spec.keeps is not None and k < len(tasks) - 1:      # read by later stages only
       state.memory[task.name] = spec.keeps(opt_state, state.params, params)
     state.params = params

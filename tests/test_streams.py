@@ -110,11 +110,10 @@ def test_interp_is_the_previous_weights_plain_fine_tuning_or_between(alpha, tmp_
                           first=streams.FirstStageConfig(steps=10), stages=streams.StageConfig(steps=10),
                           hp=hp, run=streams.RunConfig(eval_batch_size=40), seed=0, model_key={"mlp": 32})
   seen = {}
-  finish = continual.REGISTRY["interp"].finish
+  finish = continual.interpolate
   spy = lambda h, start, end: seen.setdefault("ends", []).append((start, end)) or finish(h, start, end)
-  registry = dict(continual.REGISTRY, interp=dataclasses.replace(continual.REGISTRY["interp"], finish=spy))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(continual, "REGISTRY", registry)
+    mp.setattr(continual, "interpolate", spy)
     first = runner.first_stage(params)
     naive = runner.run_method("naive", first, runs.RunDir.open(tmp_path / "n", {})[0])
     interp = runner.run_method("interp", first, runs.RunDir.open(tmp_path / "i", {})[0])
@@ -123,6 +122,6 @@ def test_interp_is_the_previous_weights_plain_fine_tuning_or_between(alpha, tmp_
   if alpha == 0.0:
     assert interp["weight_change"] == 0.0 and interp["accuracy_matrix"][-1] == interp["accuracy_matrix"][0]
   start, end = seen["ends"][0]
-  got = continual.interpolate(hp, start, end)
+  got = finish(hp, start, end)
   for a, b, g in zip(jax.tree.leaves(start), jax.tree.leaves(end), jax.tree.leaves(got)):
     np.testing.assert_allclose(g, np.asarray(a) + alpha * (np.asarray(b) - np.asarray(a)), rtol=1e-6, atol=1e-7)
