@@ -32,11 +32,13 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, checkpoint, continual, experiment, export, preferences, runs, streams
+from fipjax import alignment, checkpoint, continual, experiment, export, preferences, rewards, runs, streams
 from fipjax import config as cf
 from fipjax import models
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PAIRS = ("file", "on-policy")
+ON_POLICY_NEW_TOKENS = 64       # TRL OnlineDPOConfig's max_new_tokens
 PEFT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,6 +95,12 @@ class AlignConfig:
   max_prompt_length: int = cf.option(512, "prompt tokens kept (a longer prompt loses its start)", cf.positive)
   max_length: int = cf.option(1024, "prompt + completion tokens kept (a longer completion loses its end)",
                               cf.positive)
+  max_new_tokens: int | None = cf.option(None, "tokens of a sampled completion (on-policy pairs, --reward's "
+                                         "evaluation, --fip.anchor policy), at least the longest file completion "
+                                         "(none: that; 64 with --pairs on-policy; TRL OnlineDPOConfig's name)",
+                                         cf.positive)
+  temperature: float = cf.option(1.0, "sampling temperature of sampled completions (TRL OnlineDPOConfig's name)",
+                                 cf.positive)
   lora_r: int = cf.option(8, "LoRA rank (PEFT's r), for lora-* methods", cf.positive)
   lora_alpha: float = cf.option(16.0, "LoRA α: adapters scaled by α / r (PEFT's lora_alpha)", cf.positive)
   lora_target_modules: str = cf.option("q_proj,v_proj", "comma-separated module names LoRA adapts, or all-linear "
@@ -101,6 +109,7 @@ class AlignConfig:
   fip: FipSettings = cf.section(FipSettings)
   replay: ReplaySettings = cf.section(ReplaySettings)
   geodesic: continual.GeodesicConfig = cf.section(continual.GeodesicConfig)
+  interp: continual.InterpConfig = cf.section(continual.InterpConfig)
   eval: EvalSettings = cf.section(EvalSettings)
 
 
@@ -128,14 +137,14 @@ def sections(cfg: AlignConfig, widths: tuple[int, int], rows_per_month: int) -> 
   steps = None if cfg.max_steps is None else cfg.max_steps * k
   hp = dataclasses.replace(
       continual.MethodConfig(), fip=continual.FipConfig(beta=cfg.fip.beta, distance=cfg.fip.distance),
-      geodesic=cfg.geodesic, lora=continual.LoraSettings(
+      geodesic=cfg.geodesic, interp=cfg.interp, lora=continual.LoraSettings(
           targets=lora_targets(cfg.lora_target_modules), rank=cfg.lora_r, alpha=cfg.lora_alpha,
           optim=continual.LoraOptim(lr=cfg.learning_rate),
           geodesic=continual.LoraGeodesic(kappa=None, lr=None, max_norm=None)))
   pref = alignment.PreferenceConfig(beta=cfg.beta, loss=cfg.loss_type, label_smoothing=cfg.label_smoothing,
                                     rpo_alpha=cfg.rpo_alpha, prompt_tokens=widths[0], response_tokens=widths[1],
                                     top_k=cfg.fip.top_k, generate_batch_size=cfg.eval.batch_size,
-                                    anchor=cfg.fip.anchor)
+                                    anchor=cfg.fip.anchor, temperature=cfg.temperature)
   return dict(
       optim=optim, first=streams.FirstStageConfig(steps=steps, epochs=cfg.num_train_epochs),
       stages=streams.StageConfig(steps=steps, epochs=cfg.num_train_epochs,
@@ -241,17 +250,29 @@ def parse_args(argv=None):
                  help="a month of preference pairs, in order (repeat the flag): a JSON Lines file or a directory with "
                       "train.jsonl and test.jsonl")
   p.add_argument("--method", default="lora-fip-dpo", type=lambda v: continual.method_argument(v, on_preferences=True),
-                 help="dpo, lora-dpo, replay-dpo, fip-dpo, lora-fip-dpo, fip-geodesic-dpo, lora-fip-geodesic-dpo "
-                      "(any registry method as <method>-dpo)")
+                 help="dpo, lora-dpo, replay-dpo, fip-dpo, lora-fip-dpo, fip-geodesic-dpo, lora-fip-geodesic-dpo, "
+                      "interp-dpo (--interp.alpha) (any registry method as <method>-dpo)")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the run's folder (a killed run resumes with the "
                  "same command; a finished one is never overwritten)")
   p.add_argument("--resume-from", type=pathlib.Path, default=None, help="a finished run whose months this one "
                  "continues")
+  p.add_argument("--pairs", default="file", choices=PAIRS, help="'file': each month's pairs as its file gives them; "
+                 "'on-policy': two completions per prompt sampled from the policy entering the month, ranked by "
+                 "--reward (the file's rows may be prompt-only)")
+  p.add_argument("--reward", action="append", default=[], metavar="[NAME=]MODULE:FUNCTION", dest="rewards",
+                 help="a reward (a function of a list of completion texts returning one score each), for every month "
+                      "or for month NAME (repeat the flag): adds the reward matrix on sampled completions; needed by "
+                      "--pairs on-policy. MODULE is importable or a path/to/file.py")
   p.add_argument("--test-fraction", type=float, default=0.1, help="share of a one-file month held out as its test "
                  "pairs (seeded by --seed)")
   p.add_argument("--held-out-text", type=pathlib.Path, default=None, help="JSON Lines of {\"text\"}: perplexity and "
                  "per-token KL to the base model after every month")
   p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (parameters float32)")
+  p.add_argument("--cache-dir", type=pathlib.Path, default=None, help="where month 1's policy and sampled pairs "
+                 "are kept for reuse (sweeps: runs of the same model, months, settings and seed share them; a "
+                 "--reward is known by its spec and its file's contents); none: nothing is kept")
+  p.add_argument("--no-export", action="store_true", help="write no OUT/export/ (sweeps: a month's export of "
+                 "SmolLM2-135M is 0.5 GB); the stored state is written as always")
   p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
   p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)   # tests: simulate a kill
   cfg, args = cf.parse(p, PRESETS, argv)
@@ -276,6 +297,32 @@ def parse_rounds(specs: Sequence[str], resumed_names: Sequence[str]) -> list[tup
   return out
 
 
+def month_rewards(specs: Sequence[str], names: Sequence[str]) -> dict[str, tuple[Any, str]]:
+  """``--reward [NAME=]MODULE:FUNCTION`` flags as {month: (the reward, its spec)}: one without NAME applies to every
+  month that none with its NAME names."""
+  every, named = None, {}
+  for spec in specs:
+    name, sep, fn = spec.partition("=")
+    if not sep:
+      if every is not None:
+        raise runs.UsageError(f"--reward {spec} and --reward {every} both apply to every month; give one, or name "
+                              "the month (--reward NAME=MODULE:FUNCTION).")
+      every = spec
+    elif name not in names:
+      raise runs.UsageError(f"--reward {spec} names month {name!r}, which is not among the months "
+                            f"({', '.join(names)}).")
+    elif name in named:
+      raise runs.UsageError(f"--reward gives month {name} two rewards ({named[name]}, {fn}); give one.")
+    else:
+      named[name] = fn
+  loaded: dict[str, Any] = {}
+  out = {}
+  for n in names:
+    if (spec := named.get(n, every)) is not None:
+      out[n] = loaded.setdefault(spec, (rewards.from_spec(spec), rewards.spec_id(spec)))
+  return out
+
+
 def base_model_path(model: str) -> str | None:
   """Where PEFT finds the base model of a LoRA export: the Hugging Face directory or hub id given; None for a GGUF
   file (the base is then exported once as ``OUT/export/base``)."""
@@ -297,11 +344,40 @@ def held_out_text(path: pathlib.Path | None, tokenizer, length: int) -> dict | N
   return alignment.encode_texts(texts, tokenizer, length)
 
 
+def tokenize_month(rows: dict[str, list[dict]], tokenizer, cfg: AlignConfig, on_policy: bool) -> tuple[dict, int]:
+  """({split: (prompt ids, chosen ids, rejected ids)} of a month — prompts only, ``(prompt ids,)``, on-policy —
+  and how many rows were truncated)."""
+  lengths = dict(max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
+  if on_policy:
+    out = {s: preferences.tokenize_prompts(preferences.render_prompts(r, tokenizer), tokenizer, **lengths)
+           for s, r in rows.items()}
+  else:
+    out = {s: preferences.tokenize(preferences.render(r, tokenizer), tokenizer, **lengths) for s, r in rows.items()}
+  return {s: t[:-1] for s, t in out.items()}, sum(t[-1] for t in out.values())
+
+
+def encoded_width(cfg: AlignConfig, tokenised: list[tuple[str, dict]], on_policy: bool, stored) -> tuple[int, int]:
+  """(P, R): the longest prompt, and the longest of the file completions and of a sampled completion
+  (``--max-new-tokens``), over the months and a continued run's ``stored`` width."""
+  splits = [t for _, split in tokenised for t in split.values()]
+  new = cfg.max_new_tokens or (ON_POLICY_NEW_TOKENS if on_policy else 1)
+  completions = [len(c) for t in splits for part in t[1:] for c in part]
+  width = (max(len(p) for t in splits for p in t[0]), max(completions + [new]))
+  return tuple(int(w) for w in np.max([width] + ([] if stored is None else [stored]), axis=0))
+
+
 def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resumed) -> tuple[MonthlyRunner, Any]:
-  """(the runner, the base model's parameters): the months' files read and checked first, then the model loaded,
-  the pairs templated, tokenised and encoded to one width (with a continued run's, re-padded)."""
-  read = [(name, path, preferences.load_round(path, test_fraction=args.test_fraction, seed=cfg.seed))
-          for name, path in months]
+  """(the runner, the base model's parameters): the months' files read and the rewards loaded first, then the model
+  loaded, the pairs (or prompts) templated, tokenised and encoded to one width (with a continued run's, re-padded)."""
+  on_policy = args.pairs == "on-policy"
+  read = [(name, path, preferences.load_round(path, test_fraction=args.test_fraction, seed=cfg.seed,
+                                              prompt_only=on_policy)) for name, path in months]
+  old_names = [] if resumed is None else list(resumed[1]["rounds"])
+  scored = month_rewards(args.rewards, old_names + [n for n, _ in months])
+  if on_policy and (unscored := [n for n, _ in months if n not in scored]):
+    raise runs.UsageError(f"--pairs on-policy ranks two sampled completions by a reward, but month(s) "
+                          f"{', '.join(unscored)} have none; add --reward MODULE:FUNCTION (every month) or "
+                          "--reward NAME=MODULE:FUNCTION.")
   model = models.load(args.model, dtype=DTYPES[args.dtype])
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model {args.model} is not a causal LM (a {model.family.__name__.split('.')[-1]} "
@@ -311,20 +387,22 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   tokenised = []
   for name, path, rows in read:
-    split = {s: preferences.tokenize(preferences.render(r, tokenizer), tokenizer,
-                                     max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
-             for s, r in rows.items()}
-    cut = sum(t[3] for t in split.values())
-    runs.log(f"month {name}: {len(rows['train'])} training / {len(rows['test'])} test pairs from {path}"
+    split, cut = tokenize_month(rows, tokenizer, cfg, on_policy)
+    runs.log(f"month {name}: {len(rows['train'])} training / {len(rows['test'])} test "
+             f"{'prompts' if on_policy else 'pairs'} from {path}"
              + (f"; {cut} truncated (--max-prompt-length, --max-length)" if cut else ""))
     tokenised.append((name, split))
-  stored = [] if resumed is None else [resumed[1]["width"]]
-  width = tuple(int(w) for w in np.max(stored + [preferences.widths(*s.values()) for _, s in tokenised], axis=0))
+  width = encoded_width(cfg, tokenised, on_policy, None if resumed is None else resumed[1]["width"])
+  reward = lambda n: scored.get(n, (None, None))
   rounds = []
   for name, split in tokenised:
-    pairs = {s: preferences.encode_pairs(*t[:3], width=width, pad_id=pad) for s, t in split.items()}
-    prompts = {s: alignment.Prompts(*p.pop("prompt")) for s, p in pairs.items()}
-    rounds.append(alignment.Round(name, prompts, None, None, pairs))
+    if on_policy:
+      pairs, prompts = None, {s: alignment.Prompts(*preferences.left_padded(t[0], width[0], pad))
+                              for s, t in split.items()}
+    else:
+      pairs = {s: preferences.encode_pairs(*t, width=width, pad_id=pad) for s, t in split.items()}
+      prompts = {s: alignment.Prompts(*p.pop("prompt")) for s, p in pairs.items()}
+    rounds.append(alignment.Round(name, prompts, *reward(name), pairs))
   first, old = None, []
   if resumed is not None:
     tree, meta = resumed
@@ -332,7 +410,7 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
     tests = {n: preferences.repad(p, width, pad) for n, p in tree["test"].items()}
     old = [alignment.Round(n, {s: alignment.Prompts(p["chosen"]["input_ids"][:, :width[0]],
                                                     p["chosen"]["attention_mask"][:, :width[0]])
-                               for s, p in (("train", memory[n]), ("test", tests[n]))}, None)
+                               for s, p in (("train", memory[n]), ("test", tests[n]))}, *reward(n))
            for n in meta["rounds"]]
     first = (stored_policy(tree, model.params), memory, meta["rows"], tests)
   all_rounds = old + rounds
@@ -345,13 +423,13 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   problems = continual.check_methods([args.method], kw["hp"], "tokens", on_preferences=True)
   if problems:
     raise runs.UsageError("; ".join(problems) + ".")
-  exporter = export.Exporter(args.out / "export", model, tokenizer,
-                             lora_targets=kw["hp"].lora.targets if parsed.in_lora else None,
-                             base_model_path=base_model_path(args.model))
+  exporter = (lambda month, params: None) if args.no_export else export.Exporter(
+      args.out / "export", model, tokenizer, lora_targets=kw["hp"].lora.targets if parsed.in_lora else None,
+      base_model_path=base_model_path(args.model))
   runner = MonthlyRunner(
       model.graphdef, tokenizer, all_rounds, held_out_text(args.held_out_text, tokenizer, width[0] + width[1]),
       family=model.family, first_method=plain, model_key={"model": str(args.model), "dtype": args.dtype},
-      cache=None, progress=not args.no_progress, stop_after=args.stop_after, out=args.out, resumed=first,
+      cache=None if args.cache_dir is None else runs.StageCache(args.cache_dir), progress=not args.no_progress, stop_after=args.stop_after, out=args.out, resumed=first,
       export_fn=exporter, state_meta={"model": str(args.model), "method": args.method, "width": list(width)},
       lora_state=(model.params, kw["hp"].lora.targets) if parsed.in_lora else None, **kw)
   return runner, model.params
@@ -362,7 +440,7 @@ def main(argv=None) -> int:
   command = " ".join(["python -m fipjax.align"] + list(sys.argv[1:] if argv is None else argv))
   config = {"config": cf.to_dict(cfg), "model": str(args.model), "rounds": args.rounds,
             "resume_from": None if args.resume_from is None else str(args.resume_from),
-            "test_fraction": args.test_fraction, "dtype": args.dtype}
+            "test_fraction": args.test_fraction, "dtype": args.dtype, "pairs": args.pairs, "reward": args.rewards}
 
   def run():
     resumed = None if args.resume_from is None else load_state(args.resume_from, args.model)

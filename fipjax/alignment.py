@@ -216,6 +216,8 @@ class Policy:
     rows = {k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
     margins, chosen = in_batches(lambda b, _: self._pair_stats(params, b), rows, batch_size)
     keep = pairs["reward_chosen"] != pairs["reward_rejected"]
+    if not keep.any():        # every sampled pair tied: no preference to rank (None, never a NaN)
+      return {"preference_accuracy": None, "reward_margin": None, "chosen_logp": float(np.mean(chosen))}
     return {"preference_accuracy": float(np.mean((margins > 0)[keep])),
             "reward_margin": float(self.pref.beta * np.mean(margins[keep])), "chosen_logp": float(np.mean(chosen))}
 
@@ -402,7 +404,8 @@ class AlignmentRunner(stages_lib.StageLoop):
       runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
                                               zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])
                                               if b is not None))
-    runs.log(f"round 1: preference accuracy on its test pairs {rows01[1]['preference_accuracy'][0]:.3f}")
+    if (accuracy := rows01[1]["preference_accuracy"][0]) is not None:
+      runs.log(f"round 1: preference accuracy on its test pairs {accuracy:.3f}")
     return params, {self.rounds[0].name: pairs}, rows01, held_out
 
   def describe(self) -> dict:
@@ -523,6 +526,8 @@ class AlignmentRunner(stages_lib.StageLoop):
     key = "reward_matrix" if result["reward_matrix"][1][0] is not None else "preference_accuracy_matrix"
     m = result[key]
     kl = result["kl_to_base"][-1]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     return (f"{name}: {key.replace('_matrix', '').replace('_', ' ')} after its round → after round {t}: " +
-            ", ".join(f"{n} {m[j + 1][j]:.3f} → {m[-1][j]:.3f}" for j, n in enumerate(names) if m[j + 1][j] is not None)
+            ", ".join(f"{n} {fmt(m[j + 1][j])} → {fmt(m[-1][j])}" for j, n in enumerate(names)
+                      if m[j + 1][j] is not None)
             + ("" if kl is None else f"; KL to base {kl:.4f}") + continual.solver_summary(result))

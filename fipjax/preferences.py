@@ -55,8 +55,9 @@ def _text(value: Any, conversational: bool) -> str:
   return json.dumps(value, sort_keys=True) if conversational else value
 
 
-def read_pairs(path: str | pathlib.Path) -> list[dict]:
-  """The rows of a preference file, checked: one format throughout, no empty, identical or missing completion."""
+def read_pairs(path: str | pathlib.Path, *, prompt_only: bool = False) -> list[dict]:
+  """The rows of a preference file, checked: one format throughout, no empty, identical or missing completion.
+  With ``prompt_only`` (pairs sampled on-policy) a row may also be TRL's prompt-only ``{"prompt": …}``."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"{path} does not exist or is not a file; pass a JSON Lines file of prompt / chosen / "
@@ -71,7 +72,8 @@ def read_pairs(path: str | pathlib.Path) -> list[dict]:
       raise _problem(path, n, f"not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(row, dict):
       raise _problem(path, n, f"not a JSON object (got {type(row).__name__})")
-    missing, extra = [f for f in FIELDS if f not in row], sorted(set(row) - set(FIELDS))
+    fields = ("prompt",) if prompt_only and set(row) == {"prompt"} else FIELDS
+    missing, extra = [f for f in fields if f not in row], sorted(set(row) - set(fields))
     if missing or extra:
       raise _problem(path, n, (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and extra
                               else "") + (f"unexpected field(s) {', '.join(extra)}" if extra else ""))
@@ -80,34 +82,41 @@ def read_pairs(path: str | pathlib.Path) -> list[dict]:
       raise _problem(path, n, f"a {this} row in a file whose earlier rows are {kind}")
     kind = this
     if this == "standard":
-      bad = [f for f in FIELDS if not isinstance(row[f], str)]
+      bad = [f for f in fields if not isinstance(row[f], str)]
       if bad:
         raise _problem(path, n, f"{', '.join(bad)} must be text in the standard format")
     else:
-      for f in FIELDS:
+      for f in fields:
         _messages(row[f], path, n, f)
-    for f in ("chosen", "rejected"):
-      if not (row[f].strip() if this == "standard" else any(m["content"].strip() for m in row[f])):
-        raise _problem(path, n, f"'{f}' is empty")
-    if _text(row["chosen"], this == "conversational") == _text(row["rejected"], this == "conversational"):
-      raise _problem(path, n, "'chosen' and 'rejected' are identical: the pair prefers neither")
+    if fields == FIELDS:
+      _check_completions(row, this == "conversational", path, n)
     rows.append(row)
   if not rows:
     raise DataError(f"{path} holds no preference rows; each line must be a JSON object with {', '.join(FIELDS)}.")
   return rows
 
 
-def load_round(path: str | pathlib.Path, *, test_fraction: float, seed: int) -> dict[str, list[dict]]:
+def _check_completions(row: Mapping, conversational: bool, path: pathlib.Path, line: int) -> None:
+  for f in ("chosen", "rejected"):
+    if not (any(m["content"].strip() for m in row[f]) if conversational else row[f].strip()):
+      raise _problem(path, line, f"'{f}' is empty")
+  if _text(row["chosen"], conversational) == _text(row["rejected"], conversational):
+    raise _problem(path, line, "'chosen' and 'rejected' are identical: the pair prefers neither")
+
+
+def load_round(path: str | pathlib.Path, *, test_fraction: float, seed: int,
+               prompt_only: bool = False) -> dict[str, list[dict]]:
   """``{"train", "test"}`` rows of a round: a directory's ``train.jsonl`` and ``test.jsonl``, or one file's rows
-  split by a seeded draw of ``test_fraction`` of them (at least one of each)."""
+  split by a seeded draw of ``test_fraction`` of them (at least one of each); ``prompt_only``: see
+  :func:`read_pairs`."""
   path = pathlib.Path(path)
   if path.is_dir():
     missing = [f for f in ("train.jsonl", "test.jsonl") if not (path / f).is_file()]
     if missing:
       raise DataError(f"{path} is a directory without {' and '.join(missing)}; a round is a JSON Lines file or a "
                       "directory holding train.jsonl and test.jsonl.")
-    return {s: read_pairs(path / f"{s}.jsonl") for s in ("train", "test")}
-  rows = read_pairs(path)
+    return {s: read_pairs(path / f"{s}.jsonl", prompt_only=prompt_only) for s in ("train", "test")}
+  rows = read_pairs(path, prompt_only=prompt_only)
   n_test = int(round(test_fraction * len(rows)))
   if len(rows) < 2 or not 0 < n_test < len(rows):
     raise DataError(f"{path} has {len(rows)} pairs: a --test-fraction of {test_fraction} leaves "
@@ -119,19 +128,30 @@ def load_round(path: str | pathlib.Path, *, test_fraction: float, seed: int) -> 
           "test": [r for i, r in enumerate(rows) if i in test]}
 
 
+def _template(tokenizer) -> None:
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError("the rows are conversational but the tokenizer has no chat template (tokenizer_config.json's "
+                    "chat_template, or a GGUF file's tokenizer.chat_template); give the rows in the standard "
+                    "format, or use a model whose tokenizer has a template.")
+
+
+def render_prompts(rows: Sequence[Mapping], tokenizer) -> list[str]:
+  """Each row's prompt text: a standard prompt as written, a conversational one through the chat template with the
+  generation prompt added."""
+  if any(not isinstance(row["prompt"], str) for row in rows):
+    _template(tokenizer)
+  return [row["prompt"] if isinstance(row["prompt"], str) else tokenizer.apply_chat_template(
+      list(row["prompt"]), tokenize=False, add_generation_prompt=True) for row in rows]
+
+
 def render(rows: Sequence[Mapping], tokenizer) -> list[tuple[str, str, str]]:
   """(prompt, chosen, rejected) texts: standard rows as written; conversational rows through the tokenizer's chat
   template (TRL's ``maybe_apply_chat_template``)."""
   out = []
-  for row in rows:
+  for row, prompt in zip(rows, render_prompts(rows, tokenizer)):
     if isinstance(row["prompt"], str):
-      out.append((row["prompt"], row["chosen"], row["rejected"]))
+      out.append((prompt, row["chosen"], row["rejected"]))
       continue
-    if not getattr(tokenizer, "chat_template", None):
-      raise DataError("the rows are conversational but the tokenizer has no chat template (tokenizer_config.json's "
-                      "chat_template, or a GGUF file's tokenizer.chat_template); give the rows in the standard "
-                      "format, or use a model whose tokenizer has a template.")
-    prompt = tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True)
     full = lambda c: tokenizer.apply_chat_template(list(row["prompt"]) + list(c), tokenize=False)
     texts = [full(row[f]) for f in ("chosen", "rejected")]
     if not all(t.startswith(prompt) for t in texts):
@@ -141,33 +161,42 @@ def render(rows: Sequence[Mapping], tokenizer) -> list[tuple[str, str, str]]:
   return out
 
 
+def _prompt_ids(prompt: str, encode, *, max_prompt_length: int, max_length: int) -> list[int]:
+  kept = encode(prompt)[-max_prompt_length:]
+  if len(kept) >= max_length:
+    raise DataError(f"a prompt of {len(kept)} tokens (after --max-prompt-length {max_prompt_length}) fills "
+                    f"--max-length {max_length} before its completion starts ({prompt[:60]!r}…); raise --max-length "
+                    "or lower --max-prompt-length.")
+  return kept
+
+
+def _encoder(tokenizer):
+  return lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"])
+
+
 def tokenize(texts: Sequence[tuple[str, str, str]], tokenizer, *, max_prompt_length: int,
              max_length: int) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
   """(prompt ids, chosen ids, rejected ids, how many rows were truncated), TRL's tokenisation and truncation (see
   the module docstring)."""
-  eos = tokenizer.eos_token_id
-  encode = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"])
+  eos, encode = tokenizer.eos_token_id, _encoder(tokenizer)
   prompts, chosen, rejected, cut = [], [], [], 0
   for p, c, r in texts:
-    pid = encode(p)
-    kept = pid[-max_prompt_length:]
-    if len(kept) >= max_length:
-      raise DataError(f"a prompt of {len(kept)} tokens (after --max-prompt-length {max_prompt_length}) fills "
-                      f"--max-length {max_length} before its completion starts ({p[:60]!r}…); raise --max-length "
-                      "or lower --max-prompt-length.")
+    kept = _prompt_ids(p, encode, max_prompt_length=max_prompt_length, max_length=max_length)
     room = max_length - len(kept)
     ids = [(encode(x) + ([eos] if eos is not None else [])) for x in (c, r)]
-    cut += len(kept) < len(pid) or any(len(i) > room for i in ids)
+    cut += len(kept) < len(encode(p)) or any(len(i) > room for i in ids)
     prompts.append(kept)
     chosen.append(ids[0][:room])
     rejected.append(ids[1][:room])
   return prompts, chosen, rejected, cut
 
 
-def widths(*rounds: tuple[list, list, list, int]) -> tuple[int, int]:
-  """(P, R): the longest prompt and the longest completion over tokenised rounds."""
-  return (max(len(p) for r in rounds for p in r[0]),
-          max(len(c) for r in rounds for part in (r[1], r[2]) for c in part))
+def tokenize_prompts(prompts: Sequence[str], tokenizer, *, max_prompt_length: int,
+                     max_length: int) -> tuple[list[list[int]], int]:
+  """(prompt ids, how many were truncated) of on-policy prompts, truncated as :func:`tokenize` truncates."""
+  encode = _encoder(tokenizer)
+  ids = [_prompt_ids(p, encode, max_prompt_length=max_prompt_length, max_length=max_length) for p in prompts]
+  return ids, sum(len(i) < len(encode(p)) for i, p in zip(ids, prompts))
 
 
 def encode_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], *,
@@ -177,10 +206,7 @@ def encode_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: li
   own preference ranks chosen above rejected (reward 1 against 0)."""
   p_width, r_width = width
   n = len(prompts)
-  ids = np.full((n, p_width), pad_id, np.int32)
-  mask = np.zeros((n, p_width), np.int32)
-  for i, p in enumerate(prompts):
-    ids[i, p_width - len(p):], mask[i, p_width - len(p):] = p, 1
+  ids, mask = left_padded(prompts, p_width, pad_id)
 
   def sequences(completions):
     tok = np.full((n, r_width), pad_id, np.int32)
@@ -192,6 +218,15 @@ def encode_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: li
 
   return {"prompt": (ids, mask), "chosen": sequences(chosen), "rejected": sequences(rejected),
           "reward_chosen": np.ones(n, np.float32), "reward_rejected": np.zeros(n, np.float32)}
+
+
+def left_padded(prompts: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) ``[N, width]`` int32 of prompts left-padded with ``pad_id``."""
+  ids = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  return ids, mask
 
 
 def repad(pairs: Mapping[str, Any], width: tuple[int, int], pad_id: int) -> dict[str, Any]:

@@ -2,15 +2,20 @@
 
 :func:`sentiment_classifier` fine-tunes a BERT (the packaged MiniLM offline) on one labelled task with the one
 training loop, reports its test accuracy, and keeps it in the stage cache; a :class:`Classifier` maps texts to
-class probabilities, and a :class:`Reward` to one number per text: ``probs @ weights``.
+class probabilities, and a :class:`Reward` to one number per text: ``probs @ weights``. :func:`from_spec` loads a
+user's reward (``module:function`` or ``path/to/file.py:function``: texts → scores) and checks what it returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import pathlib
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -108,3 +113,57 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
 
   clf.params, meta = runs.cached(cache, f"reward-{task}", parts, compute, template=init)
   return clf, meta["info"]
+
+
+def spec_id(spec: str) -> dict:
+  """What identifies a ``--reward`` spec in cache keys and results: the spec and the sha256 of the file its function
+  is defined in (so that an edited reward is not mistaken for the old one)."""
+  fn = from_spec(spec, probe=False).__wrapped__
+  try:
+    source = pathlib.Path(inspect.getfile(fn)).read_bytes()
+  except (TypeError, OSError):      # a builtin or a function without a file: the spec alone
+    return {"reward": spec, "source_sha256": None}
+  return {"reward": spec, "source_sha256": hashlib.sha256(source).hexdigest()}
+
+
+def from_spec(spec: str, probe: bool = True) -> Callable[[Sequence[str]], np.ndarray]:
+  """The reward ``texts -> scores [N]`` named by ``module:function`` (an importable module) or
+  ``path/to/file.py:function``, wrapped so that anything but N finite numbers is a one-paragraph error; called once
+  on two texts here (``probe``), so that a broken reward is reported before anything is loaded; ``__wrapped__``
+  is the user's function."""
+  module, sep, name = spec.rpartition(":")
+  if not sep or not module or not name:
+    raise runs.UsageError(f"--reward {spec!r} is not module:function; write e.g. --reward my_rewards:brevity or "
+                          "--reward path/to/rewards.py:brevity (a function of a list of texts returning one score "
+                          "per text).")
+  try:
+    if module.endswith(".py"):
+      loader = importlib.util.spec_from_file_location(pathlib.Path(module).stem, module)
+      if loader is None or not pathlib.Path(module).is_file():
+        raise FileNotFoundError(f"no file {module}")
+      mod = importlib.util.module_from_spec(loader)
+      loader.loader.exec_module(mod)
+    else:
+      mod = importlib.import_module(module)
+  except Exception as e:      # the user's module: any error it raises on import is theirs to fix
+    raise runs.UsageError(f"--reward {spec}: {module} cannot be imported ({type(e).__name__}: {e}); pass an "
+                          "importable module or a .py file.") from None
+  fn = getattr(mod, name, None)
+  if not callable(fn):
+    raise runs.UsageError(f"--reward {spec}: {module} has no function {name!r}.")
+
+  def reward(texts: Sequence[str]) -> np.ndarray:
+    try:
+      scores = np.asarray(fn(list(texts)), np.float64)
+    except Exception as e:    # the user's function failing is a usage error, reported without our traceback
+      raise runs.UsageError(f"--reward {spec} failed on {len(texts)} completions ({type(e).__name__}: {e}).") from None
+    if scores.shape != (len(texts),) or not np.all(np.isfinite(scores)):
+      got = f"shape {scores.shape}" if scores.shape != (len(texts),) else "a score that is not finite"
+      raise runs.UsageError(f"--reward {spec} returned {got} for {len(texts)} texts; it must return one finite "
+                            "number per text.")
+    return scores.astype(np.float32)
+
+  if probe:
+    reward(["A short completion.", "A completion of a few more words, to check the reward before anything runs."])
+  reward.__wrapped__ = fn
+  return reward

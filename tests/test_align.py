@@ -2,6 +2,7 @@
 tokenizer and chat template): two months, a third continued from the stored state, the exports loaded by
 transformers, a kill and resume, and the bad-input table."""
 
+import hashlib
 import json
 import pathlib
 
@@ -105,6 +106,39 @@ def test_a_killed_run_resumes_to_the_same_numbers(two_months, tmp_path):
     assert a[key] == b[key], key
 
 
+REWARDS = EXAMPLES / "rewards.py"
+
+
+def test_on_policy_months_ranked_by_a_reward_give_the_reward_matrix(tmp_path):
+  out = tmp_path / "on-policy"
+  assert run(out, *MONTHS, "--pairs", "on-policy", "--reward", f"{REWARDS}:brevity", "--reward",
+             f"m2={REWARDS}:positivity", "--max-new-tokens", "6", "--no-export") == 0
+  m = result(out)
+  reward = np.array(m["reward_matrix"], dtype=float)   # rows: base, after m1, after m2: every month's test prompts
+  assert reward.shape == (3, 2) and np.isfinite(reward).all()
+  assert np.isfinite(np.array(m["chosen_logp_matrix"][2], dtype=float)).all() and len(m["reward_forgetting"]) == 1
+  assert not (out / "export").exists()
+  state = checkpoint.restore_tree(out / "state")
+  pairs = state["pairs"]["m2"]     # sampled: 6 completion tokens, ranked by the month's own reward
+  assert pairs["chosen"]["input_ids"].shape[1] - int(np.argmax(pairs["chosen"]["response_mask"].any(0))) == 6
+  assert (pairs["reward_chosen"] >= pairs["reward_rejected"]).all()
+  described = json.loads((out / "results.json").read_text())["rewards"]
+  assert {n: d["reward"] for n, d in described.items()} == {"m1": f"{REWARDS}:brevity", "m2": f"{REWARDS}:positivity"}
+  assert described["m1"]["source_sha256"] == hashlib.sha256(REWARDS.read_bytes()).hexdigest()
+
+
+def test_a_reward_on_file_pairs_adds_the_reward_of_sampled_completions(two_months, tmp_path):
+  out = tmp_path / "rewarded"
+  assert run(out, "--resume-from", str(two_months), "--round", f"m3={EXAMPLES / 'm3.jsonl'}", "--reward",
+             f"m3={REWARDS}:positivity", "--no-export") == 0
+  m = result(out)
+  assert [row[:2] for row in m["reward_matrix"]] == [[None, None]] * 4      # m1, m2: no reward
+  assert [row[2] for row in m["reward_matrix"][:3]] == [None] * 3          # the stored rows knew no m3
+  assert np.isfinite(m["reward_matrix"][3][2])
+  np.testing.assert_array_equal(np.array(m["preference_accuracy_matrix"][:3], dtype=float)[:, :2],
+                                np.array(result(two_months)["preference_accuracy_matrix"], dtype=float))
+
+
 def spoil(tmp_path, line):
   path = tmp_path / "bad.jsonl"
   path.write_text("\n".join([line] * 3) + "\n")
@@ -141,13 +175,24 @@ CASES = [
     (["--round", "m1={m1}", "--round", "m2={m1}", "--held-out-text", "{m1}"], "holds no {\"text\""),
     (["MODEL", "{tmp}/broken.gguf", "--round", "m1={m1}", "--round", "m2={m1}"], "gguf"),
     (["MODEL", "minilm", "--round", "m1={m1}", "--round", "m2={m1}"], "not a causal LM"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "brevity"], "is not module:function"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "no_such_module_here:f"], "cannot be imported"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "{rewards}:missing"], "has no function 'missing'"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "numpy:shape"], "one finite number per text"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "m9={rewards}:brevity"], "not among the months"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--reward", "m1={rewards}:brevity", "--reward",
+      "m1={rewards}:positivity"], "two rewards"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--pairs", "on-policy", "--reward", "m1={rewards}:brevity"],
+     "month(s) m2 have none"),
+    (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p"}'], "missing chosen, rejected"),
 ]
 
 
 @pytest.mark.parametrize("flags,words", CASES, ids=[w[:30] for _, w in CASES])
 def test_bad_input_is_one_paragraph_and_writes_nothing(flags, words, tmp_path, capsys):
   (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not really")
-  fill = lambda f: f.replace("{tmp}", str(tmp_path)).replace("{m1}", str(EXAMPLES / "m1.jsonl"))
+  fill = lambda f: f.replace("{tmp}", str(tmp_path)).replace("{m1}", str(EXAMPLES / "m1.jsonl")).replace(
+      "{rewards}", str(REWARDS))
   flags = [fill(f) for f in flags]
   if "SPOIL" in flags:
     i = flags.index("SPOIL")
