@@ -63,6 +63,8 @@ def _cell(results: list[dict]):
   """``cell(method, get)``: mean ± sample std over the seeds that ran the method (their count when fewer)."""
   def cell(name, get, digits=3):
     vals = np.array([get(r["methods"][name]) for r in results if name in r["methods"]], float)
+    if np.isnan(vals).all():         # not measured (e.g. no --held-out-text): never a NaN in a table
+      return "n/a"
     if len(vals) == 1 < len(results):
       return f"{vals[0]:.{digits}f} (1 seed)"
     fewer = f" ({len(vals)} seeds)" if len(vals) < len(results) else ""

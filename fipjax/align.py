@@ -381,7 +381,7 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   model = models.load(args.model, dtype=DTYPES[args.dtype])
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model {args.model} is not a causal LM (a {model.family.__name__.split('.')[-1]} "
-                          "model); fipjax.align aligns decoders: Llama, Qwen2, Mistral, a .gguf file or smollm2.")
+                          "model); fipjax.align aligns decoders: Llama, Qwen2/3, Mistral, Gemma 2/3, a .gguf file or smollm2.")
   runs.log(str(model.report))
   tokenizer = models.load_llama_tokenizer(args.model)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

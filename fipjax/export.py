@@ -41,35 +41,58 @@ def hf_tensors(params: Mapping) -> dict[str, np.ndarray]:
   return out
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def model_type(cfg) -> str:
+  """The transformers ``model_type`` of a Llama-family config: Gemma 3 / Gemma 2 where norms wrap attention and MLP
+  (with / without normalised queries and keys), Qwen3 where the heads' queries and keys are normalised, Qwen2 where
+  q/k/v carry biases, Mistral where a window is set, else Llama."""
+  if cfg.sandwich_norm:
+    return "gemma3_text" if cfg.qk_norm else "gemma2"
+  return ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias and not cfg.o_bias else
+          "mistral" if cfg.sliding_window is not None else "llama")
+
+
 def llama_config(cfg, tokenizer) -> dict[str, Any]:
-  """A transformers ``config.json`` for a Llama-family :class:`fipjax.models.llama.LlamaConfig`: Qwen3 where the
-  heads' queries and keys are normalised, Qwen2 where q/k/v carry biases, Mistral where a window is set, else Llama."""
-  model_type = ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias and not cfg.o_bias else
-                "mistral" if cfg.sliding_window is not None else "llama")
-  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-          "qwen3": "Qwen3ForCausalLM"}[model_type]
-  out = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+  """A transformers ``config.json`` for a Llama-family :class:`fipjax.models.llama.LlamaConfig` (:func:`model_type`),
+  which ``LlamaConfig.from_dict`` reads back to ``cfg``."""
+  kind = model_type(cfg)
+  out = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
          "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
          "num_key_value_heads": cfg.num_key_value_heads,
          "head_dim": cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads, "rms_norm_eps": cfg.rms_norm_eps,
          "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
+         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": cfg.hidden_act, "torch_dtype": "float32",
          "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
          "pad_token_id": tokenizer.pad_token_id}
+  if kind.startswith("gemma"):
+    return {**out, **_gemma_config(cfg, kind)}
   if cfg.rope_scaling is not None:
     out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
-  if model_type in ("llama", "qwen3"):
+  if kind in ("llama", "qwen3"):
     out["attention_bias"] = cfg.qkv_bias
-  if model_type == "llama":
+  if kind == "llama":
     out["mlp_bias"] = cfg.mlp_bias
   if cfg.sliding_window is not None:
     out["sliding_window"] = cfg.sliding_window
-    if model_type != "mistral":
+    if kind != "mistral":
       out["use_sliding_window"] = True
       if cfg.layer_types is not None:
         out["layer_types"] = list(cfg.layer_types)
   return out
+
+
+def _gemma_config(cfg, kind: str) -> dict[str, Any]:
+  full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+  rope = full if kind == "gemma2" else {
+      "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": cfg.sliding_rope_theta}}
+  return {"hidden_activation": cfg.hidden_act, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+          "attn_logit_softcapping": cfg.attn_logit_softcapping,
+          "final_logit_softcapping": cfg.final_logit_softcapping, "sliding_window": cfg.sliding_window,
+          "layer_types": list(cfg.layer_types), "attention_bias": cfg.qkv_bias, "rope_parameters": rope}
 
 
 def _write_whole(out: pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:

@@ -2,7 +2,8 @@
 
 ``load(name_or_path, **kw) -> Loaded(family, graphdef, params, config, report)`` reads a packaged alias
 (``'minilm'``, ``'smollm2'``), a ``.gguf`` file, a Hugging Face directory or a hub id, and picks the family from the
-config's ``model_type`` (``FAMILIES``: ``bert`` ← bert; ``llama`` ← llama, qwen2, qwen3, mistral and GGUF files);
+config's ``model_type`` (``FAMILIES``: ``bert`` ← bert; ``llama`` ← llama, qwen2, qwen3, mistral, gemma2, gemma3_text
+and GGUF files);
 ``loaded.apply`` (``family.make_apply(graphdef)``) is the pure ``apply(params, batch)``. ``load_tokenizer`` is its
 tokenizer counterpart.
 

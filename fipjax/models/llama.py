@@ -1,9 +1,11 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, a KV cache.
 
 Covers Llama 2/3 (with Llama 3's RoPE scaling), SmolLM, Qwen2 (bias on q/k/v), Qwen3 (RMSNorm on each head's query
-and key, a ``head_dim`` of its own) and Mistral, with sliding-window attention (Mistral's ``sliding_window`` on every
-layer; Qwen2/Qwen3's ``use_sliding_window`` on the layers ``layer_types`` or ``max_window_layers`` name) in the full
-forward pass and the KV cache alike. Parameter names mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``,
+and key, a ``head_dim`` of its own), Mistral, and Gemma 2 / Gemma 3's text model (GeGLU, RMSNorm by 1 + w around
+attention and MLP, embeddings scaled by √hidden, soft-capped scores and logits, Gemma 3's linear RoPE scaling and
+sliding layers' own base), with sliding-window attention (Mistral's ``sliding_window`` on every layer;
+Qwen2/Qwen3's ``use_sliding_window`` on the layers ``layer_types`` or ``max_window_layers`` name; Gemma's
+alternating layers) in the full forward pass and the KV cache alike. Parameter names mirror Hugging Face's (``model/layers/0/self_attn/q_proj/kernel``,
 ``model/norm/weight``, ``lm_head/kernel``) so that loading (:func:`hf_name`, :func:`from_checkpoint`; GGUF files
 through :mod:`fipjax.models.gguf`) is a renaming plus kernel transposes. The rest of fipjax sees
 ``make_apply(graphdef)(params, batch) -> logits [B, T, V]`` over a plain parameter dict. The family surface of
@@ -31,7 +33,7 @@ from fipjax.models.common import param_count, token_logprobs  # noqa: F401  (re-
 
 PyTree = Any
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 """Hugging Face ``model_type`` values this family loads (GGUF files: ``general.architecture`` llama, qwen2)."""
 DROPPED = (re.compile(r"rotary_emb\.inv_freq$"),)
 """Checkpoint buffers the model recomputes."""
@@ -61,6 +63,15 @@ class LlamaConfig:
   sliding_window: int | None = None      # a query sees the keys of the last sliding_window slots (itself included)
   layer_types: tuple | None = None       # per layer "full_attention" / "sliding_attention"; None: all sliding
                                          # when sliding_window is set
+  # Gemma 2 / 3 (all off for the others):
+  hidden_act: str = "silu"               # the MLP's gate: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+  norm_offset: float = 0.0               # RMSNorm scales by (offset + weight): Gemma's 1 + w
+  embed_scale: bool = False              # embeddings times √hidden_size
+  sandwich_norm: bool = False            # norms after attention and MLP too (post_attention, pre/post_feedforward)
+  query_pre_attn_scalar: float | None = None     # attention scores scaled by its −½ power (None: head size's)
+  attn_logit_softcapping: float | None = None    # scores → c · tanh(scores / c) before the mask
+  final_logit_softcapping: float | None = None   # logits → c · tanh(logits / c)
+  sliding_rope_theta: float | None = None        # Gemma 3: sliding layers' RoPE base, unscaled (None: as global)
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -81,6 +92,11 @@ class LlamaConfig:
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @property
+  def attention_scale(self) -> float:
+    """What attention scores are divided by: √query_pre_attn_scalar (Gemma), else √head_size."""
+    return math.sqrt(self.query_pre_attn_scalar or self.head_size)
+
+  @property
   def windows(self) -> tuple:
     """Each layer's sliding window (None: full causal attention)."""
     types = self.layer_types or ("sliding_attention",) * self.num_hidden_layers
@@ -98,10 +114,11 @@ class LlamaConfig:
     if kind not in MODEL_TYPES:
       raise ValueError(f"model_type {kind!r} is not a Llama-family decoder this port covers "
                        f"({', '.join(MODEL_TYPES)})")
+    if kind.startswith("gemma"):
+      return cls._gemma(d, kind)
     if d.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {d['hidden_act']!r}: only SwiGLU (silu) is supported")
-    names = {f.name for f in dataclasses.fields(cls)} - {"sliding_window", "layer_types", "qk_norm"}
-    kw = {k: v for k, v in d.items() if k in names and v is not None}
+    kw = cls._known(d)
     # transformers' defaults where config.json leaves a key out: sliding_window 4096, max_window_layers 28, Qwen3's
     # head_dim 128.
     if kind == "mistral":
@@ -116,14 +133,7 @@ class LlamaConfig:
       kw.setdefault("head_dim", 128)
     kw.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
     rope = d.get("rope_scaling") or d.get("rope_parameters")
-    kw["rope_scaling"] = None
-    if isinstance(rope, Mapping):
-      kw.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-      kind_rope = rope.get("rope_type", rope.get("type", "default"))
-      if kind_rope == "llama3":
-        kw["rope_scaling"] = tuple(sorted((k, v) for k, v in rope.items() if k != "rope_theta"))
-      elif kind_rope != "default":
-        raise ValueError(f"rope type {kind_rope!r} is not supported (default, llama3)")
+    kw["rope_theta"], kw["rope_scaling"] = _rope(rope, kw.get("rope_theta", cls.rope_theta), ("llama3",))
     if kind == "qwen2":
       kw["qkv_bias"] = True
     elif d.get("attention_bias"):
@@ -131,19 +141,77 @@ class LlamaConfig:
     kw["qk_norm"] = kind == "qwen3"
     return cls(**kw)
 
+  @classmethod
+  def _known(cls, d: Mapping[str, Any]) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)} - {"sliding_window", "layer_types", "qk_norm", "hidden_act"}
+    return {k: v for k, v in d.items() if k in names and v is not None}
+
+  @classmethod
+  def _gemma(cls, d: Mapping[str, Any], kind: str) -> "LlamaConfig":
+    """Gemma 2 (``gemma2``) and Gemma 3's text model (``gemma3_text``) with transformers' defaults: GeGLU, RMSNorm
+    by 1 + w, embeddings scaled by √hidden, four norms a layer, alternating sliding and full layers (Gemma 2: every
+    other; Gemma 3: five in six), soft-capped scores and logits (Gemma 2), RMSNorm on queries and keys and a RoPE
+    base of their own for sliding layers (Gemma 3)."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ACTIVATIONS:
+      raise ValueError(f"hidden_activation {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    gemma3 = kind == "gemma3_text"
+    kw = {"head_dim": 256, "num_key_value_heads": 4, "tie_word_embeddings": True, "query_pre_attn_scalar": 256,
+          "attn_logit_softcapping": None if gemma3 else 50.0, "final_logit_softcapping": None if gemma3 else 30.0,
+          "max_position_embeddings": 131072 if gemma3 else 8192, **cls._known(d)}
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+      if cap in d:
+        kw[cap] = d[cap]
+    layers = d.get("num_hidden_layers", cls.num_hidden_layers)
+    pattern = d.get("sliding_window_pattern", 6) if gemma3 else 2
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(layers)]
+    rope = d.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope) if gemma3 else rope
+    theta = full.get("rope_theta", d.get("rope_theta", 1e6 if gemma3 else 10000.0))
+    kw["rope_theta"], kw["rope_scaling"] = _rope(d.get("rope_scaling") or full, theta, ("linear",))
+    local = rope.get("sliding_attention", {}) if gemma3 else {}
+    if local.get("rope_type", "default") != "default":
+      raise ValueError(f"sliding layers' rope type {local['rope_type']!r} is not supported (default)")
+    return cls(**kw, hidden_act=act, norm_offset=1.0, embed_scale=True, sandwich_norm=True, qk_norm=gemma3,
+               sliding_window=d.get("sliding_window", 4096), layer_types=tuple(types),
+               qkv_bias=bool(d.get("attention_bias")), o_bias=bool(d.get("attention_bias")),
+               sliding_rope_theta=local.get("rope_theta", d.get("rope_local_base_freq", 10000.0)) if gemma3 else None)
+
 
 Config = LlamaConfig
 """The family's config (``Config.from_dict(config_json)``)."""
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
-def rope_frequencies(cfg: LlamaConfig, dtype=jnp.float32) -> jax.Array:
+
+def _rope(rope: Mapping | None, theta: float, scalings: tuple[str, ...]) -> tuple[float, tuple | None]:
+  """(RoPE base, scaling as a hashable tuple or None) from a config's ``rope_scaling`` / ``rope_parameters``;
+  ``scalings``: the rope types the family may scale by besides ``default``."""
+  if not isinstance(rope, Mapping):
+    return theta, None
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return rope.get("rope_theta", theta), None
+  if kind not in scalings:
+    raise ValueError(f"rope type {kind!r} is not supported (default, {', '.join(scalings)})")
+  return rope.get("rope_theta", theta), tuple(sorted((k, v) for k, v in {**rope, "rope_type": kind}.items()
+                                                     if k not in ("rope_theta", "type")))
+
+
+def rope_frequencies(cfg: LlamaConfig, dtype=jnp.float32, sliding: bool = False) -> jax.Array:
   """Inverse frequencies ``[head_size / 2]`` in ``dtype`` (the parameters' wide dtype: float64 runs are exact), with
-  Llama 3's long-context scaling when configured."""
+  Llama 3's long-context scaling or linear scaling when configured; ``sliding``: a sliding layer's, which Gemma 3
+  gives a base of its own, unscaled."""
   d = cfg.head_size
+  if sliding and cfg.sliding_rope_theta is not None:
+    return 1.0 / (cfg.sliding_rope_theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=dtype) / d))
   if cfg.rope_scaling is None:
     return inv
   s = dict(cfg.rope_scaling)
+  if s.get("rope_type") == "linear":
+    return inv / s["factor"]
   factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
   old = s["original_max_position_embeddings"]
   wavelength = 2 * math.pi / inv
@@ -161,15 +229,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return (x * cos + rotated * sin).astype(x.dtype)
 
 
+def layer_frequencies(cfg: LlamaConfig, dtype) -> list[jax.Array]:
+  """Each layer's inverse frequencies (:func:`rope_frequencies`; sliding layers may have their own)."""
+  made = {w is not None: rope_frequencies(cfg, dtype, sliding=w is not None) for w in set(cfg.windows)}
+  return [made[w is not None] for w in cfg.windows]
+
+
 class RMSNorm(nnx.Module):
-  def __init__(self, size: int, eps: float, dtype):
-    self.weight = nnx.Param(jnp.ones((size,), wide(dtype)))
-    self.eps, self.dtype = eps, dtype
+  """``x / rms(x) · (offset + weight)`` in the wide dtype (Gemma: offset 1, the weight initialised at 0)."""
+
+  def __init__(self, size: int, eps: float, dtype, offset: float = 0.0):
+    self.weight = nnx.Param(jnp.full((size,), 1.0 - offset, wide(dtype)))
+    self.eps, self.dtype, self.offset = eps, dtype, offset
 
   def __call__(self, x):
     x32 = x.astype(wide(self.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (self.weight[...] * x32).astype(self.dtype)
+    return ((self.weight[...] + self.offset) * x32).astype(self.dtype)
 
 
 class KVCache(NamedTuple):
@@ -195,9 +271,10 @@ class Attention(nnx.Module):
     self.v_proj = linear(cfg.hidden_size, kv * d, dtype, rngs, bias=cfg.qkv_bias)
     self.o_proj = linear(h * d, cfg.hidden_size, dtype, rngs, bias=cfg.o_bias)
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_offset)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_offset)
     self.heads, self.kv_heads, self.head_size, self.qk_norm = h, kv, d, cfg.qk_norm
+    self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcapping
 
   def __call__(self, x, positions, inv_freq, bias, cache_kv=None, offset=None):
     """x ``[B, T, H]``; bias ``[B, 1, 1, T, S]`` over the S key slots; cache_kv ``([B, S, KV, D], ...)`` to write
@@ -215,7 +292,7 @@ class Attention(nnx.Module):
     groups = self.heads // self.kv_heads
     q = q.reshape(b, t, self.kv_heads, groups, self.head_size)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(wide(x.dtype))
-    probs = jax.nn.softmax(scores / math.sqrt(self.head_size) + bias, axis=-1).astype(x.dtype)
+    probs = jax.nn.softmax(softcap(scores / self.scale, self.softcap) + bias, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
     return self.o_proj(out), (k, v)
 
@@ -225,29 +302,41 @@ class MLP(nnx.Module):
     self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
     self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
     self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs, bias=cfg.mlp_bias)
+    self.act = ACTIVATIONS[cfg.hidden_act]
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP, each added to the residual. Llama's ``post_attention_layernorm`` is the MLP's
+  input norm; Gemma's (``sandwich_norm``) normalises the attention's output, and ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` wrap the MLP."""
+
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_offset)
+    self.input_layernorm = norm()
     self.self_attn = Attention(cfg, dtype, rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.post_attention_layernorm = norm()
     self.mlp = MLP(cfg, dtype, rngs)
+    if cfg.sandwich_norm:
+      self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+    self.sandwich = cfg.sandwich_norm
 
   def __call__(self, h, positions, inv_freq, bias, cache_kv=None, offset=None):
     a, kv = self.self_attn(self.input_layernorm(h), positions, inv_freq, bias, cache_kv, offset)
-    h = h + a
-    return h + self.mlp(self.post_attention_layernorm(h)), kv
+    if not self.sandwich:
+      h = h + a
+      return h + self.mlp(self.post_attention_layernorm(h)), kv
+    h = h + self.post_attention_layernorm(a)
+    return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), kv
 
 
 class Body(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
     self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_offset)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -265,22 +354,28 @@ class LlamaForCausalLM(nnx.Module):
       self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs, bias=False)
     self.cfg, self.remat = cfg, remat
 
+  def _embed(self, input_ids):
+    h = self.model.embed_tokens(input_ids)
+    # Gemma: √hidden in the compute dtype, as transformers casts it to the weights' (55.4256 → 55.5 in bfloat16)
+    return h * jnp.asarray(math.sqrt(self.cfg.hidden_size), h.dtype) if self.cfg.embed_scale else h
+
   def _logits(self, h):
     if self.cfg.tie_word_embeddings:
-      return self.model.embed_tokens.attend(h).astype(wide(h.dtype))
-    return self.lm_head(h).astype(wide(h.dtype))
+      logits = self.model.embed_tokens.attend(h).astype(wide(h.dtype))
+    else:
+      logits = self.lm_head(h).astype(wide(h.dtype))
+    return softcap(logits, self.cfg.final_logit_softcapping)
 
   def __call__(self, input_ids, attention_mask=None):
     mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
-    h = self.model.embed_tokens(input_ids)
+    h = self._embed(input_ids)
     biases = _biases(self.cfg, jnp.arange(input_ids.shape[1]), mask, h.dtype)
-    inv_freq = rope_frequencies(self.cfg, wide(h.dtype))
-    call = lambda layer, h, bias: layer(h, positions, inv_freq, bias)[0]
+    call = lambda layer, h, bias, inv_freq: layer(h, positions, inv_freq, bias)[0]
     if self.remat:
       call = nnx.remat(call)
-    for layer, bias in zip(self.model.layers, biases):
-      h = call(layer, h, bias)
+    for layer, bias, inv_freq in zip(self.model.layers, biases, layer_frequencies(self.cfg, wide(h.dtype))):
+      h = call(layer, h, bias, inv_freq)
     return self._logits(self.model.norm(h))
 
   def extend(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -293,16 +388,21 @@ class LlamaForCausalLM(nnx.Module):
     slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.length, 1)
     positions = (jnp.sum(cache.mask, -1, keepdims=True) + jnp.cumsum(attention_mask, -1) - 1)
     positions = jnp.maximum(positions, 0)
-    h = self.model.embed_tokens(input_ids)
+    h = self._embed(input_ids)
     biases = _biases(self.cfg, cache.length + jnp.arange(t), slot_mask, h.dtype)
-    inv_freq = rope_frequencies(self.cfg, wide(h.dtype))
     ks, vs = [], []
-    for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
+    for i, (layer, bias, inv_freq) in enumerate(zip(self.model.layers, biases,
+                                                      layer_frequencies(self.cfg, wide(h.dtype)))):
       h, (k, v) = layer(h, positions, inv_freq, bias, (cache.k[i], cache.v[i]), cache.length)
       ks.append(k)
       vs.append(v)
     new = KVCache(jnp.stack(ks), jnp.stack(vs), slot_mask, cache.length + t)
     return self._logits(self.model.norm(h)), new
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _biases(cfg: LlamaConfig, query_slots: jax.Array, key_mask: jax.Array, dtype) -> list[jax.Array]:
