@@ -127,19 +127,25 @@ ROUNDS = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMD
 
 
 def split_prompts(cfg: Config) -> tuple[list[dict[str, list[str]]], list[str]]:
-  """Each round's train / val / test prompt texts (train and val from the training split, disjoint; test from the
-  test split), and held-out test reviews for KL and perplexity; every size is checked before anything trains."""
+  """Each round's train / val / test prompt texts (train and val from the training split less the reward
+  classifier's training rows; test from the test split; all disjoint), and held-out test reviews for KL and
+  perplexity; every size is checked before anything trains."""
   n_train, n_val, n_test = cfg.data.train_prompts, cfg.data.val_prompts, cfg.data.test_prompts
   prompts, held_out = [], []
   for j, (_, task, _, _) in enumerate(ROUNDS):
     train, test = (data.load_task(task, split, cfg.data.dir).texts for split in ("train", "test"))
+    # The reward's classifier was fine-tuned on some training reviews; their openings are no prompts (nor are test
+    # reviews that repeat a training one).
+    seen, trained = set(rewards.classifier_rows(task, cfg.rewards, cfg.data.dir).texts), set(train)
+    test = [t for t in dict.fromkeys(test) if t not in trained]
+    train = [t for t in dict.fromkeys(train) if t not in seen]
     for split, want, have, flags in (("train", n_train + n_val, len(train),
                                       "--data.train-prompts + --data.val-prompts"),
                                      ("test", n_test + cfg.data.held_out_texts, len(test),
                                       "--data.test-prompts + --data.held-out-texts")):
       if want > have:
-        raise runs.UsageError(f"{task} {split}: {flags} = {want} rows are asked for, but it holds {have}; "
-                              "choose smaller values.")
+        raise runs.UsageError(f"{task} {split}: {flags} = {want} rows are asked for, but it holds {have} (less "
+                              "the reward classifier's training rows and repeated reviews); choose smaller values.")
     order = np.random.default_rng([cfg.seed, 31 + j]).permutation(len(train))
     test_order = np.random.default_rng([cfg.seed, 41 + j]).permutation(len(test))
     pick = lambda texts, idx: [texts[i] for i in idx]

@@ -72,6 +72,11 @@ class Reward:
     return self.classifier.probs(texts) @ np.asarray(self.weights, np.float32)
 
 
+def classifier_rows(task: str, cfg: ClassifierConfig, data_dir: str | None) -> data.TaskData:
+  """The labelled training rows a reward classifier of ``task`` is fine-tuned on (what prompts must avoid)."""
+  return data.subsample(data.load_task(task, "train", data_dir), cfg.train_rows, cfg.seed)
+
+
 def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | None, cache: runs.StageCache | None,
                          progress: bool = True) -> tuple[Classifier, dict]:
   """(classifier, {"task", "test_accuracy", "train_rows", "test_rows", "steps"}) for ``task`` ('imdb' or 'yelp'),
@@ -83,7 +88,7 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
   model = models.load(cfg.model, family="bert", heads={"cls": k}, seed=seed)
   init = model.params
   clf = Classifier(model.apply, init, tokenizer, cfg.max_len)
-  train_enc = data.encode(data.subsample(train, cfg.train_rows, seed), tokenizer, cfg.max_len)
+  train_enc = data.encode(classifier_rows(task, cfg, data_dir), tokenizer, cfg.max_len)
   test_rows = data.subsample(test, cfg.test_rows, seed)
   parts = {"task": task, "config": cf.to_dict(cfg), "data": train_enc.digest()}
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import continual_dpo
+from fipjax import rewards
 
 TINY = ["--preset", "cpu", "--data.train-prompts", "8", "--data.val-prompts", "4", "--data.test-prompts", "4",
         "--data.held-out-texts", "4", "--data.text-tokens", "16", "--optim.batch-size", "2", "--first.steps", "2",
@@ -127,3 +128,15 @@ def test_the_paper_preset_runs_offline_at_small_size(tmp_path):
                              "--cache-dir", str(tmp_path / "cache")]) == 0
   m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["fip-dpo"]
   assert np.array(m["reward_matrix"]).shape == (3, 2) and np.isfinite(m["loss_curve"]).all()
+
+
+def test_prompts_are_disjoint_within_and_across_rounds_and_from_the_classifiers_rows():
+  """Every split of every round (and the held-out reviews) on the cpu preset's sizes: no review twice, and no
+  training or validation prompt among the reward classifiers' fine-tuning rows."""
+  cfg, _ = continual_dpo.parse_args(["--preset", "cpu"])
+  prompts, held_out = continual_dpo.split_prompts(cfg)
+  texts = [t for r in prompts for split in ("train", "val", "test") for t in r[split]] + held_out
+  assert len(texts) == len(set(texts)) == 2 * (128 + 64 + 64) + 2 * 24
+  for (_, task, _, _), rnd in zip(continual_dpo.ROUNDS, prompts):
+    seen = set(rewards.classifier_rows(task, cfg.rewards, cfg.data.dir).texts)
+    assert seen.isdisjoint(rnd["train"] + rnd["val"] + rnd["test"])

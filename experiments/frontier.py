@@ -1,0 +1,251 @@
+"""Retention-versus-learning fronts: each method's own knob swept, over seeds, against the cheap baselines' front.
+
+    python -m experiments.frontier split_digits --sweep naive:stages.steps=25,50,100,200 \\
+        --sweep interp:interp.alpha=0.25,0.5,0.75 --sweep fip:fip.beta=10,100,1000 --seeds 0,1,2 --out runs/front
+
+    python -m experiments.frontier yelp_imdb --seeds 0,1,2 --out runs/front-yelp \\
+        --sweep naive:stages.steps=8,16,32 --sweep interp:interp.alpha=0.25,0.5,0.75 --sweep fip:fip.beta=1,10,100 \\
+        -- --preset cpu
+
+Each ``--sweep METHOD:KNOB=V1,V2,…`` runs the experiment (``split_digits``, ``yelp_imdb``, ``continual_dpo`` or
+``align``, i.e. ``fipjax.align``) once per value and seed, with ``--method METHOD --KNOB V --seed S`` and the flags
+after ``--``; ``--sweep METHOD`` is one point. Runs go to ``OUT/runs/<method>/<knob>=<value>/seed<S>/`` and share
+``OUT/cache`` (the first stage is learnt once per seed); a finished run is reused, so a sweep killed or spread over
+sittings resumes where it stopped.
+
+A point is a method at one value: its retention (the mean final score of the earlier tasks / rounds: accuracy,
+reward, or without rewards the preference accuracy) and its learning (the last task's final score), mean and 95%
+t-interval over the seeds. The baselines' front (``--baseline``, default naive and interp, or dpo and interp-dpo for
+preference runs) is the set of their points no other of theirs dominates. For every other method: the area it adds
+above that front (2-D hypervolume over the lowest retention and learning of all points), and which of its points a
+baseline point dominates (no worse in both, better in one). Writes ``frontier.json``, ``frontier.md`` and
+``frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import numpy as np
+import scipy.stats
+
+from fipjax import continual, results as results_lib, runs
+
+EXPERIMENTS = {"split_digits": "experiments.split_digits", "yelp_imdb": "experiments.yelp_imdb",
+               "continual_dpo": "experiments.continual_dpo", "align": "fipjax.align"}
+CACHED = ("yelp_imdb", "continual_dpo", "align")        # the experiments that take --cache-dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One method's points: ``knob`` (a dotted flag without dashes, e.g. ``fip.beta``) at each of ``values``, or one
+  point (``knob`` None)."""
+  method: str
+  knob: str | None
+  values: tuple[str, ...]
+
+  @classmethod
+  def parse(cls, spec: str) -> "Sweep":
+    method, _, knob = spec.partition(":")
+    if not method:
+      raise runs.UsageError(f"--sweep {spec!r} names no method; write METHOD:KNOB=V1,V2 or METHOD.")
+    if not knob:
+      return cls(method, None, ("",))
+    name, sep, values = knob.partition("=")
+    vals = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not name or not vals:
+      raise runs.UsageError(f"--sweep {spec!r}: write METHOD:KNOB=V1,V2,… (e.g. fip:fip.beta=1,10,100).")
+    return cls(method, name.lstrip("-"), vals)
+
+  def flags(self, value: str) -> list[str]:
+    return [] if self.knob is None else [f"--{self.knob.replace('_', '-')}", value]
+
+  def label(self, value: str) -> str:
+    return "default" if self.knob is None else f"{self.knob}={value}"
+
+
+def run_dir(out: pathlib.Path, sweep: Sweep, value: str, seed: int) -> pathlib.Path:
+  return out / "runs" / sweep.method / sweep.label(value) / f"seed{seed}"
+
+
+def run_point(experiment: str, sweep: Sweep, value: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
+  """The results of one run (reused when finished): ``--method``, the knob, ``--seed``, ``--out`` and ``extra``."""
+  path = run_dir(out, sweep, value, seed)
+  if not (path / "results.json").exists():
+    argv = [*extra, "--method", sweep.method, *sweep.flags(value), "--seed", str(seed), "--out", str(path)]
+    if experiment in CACHED and "--cache-dir" not in extra:
+      argv += ["--cache-dir", str(out / "cache")]
+    runs.log(f"frontier: {sweep.method} {sweep.label(value)} seed {seed}")
+    code = importlib.import_module(EXPERIMENTS[experiment]).main(argv)
+    if code != 0:
+      raise runs.UsageError(f"the run of {sweep.method} at {sweep.label(value)}, seed {seed} failed (exit {code}; "
+                            f"its message is above): python -m {EXPERIMENTS[experiment]} {' '.join(argv)}")
+  return json.loads((path / "results.json").read_text())
+
+
+def scores(result: dict, method: str) -> tuple[float, float]:
+  """(retention, learning) of a method's results: the mean final score of the earlier tasks / rounds, the last
+  one's final score."""
+  m = result["methods"][method]
+  if results_lib.kind_of(result) == results_lib.STREAM.kind:
+    final = m["accuracy_matrix"][-1]
+  else:
+    rewarded = all(v is not None for v in m["reward_matrix"][-1])
+    final = m["reward_matrix" if rewarded else "preference_accuracy_matrix"][-1]
+  if any(v is None for v in final):
+    raise runs.UsageError(f"{method}'s final row has no score for some task ({final}); it cannot be placed on a "
+                          "front.")
+  return float(np.mean(final[:-1])), float(final[-1])
+
+
+def interval(values: Sequence[float]) -> float:
+  """The half-width of the mean's 95% t-interval (0 for one seed)."""
+  v = np.asarray(values, float)
+  return 0.0 if len(v) < 2 else float(scipy.stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def dominates(a: dict, b: dict) -> bool:
+  """Point ``a`` is no worse than ``b`` in both retention and learning, and better in one (means)."""
+  ge = a["retention"] >= b["retention"] and a["learning"] >= b["learning"]
+  return ge and (a["retention"] > b["retention"] or a["learning"] > b["learning"])
+
+
+def hypervolume(points: Sequence[dict], ref: tuple[float, float]) -> float:
+  """Area dominated by ``points`` (maximising retention and learning) above the reference corner ``ref``."""
+  area, best_retention = 0.0, ref[0]
+  for p in sorted(points, key=lambda p: -p["learning"]):          # sweep from the most learning down
+    if p["retention"] > best_retention:
+      area += (p["retention"] - best_retention) * (p["learning"] - ref[1])
+      best_retention = p["retention"]
+  return area
+
+
+def analyse(points: list[dict], baselines: Sequence[str]) -> dict:
+  """The baselines' front, each other method's added area above it, and its points a baseline point dominates."""
+  base = [p for p in points if p["method"] in baselines]
+  ref = (min(p["retention"] for p in points), min(p["learning"] for p in points))
+  front = [p for p in base if not any(dominates(q, p) for q in base)]
+  out = {"baseline_front": [(p["method"], p["value"]) for p in front], "reference": ref, "methods": {}}
+  for method in dict.fromkeys(p["method"] for p in points if p["method"] not in baselines):
+    own = [p for p in points if p["method"] == method]
+    out["methods"][method] = {
+        "area_above_baseline": hypervolume(base + own, ref) - hypervolume(base, ref),
+        "dominated": [p["value"] for p in own if any(dominates(q, p) for q in base)]}
+  return out
+
+
+def plot(path: pathlib.Path, points: list[dict], what: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  for method in dict.fromkeys(p["method"] for p in points):
+    own = [p for p in points if p["method"] == method]
+    ax.errorbar([p["learning"] for p in own], [p["retention"] for p in own], xerr=[p["learning_ci"] for p in own],
+                yerr=[p["retention_ci"] for p in own], marker="o", capsize=3, label=method)
+  ax.set_xlabel(f"learning: the last task's {what}")
+  ax.set_ylabel(f"retention: the earlier tasks' {what}")
+  ax.set_title("mean and 95% interval over seeds; a line joins a method's knob values")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def table(points: list[dict], analysis: dict, seeds: list[int], command: str) -> str:
+  cell = lambda m, h: f"{m:.3f} ± {h:.3f}"
+  lines = [f"# Retention-versus-learning front", "", f"Command: `{command}`", "",
+           f"Seeds {seeds}; mean ± half-width of the 95% t-interval over seeds.", "",
+           "| method | knob | retention | learning |", "|---|---|---|---|"]
+  lines += [f"| {p['method']} | {p['value']} | {cell(p['retention'], p['retention_ci'])} | "
+            f"{cell(p['learning'], p['learning_ci'])} |" for p in points]
+  lines += ["", "Baselines' front: " + ", ".join(f"{m} {v}" for m, v in analysis["baseline_front"]), "",
+            "| method | area added above the baselines' front | points a baseline point dominates |", "|---|---|---|"]
+  lines += [f"| {m} | {a['area_above_baseline']:.4f} | {', '.join(a['dominated']) or 'none'} |"
+            for m, a in analysis["methods"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m experiments.frontier", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("experiment", choices=sorted(EXPERIMENTS))
+  p.add_argument("--sweep", action="append", default=[], required=True, help="METHOD:KNOB=V1,V2,… or METHOD "
+                 "(repeat the flag)")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+  p.add_argument("--baseline", default=None, help="comma-separated methods whose points make the baselines' front "
+                 "(default naive,interp; dpo,interp-dpo for preference runs)")
+  p.add_argument("--out", type=pathlib.Path, required=True, help="the sweep's folder (a sweep resumes in it)")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra = argv[argv.index("--") + 1:] if "--" in argv else []
+  args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+  try:
+    check_flags(args.experiment, extra, [Sweep.parse(s) for s in args.sweep])
+  except runs.UsageError as e:
+    p.error(str(e))
+  return args, extra
+
+
+def check_flags(experiment: str, extra: list[str], sweeps: list[Sweep]) -> None:
+  """Every run's command line parses (the experiment's own parser: an unknown flag, knob or value exits 2 with
+  its message) before anything runs."""
+  parse = importlib.import_module(EXPERIMENTS[experiment]).parse_args
+  for s in sweeps:
+    for value in s.values:
+      flags = ["--method", s.method, *s.flags(value)]
+      parse([*extra, *flags, *(["--out", "frontier-check"] if "--out" not in extra else [])])
+
+
+def main(argv=None) -> int:
+  args, extra = parse_args(argv)
+  command = " ".join(["python -m experiments.frontier"] + list(sys.argv[1:] if argv is None else argv))
+
+  def run():
+    sweeps = [Sweep.parse(s) for s in args.sweep]
+    try:
+      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+      raise runs.UsageError(f"--seeds {args.seeds!r} is not a comma-separated list of integers.") from None
+    preference = args.experiment in ("continual_dpo", "align")
+    for s in sweeps:      # a name the registry does not know fails here, before any run
+      try:
+        continual.parse_name(s.method, on_preferences=preference)
+      except ValueError as e:
+        raise runs.UsageError(f"--sweep {s.method}: {e}") from None
+    baselines = (args.baseline.split(",") if args.baseline else
+                 ["dpo", "interp-dpo"] if preference else ["naive", "interp"])
+    if not any(s.method in baselines for s in sweeps):
+      raise runs.UsageError(f"no --sweep runs a baseline ({', '.join(baselines)}); sweep one, or name others with "
+                            "--baseline.")
+    points, kinds = [], set()
+    for s in sweeps:
+      for value in s.values:
+        got = [run_point(args.experiment, s, value, seed, args.out, extra) for seed in seeds]
+        kinds |= {results_lib.kind_of(r) for r in got}
+        ret, learn = zip(*(scores(r, s.method) for r in got))
+        points.append({"method": s.method, "knob": s.knob, "value": s.label(value), "seeds": seeds,
+                       "retention_by_seed": list(ret), "learning_by_seed": list(learn),
+                       "retention": float(np.mean(ret)), "learning": float(np.mean(learn)),
+                       "retention_ci": interval(ret), "learning_ci": interval(learn)})
+    analysis = analyse(points, baselines)
+    what = "accuracy" if kinds == {results_lib.STREAM.kind} else "score"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontier.json").write_text(json.dumps({"command": command, "experiment": args.experiment,
+                                                        "flags": extra, "points": points, **analysis}, indent=1))
+    text = table(points, analysis, seeds, command)
+    (args.out / "frontier.md").write_text(text)
+    plot(args.out / "frontier.png", points, what)
+    print(text)
+    runs.log(f"wrote {args.out / 'frontier.json'}, frontier.md, frontier.png")
+
+  return runs.cli_main(run)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

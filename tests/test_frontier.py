@@ -1,0 +1,63 @@
+"""experiments.frontier: a tiny split-digits front end to end (resumed without rerunning), and its geometry."""
+
+import json
+
+import pytest
+
+from experiments import frontier
+
+
+def point(method, retention, learning, value="v"):
+  return {"method": method, "value": value, "retention": retention, "learning": learning}
+
+
+def test_hypervolume_is_the_union_of_the_points_rectangles():
+  # [0, 0.5] × [0, 0.6] ∪ [0, 0.9] × [0, 0.2] = 0.30 + 0.4 · 0.2
+  assert frontier.hypervolume([point("a", 0.9, 0.2), point("a", 0.5, 0.6)], (0.0, 0.0)) == pytest.approx(0.38)
+  assert frontier.hypervolume([point("a", 0.9, 0.2), point("a", 0.8, 0.1)], (0.0, 0.0)) == pytest.approx(0.18)
+
+
+def test_added_area_and_dominated_points():
+  points = [point("naive", 0.5, 0.9), point("interp", 0.9, 0.5), point("fip", 0.8, 0.8, "beta=1"),
+            point("fip", 0.4, 0.4, "beta=9"), point("ewc", 0.5, 0.5)]
+  got = frontier.analyse(points, ["naive", "interp"])
+  assert got["reference"] == (0.4, 0.4) and len(got["baseline_front"]) == 2
+  # fip's (0.8, 0.8) adds the rectangle [0.5, 0.8] × [0.5, 0.8] above the two baseline points
+  assert got["methods"]["fip"]["area_above_baseline"] == pytest.approx(0.09)
+  assert got["methods"]["fip"]["dominated"] == ["beta=9"]
+  assert got["methods"]["ewc"] == {"area_above_baseline": pytest.approx(0.0), "dominated": ["v"]}
+
+
+def test_a_tiny_front_runs_resumes_and_reports(tmp_path, capsys):
+  argv = ["split_digits", "--sweep", "naive", "--sweep", "interp:interp.alpha=0.5", "--sweep", "fip",
+          "--seeds", "0,1", "--out", str(tmp_path), "--", "--first.steps", "40", "--stages.steps", "40"]
+  assert frontier.main(argv) == 0
+  got = json.loads((tmp_path / "frontier.json").read_text())
+  assert [(p["method"], p["value"]) for p in got["points"]] == [("naive", "default"), ("interp", "interp.alpha=0.5"),
+                                                                ("fip", "default")]
+  for p in got["points"]:
+    assert len(p["retention_by_seed"]) == 2 and 0 <= p["retention"] <= 1 and p["retention_ci"] >= 0
+  assert set(got["methods"]) == {"fip"} and (tmp_path / "frontier.png").stat().st_size > 0
+  run = tmp_path / "runs" / "fip" / "default" / "seed1" / "results.json"
+  assert json.loads(run.read_text())["config"]["stages"]["steps"] == 40
+  stamp = run.stat().st_mtime_ns
+  assert frontier.main(argv) == 0 and run.stat().st_mtime_ns == stamp       # finished runs are reused
+  assert "area added above the baselines' front" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--sweep", "fip:fip.beta"], "write METHOD:KNOB=V1,V2"),
+    (["--sweep", "fip"], "no --sweep runs a baseline"),
+    (["--sweep", "naive", "--sweep", "nonsense"], "nonsense"),
+    (["--sweep", "naive:stages.nonsense=1"], "--stages.nonsense"),
+    (["--sweep", "naive", "--seeds", "a,b"], "not a comma-separated list"),
+])
+def test_bad_sweeps_are_one_paragraph(argv, words, tmp_path, capsys):
+  try:
+    code = frontier.main(["split_digits", *argv, "--out", str(tmp_path / "f")])
+  except SystemExit as e:          # the command line's own errors (argparse)
+    code = e.code
+  assert code == 2
+  err = capsys.readouterr().err
+  assert words in err and "Traceback" not in err
+  assert not (tmp_path / "f").exists()
