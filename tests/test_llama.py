@@ -102,6 +102,43 @@ def test_sampling_stops_at_eos_and_respects_top_p(tmp_path):
     llama.generate(graphdef, params, ids, mask, jax.random.key(0), max_new_tokens=1, eos_id=None, top_p=0.0)
 
 
+def _generate_every_step(graphdef, params, ids, mask, key, *, max_new_tokens, eos_id, pad_id):
+  """The reference: temperature-1 sampling for all ``max_new_tokens`` steps (``lax.scan``, no early stop)."""
+  model = nnx.merge(graphdef, params)
+  cache = llama.KVCache.empty(model.cfg, ids.shape[0], ids.shape[1] + max_new_tokens)
+  logits, cache = model.extend(ids, mask, cache)
+
+  def step(carry, key):
+    logits, cache, done = carry
+    token = jax.random.categorical(key, logits)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
+    token, live = jnp.where(done, pad_id, token), ~done
+    done = done | (token == eos_id)
+    logits, cache = model.extend(token[:, None], live[:, None].astype(jnp.int32), cache)
+    return (logits[:, -1], cache, done), (token, live, jnp.where(live, logprob, 0.0))
+
+  init = (logits[:, -1], cache, jnp.zeros((ids.shape[0],), bool))
+  _, (tokens, live, logprobs) = jax.lax.scan(step, init, jax.random.split(key, max_new_tokens))
+  return tokens.T, live.T.astype(jnp.int32), logprobs.T
+
+
+def test_generation_stops_when_every_row_has_ended_with_the_tokens_of_every_step(tmp_path):
+  _tiny_dir(tmp_path, tie_word_embeddings=False)
+  graphdef, params, _, _ = hub.load_llama(tmp_path)
+  ids, mask = _left_padded()
+  for row, eos in ((slice(None), 7), (slice(0, 1), None)):        # rows ending at different steps; one row early
+    r_ids, r_mask = jnp.asarray(ids[row]), jnp.asarray(mask[row])
+    first = llama.generate(graphdef, params, r_ids, r_mask, jax.random.key(2), max_new_tokens=12, eos_id=None)
+    eos = int(first.tokens[0, 2]) if eos is None else eos           # the single row ends at its third token
+    ours = jax.jit(lambda k: llama.generate(graphdef, params, r_ids, r_mask, k, max_new_tokens=12, eos_id=eos,
+                                            pad_id=-1))(jax.random.key(2))
+    ref = _generate_every_step(graphdef, params, r_ids, r_mask, jax.random.key(2), max_new_tokens=12, eos_id=eos,
+                               pad_id=-1)
+    for a, b in zip((ours.tokens, ours.mask, ours.logprobs), ref):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(np.asarray(ours.mask[0]), [1, 1, 1] + [0] * 9)
+
+
 def test_strict_loading_names_the_problem(tmp_path):
   _tiny_dir(tmp_path, tie_word_embeddings=False)
   from safetensors.numpy import load_file, save_file

@@ -473,7 +473,7 @@ def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens
              pad_id: int = 0, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              cache_dtype=jnp.float32) -> Generated:
   """Sample continuations of left-padded prompts ``[B, P]`` with a KV cache (jit-able; a row stops at
-  ``eos_id``).
+  ``eos_id``, the loop once every row has).
 
   ``greedy`` takes the argmax; otherwise tokens are drawn from softmax(logits / temperature) restricted to the
   smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
@@ -497,17 +497,23 @@ def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens
     token = jnp.argmax(scaled, -1) if greedy else jax.random.categorical(key, scaled)
     return token, jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
 
-  def step(carry, key):
-    logits, cache, done = carry
-    token, logprob = pick(logits, key)
+  keys = jax.random.split(key, max_new_tokens)
+
+  def step(carry):
+    i, logits, cache, done, out = carry
+    token, logprob = pick(logits, keys[i])
     token = jnp.where(done, pad_id, token)
     live = ~done
     done = done | (token == eos_id) if eos_id is not None else done
     logits, cache = model.extend(token[:, None], live[:, None].astype(jnp.int32), cache)
-    return (logits[:, -1], cache, done), (token, live, jnp.where(live, logprob, 0.0))
+    out = Generated(out.tokens.at[:, i].set(token), out.mask.at[:, i].set(live.astype(jnp.int32)),
+                    out.logprobs.at[:, i].set(jnp.where(live, logprob, 0.0)))
+    return i + 1, logits[:, -1], cache, done, out
 
-  init = (logits[:, -1], cache, jnp.zeros((b,), bool))
-  _, (tokens, mask, logprobs) = jax.lax.scan(step, init, jax.random.split(key, max_new_tokens))
-  return Generated(tokens.T, mask.T.astype(jnp.int32), logprobs.T)
+  # Stops once every row has produced eos_id: the slots left hold what later steps would write (pad, mask 0).
+  out = Generated(jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32),
+                  jnp.zeros((b, max_new_tokens), wide(logits.dtype)))
+  init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((b,), bool), out)
+  return jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[3]), step, init)[-1]
 
 
