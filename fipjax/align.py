@@ -208,6 +208,7 @@ class MonthlyRunner(alignment.AlignmentRunner):
   """The alignment runner of one tool run: months learnt from a base model, or continued from a stored state;
   each month's policy exported, the final state stored."""
   batch_flag = "--per-device-train-batch-size"
+  buffer_flags = ("--replay.buffer-size", "--replay.batch-size")
 
   def __init__(self, *args, out: pathlib.Path, resumed: tuple | None, export_fn, state_meta: dict,
                lora_state: tuple[Any, str] | None, **kw):

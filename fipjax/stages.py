@@ -57,6 +57,7 @@ class StageLoop:
   stage_word = "stage"
   first_stages = 1          # how many stages first_stage covers (a continued run: every stage learnt before)
   batch_flag = "--optim.batch-size"          # the flag that sets the training batch, for messages
+  buffer_flags = ("--stages.buffer-size", "--stages.replay-batch-size")     # the replay buffer's, for messages
   kind = results_lib.STREAM.kind           # the schema of its results (fipjax.results)
 
   def __init__(self, *, optim: continual.OptimConfig, first, stages, hp: continual.MethodConfig, run, seed: int,
@@ -66,6 +67,10 @@ class StageLoop:
     self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
     self.budget = None if stop_after is None else runs.StepBudget(stop_after)
     self.timings = runs.Timings()
+    size, batch = self.buffer_flags
+    if stages.buffer_size < stages.replay_batch_size:
+      raise runs.UsageError(f"{size} {stages.buffer_size} keeps fewer rows than one replay batch of "
+                            f"{stages.replay_batch_size} ({batch}); raise it or lower the batch.")
 
   def check_rows(self, rows: Mapping[str, int], what: str) -> None:
     """Every stage trains on at least one batch: ``rows`` (stage name -> training rows) in words of ``what``."""

@@ -185,6 +185,7 @@ CASES = [
     (["--round", "m1={m1}", "--round", "m2={m1}", "--pairs", "on-policy", "--reward", "m1={rewards}:brevity"],
      "month(s) m2 have none"),
     (["--round", "m1={m1}", "--round", "SPOIL", '{"prompt": "p"}'], "missing chosen, rejected"),
+    (["--round", "m1={m1}", "--round", "m2={m1}", "--replay.buffer-size", "1"], "--replay.buffer-size 1 keeps fewer"),
 ]
 
 

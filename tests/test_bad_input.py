@@ -104,6 +104,7 @@ CASES = [
     (["OUT", "other"], 2, "files of another run"),
     (["OUT", "finished"], 2, "never overwritten"),
     (["--cache-dir", "{tmp}/cachefile"], 2, "--cache-dir"),
+    (["--stages.buffer-size", "2"], 2, "--stages.buffer-size 2 keeps fewer rows than one replay batch"),
 ]
 
 
