@@ -209,3 +209,19 @@ def test_bad_input_is_one_paragraph_and_writes_nothing(flags, words, tmp_path, c
   assert code == 2, err
   assert words in err and "Traceback" not in err, err
   assert not (tmp_path / "out").exists()
+
+
+def test_make_months_writes_directory_months_the_tool_reads(tmp_path):
+  import runpy, sys
+  from fipjax import preferences
+  argv, sys.argv = sys.argv, ["make_months.py", "--out", str(tmp_path / "m"), "--train", "3", "--test", "2"]
+  try:
+    runpy.run_path(str(EXAMPLES / "make_months.py"), run_name="__main__")
+  finally:
+    sys.argv = argv
+  for month, conversational in (("film", True), ("restaurant", True), ("opening", False)):
+    rows = preferences.load_round(tmp_path / "m" / month, test_fraction=0.1, seed=0)
+    assert [len(rows["train"]), len(rows["test"])] == [3, 2]
+    assert isinstance(rows["train"][0]["prompt"], list) == conversational
+    assert not {r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"] for r in rows["train"]} & {
+        r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"] for r in rows["test"]}
