@@ -300,7 +300,6 @@ class AlignmentRunner(stages_lib.StageLoop):
     self.stage_names = tuple(r.name for r in rounds)
     self.policy = Policy(graphdef, tokenizer, pref, family)
     self.task_loss = self._pair_loss()
-    self._digests: dict[int, tuple[PyTree, str]] = {}
 
   def _pair_loss(self) -> continual.TaskLoss:
     loss = dpo.task_loss(self.policy.apply, beta=self.pref.beta, kind=self.pref.loss,
@@ -323,18 +322,10 @@ class AlignmentRunner(stages_lib.StageLoop):
       return self.policy.pairs(params, prompts, rnd.reward, key), {}
 
     parts = {"round": rnd.name, "split": split, "prompts": data.digest_arrays(*prompts), "reward": rnd.reward_id,
-             "policy": self._digest(params) if self.cache is not None else None, "pref": pair_key(self.pref),
+             "policy": self.digest(params) if self.cache is not None else None, "pref": pair_key(self.pref),
              "seed": self.seed}
     with self.timings.phase("pairs"):
       return self.cached(f"pairs-{rnd.name}-{split}", parts, compute)[0]
-
-  def _digest(self, params) -> str:
-    """The weights' digest, remembered for the last two policies (each one's pairs are drawn for several splits;
-    hashing 135M weights takes seconds)."""
-    if (hit := self._digests.get(id(params))) is None or hit[0] is not params:
-      hit = (params, data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))))
-      self._digests = {**dict(list(self._digests.items())[-1:]), id(params): hit}
-    return hit[1]
 
   def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
     """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every
@@ -373,7 +364,8 @@ class AlignmentRunner(stages_lib.StageLoop):
 
   def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
     return self.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
-                      seed, ckpt_dir, observer, name)
+                      seed, ckpt_dir, observer, name, data_key={"pairs": data.digest_arrays(*jax.tree.leaves(pairs)),
+                                                                "pref": pair_key(self.pref)})
 
   def first_stage(self, base_params: PyTree) -> tuple[PyTree, dict, list[dict], dict]:
     """(the policy after DPO on the first round, ``{round: training pairs}`` of the rounds learnt, the evaluation
@@ -394,7 +386,7 @@ class AlignmentRunner(stages_lib.StageLoop):
         params, history, _ = self._train(method, self.base, pairs, steps, self.seed, ckpt_dir, name=name)
       return params, {"history": history}
 
-    parts = {"init": self._digest(self.base) if self.cache is not None else None, "method": str(self.first_method),
+    parts = {"init": self.digest(self.base) if self.cache is not None else None, "method": str(self.first_method),
              "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
              "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
     params, _ = self.cached("round1", parts, compute, template=self.base, label=name)

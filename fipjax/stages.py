@@ -17,8 +17,10 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 
-from fipjax import checkpoint, continual, runs
+from fipjax import checkpoint, continual, data, runs
+from fipjax import config as cf
 from fipjax import results as results_lib
 
 PyTree = Any
@@ -67,6 +69,7 @@ class StageLoop:
     self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
     self.budget = None if stop_after is None else runs.StepBudget(stop_after)
     self.timings = runs.Timings()
+    self._digests: dict[int, tuple[PyTree, str]] = {}
     size, batch = self.buffer_flags
     if stages.buffer_size < stages.replay_batch_size:
       raise runs.UsageError(f"{size} {stages.buffer_size} keeps fewer rows than one replay batch of "
@@ -87,12 +90,40 @@ class StageLoop:
     return continual.num_steps(self.first.steps, self.first.epochs, rows, self.optim.batch_size)
 
   def train(self, method: continual.Method, params: PyTree, batches: Callable[[int], Iterator[dict]], steps: int,
-            seed: int, ckpt_dir: pathlib.Path | None, observer: runs.Observer | None = None, name: str = ""):
+            seed: int, ckpt_dir: pathlib.Path | None, observer: runs.Observer | None = None, name: str = "",
+            data_key: Any = None):
     """:func:`fipjax.runs.train` with this loop's checkpoints, progress, timings and kill budget; batches and
-    dropout keyed by ``seed``: (final parameters, history, final optimiser state)."""
-    return runs.train(method, params, batches, steps, name=name, ckpt_dir=ckpt_dir,
-                      checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed), observer=observer,
-                      progress=self.progress, budget=self.budget, timings=self.timings)
+    dropout keyed by ``seed``: (final parameters, history, final optimiser state).
+
+    A method that ends by a ``finish`` of the trained weights (weight interpolation) trains them once per key in
+    the cache, when there is one and ``data_key`` (JSON) identifies the batches and the loss: every α of a sweep
+    is then evaluated from the same fine-tuning, at no training cost after the first (optimiser state None)."""
+    go = lambda m, d: runs.train(m, params, batches, steps, name=name, ckpt_dir=d,
+                                 checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
+                                 observer=observer, progress=self.progress, budget=self.budget, timings=self.timings)
+    if method.finish is None or self.cache is None or data_key is None:
+      return go(method, ckpt_dir)
+    dump = lambda: None if observer is None else observer.dump()
+
+    def compute(steps_dir):
+      tuned, history, _ = go(dataclasses.replace(method, finish=None), steps_dir)
+      return tuned, {"history": history, "observer": dump()}
+
+    unfinished = {k: v for k, v in cf.to_dict(self.hp).items() if k != "interp"}     # what finish alone reads
+    parts = {"start": self.digest(params), "data": data_key, "steps": steps, "seed": seed,
+             "optim": cf.to_dict(self.optim), "stages": cf.to_dict(self.stages), "hp": unfinished, "method": name}
+    tuned, meta = self.cached("tuned", parts, compute, template=params, label=f"{name}: the fine-tuning before "
+                              "interpolation")
+    if observer is not None:
+      observer.restore(meta["observer"])
+    return method.finish(params, tuned), meta["history"], None
+
+  def digest(self, params: PyTree) -> str:
+    """The weights' digest, remembered for the last two trees (hashing 135M weights takes seconds)."""
+    if (hit := self._digests.get(id(params))) is None or hit[0] is not params:
+      hit = (params, data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))))
+      self._digests = {**dict(list(self._digests.items())[-1:]), id(params): hit}
+    return hit[1]
 
   def cached(self, name: str, parts: dict, compute: Callable, **kw) -> tuple[PyTree, dict]:
     """:func:`fipjax.runs.cached` in this loop's cache, keyed also by the model."""

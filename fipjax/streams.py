@@ -305,7 +305,7 @@ class Runner(stages_lib.StageLoop):
   def _train(self, method, params, task, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
     return self.train(method, parallel.replicate(params, self.mesh),
                       self._batches(task, seed, buffers if method.needs_replay else None), steps, seed, ckpt_dir,
-                      observer, name)
+                      observer, name, data_key={"task": task.name, "train": task.splits["train"].digest()})
 
   def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict, tuple[list, list]]:
     """(the network after the first task, what its stage leaves for later ones: SI's path integral ω and the

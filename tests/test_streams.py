@@ -71,6 +71,33 @@ def test_three_tasks_give_a_3x3_matrix_and_metrics(uninterrupted):
   assert fip["forgetting"] < naive["forgetting"]
 
 
+def test_interp_sweep_fine_tunes_once_and_matches_an_uncached_run(tmp_path):
+  """Every α of a sweep reuses the cached fine-tuning of the stage that starts from the same weights (stage 2 here;
+  stage 3 starts from α's own stage-2 weights, so it trains per α), and ends exactly where an uncached run ends."""
+  stream, params = digit_stream()
+  make = lambda alpha, cache: streams.Runner(
+      stream, optim=continual.OptimConfig(lr=3e-3, batch_size=16, dropout=False),
+      first=streams.FirstStageConfig(steps=10), stages=streams.StageConfig(steps=10, buffer_size=20),
+      hp=cf.with_values(continual.MethodConfig(), {"interp.alpha": alpha}), run=streams.RunConfig(eval_batch_size=40),
+      seed=0, model_key={"mlp": 32}, cache=cache and runs.StageCache(cache))
+  trained = []
+  real = runs.train
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(runs, "train", lambda *a, **kw: trained.append(kw["name"]) or real(*a, **kw))
+    got = {}
+    for alpha in (0.3, 0.7):
+      runner = make(alpha, tmp_path / "cache")
+      got[alpha] = runner.run_method("interp", runner.first_stage(params),
+                                     runs.RunDir.open(tmp_path / f"a{alpha}", {})[0])
+    assert trained == ["stage 1 (A)", "interp (B)", "interp (C)", "interp (C)"]
+    runner = make(0.7, None)
+    plain = runner.run_method("interp", runner.first_stage(params), runs.RunDir.open(tmp_path / "plain", {})[0])
+  for key in ("accuracy_matrix", "weight_change", "loss_curve", "path"):
+    assert got[0.7][key] == plain[key], key
+  assert got[0.3]["loss_curve"][:10] == plain["loss_curve"][:10]          # the same fine-tuning of stage 2
+  assert got[0.3]["accuracy_matrix"][1] != plain["accuracy_matrix"][1]
+
+
 def test_killed_and_resumed_stream_ends_identical(uninterrupted, tmp_path):
   codes = []
   while not codes or codes[-1] == 130:               # killed after every 75 steps, resumed from the last checkpoint
