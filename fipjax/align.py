@@ -299,8 +299,8 @@ def parse_rounds(specs: Sequence[str], resumed_names: Sequence[str]) -> list[tup
 
 
 def month_rewards(specs: Sequence[str], names: Sequence[str]) -> dict[str, tuple[Any, str]]:
-  """``--reward [NAME=]MODULE:FUNCTION`` flags as {month: (the reward, its spec)}: one without NAME applies to every
-  month that none with its NAME names."""
+  """``--reward [NAME=]MODULE:FUNCTION`` flags as {month: (the reward, its :func:`fipjax.rewards.spec_id`)}: one
+  without NAME applies to every month that none with its NAME names."""
   every, named = None, {}
   for spec in specs:
     name, sep, fn = spec.partition("=")
@@ -320,7 +320,10 @@ def month_rewards(specs: Sequence[str], names: Sequence[str]) -> dict[str, tuple
   out = {}
   for n in names:
     if (spec := named.get(n, every)) is not None:
-      out[n] = loaded.setdefault(spec, (rewards.from_spec(spec), rewards.spec_id(spec)))
+      if spec not in loaded:      # each spec imported and probed once, however many months share it
+        fn = rewards.from_spec(spec)
+        loaded[spec] = (fn, rewards.spec_id(spec, fn))
+      out[n] = loaded[spec]
   return out
 
 

@@ -120,10 +120,11 @@ def sentiment_classifier(task: str, cfg: ClassifierConfig, *, data_dir: str | No
   return clf, meta["info"]
 
 
-def spec_id(spec: str) -> dict:
+def spec_id(spec: str, reward: Callable | None = None) -> dict:
   """What identifies a ``--reward`` spec in cache keys and results: the spec and the sha256 of the file its function
-  is defined in (so that an edited reward is not mistaken for the old one)."""
-  fn = from_spec(spec, probe=False).__wrapped__
+  is defined in (so that an edited reward is not mistaken for the old one); ``reward``, the spec already loaded by
+  :func:`from_spec`, spares importing it again."""
+  fn = (reward or from_spec(spec, probe=False)).__wrapped__
   try:
     source = pathlib.Path(inspect.getfile(fn)).read_bytes()
   except (TypeError, OSError):      # a builtin or a function without a file: the spec alone

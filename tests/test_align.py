@@ -225,3 +225,16 @@ def test_make_months_writes_directory_months_the_tool_reads(tmp_path):
     assert isinstance(rows["train"][0]["prompt"], list) == conversational
     assert not {r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"] for r in rows["train"]} & {
         r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"] for r in rows["test"]}
+
+
+def test_a_reward_shared_by_months_is_imported_once_and_identified_by_its_file(tmp_path):
+  counter = tmp_path / "imports.txt"
+  module = tmp_path / "counted.py"
+  module.write_text(f"import pathlib\nc = pathlib.Path({str(counter)!r})\nc.write_text(c.read_text() + 'x' "
+                    "if c.exists() else 'x')\ndef short(texts):\n  return [-len(t) for t in texts]\n")
+  got = align.month_rewards([f"{module}:short"], ["m1", "m2", "m3"])
+  assert counter.read_text() == "x"
+  assert got["m1"] is got["m2"] is got["m3"]
+  fn, ident = got["m1"]
+  np.testing.assert_array_equal(fn(["ab", "abcd"]), [-2.0, -4.0])
+  assert ident == {"reward": f"{module}:short", "source_sha256": hashlib.sha256(module.read_bytes()).hexdigest()}
