@@ -9,6 +9,9 @@ are Yelp review openings and the preferred completion is the more negative (a Ye
 stars, reversed), a preference that pulls against round 1's. Both classifiers are MiniLM fine-tuned with fipjax's
 own BERT pipeline (their test accuracy is reported). Pairs are two samples per prompt from the policy entering the
 round, cached. Round 1 is plain DPO, shared by every method; round 2 is learnt by each method from that policy.
+``--data.rounds imdb-positive,yelp-negative,yelp-neutral`` adds a third round on other Yelp openings whose preferred
+completion is the more neutral (a Yelp star classifier's expected closeness to 3 stars), so that round 1's
+forgetting accumulates over two later rounds, each learnt by the method.
 Reports go under ``--out`` (default ``runs/<timestamp>/``): ``results.json``, ``report.md``, ``rewards.png`` and
 ``drift.png``. A run killed at any point resumes when started again with the same command.
 """
@@ -34,6 +37,25 @@ METHODS = ("dpo", "lora-dpo", "replay-dpo", "fip-dpo", "lora-fip-dpo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# (round, dataset, reward weights over its classifier's classes, what the reward is). yelp-neutral, a third round
+# on reviews no other round prompts with, pulls against both earlier ones (towards 3 stars from round 2's 1 and
+# round 1's praise), so that round 1's forgetting accumulates over two later rounds.
+ROUNDS = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMDB sentiment classifier"),
+          ("yelp-negative", "yelp", np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
+           "1 − (expected stars − 1)/4 of a Yelp star classifier"),
+          ("yelp-neutral", "yelp", np.array([0.0, 0.5, 1.0, 0.5, 0.0]),
+           "1 − E|stars − 3|/2 of a Yelp star classifier"))
+ROUND_NAMES = tuple(r[0] for r in ROUNDS)
+
+
+def _round_list(value: str) -> bool:
+  names = value.split(",")
+  return len(names) >= 2 and len(set(names)) == len(names) and set(names) <= set(ROUND_NAMES)
+
+
+cf.CHECK_WORDS[_round_list] = f"two or more distinct names of {', '.join(ROUND_NAMES)}, comma-separated"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The causal LM and its precision."""
@@ -52,6 +74,8 @@ class DataConfig:
   held_out_texts: int = cf.option(200, "test reviews per dataset for perplexity and KL to the base model",
                                   cf.positive)
   text_tokens: int = cf.option(64, "tokens of each held-out review", cf.positive)
+  rounds: str = cf.option("imdb-positive,yelp-negative", "the rounds in order, comma-separated, from "
+                          "imdb-positive, yelp-negative, yelp-neutral", _round_list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,25 +144,25 @@ def check(cfg: Config, methods: list[str]) -> None:
     raise runs.UsageError("; ".join(problems) + ".")
 
 
-# (round, dataset, reward weights over its classifier's classes, what the reward is)
-ROUNDS = (("imdb-positive", "imdb", np.array([0.0, 1.0]), "P(positive) of an IMDB sentiment classifier"),
-          ("yelp-negative", "yelp", np.array([1.0, 0.75, 0.5, 0.25, 0.0]),
-           "1 − (expected stars − 1)/4 of a Yelp star classifier"))
+def chosen_rounds(cfg: Config) -> list[tuple]:
+  """The ``ROUNDS`` rows of ``--data.rounds``, in its order."""
+  return [ROUNDS[ROUND_NAMES.index(n)] for n in cfg.data.rounds.split(",")]
 
 
 def split_prompts(cfg: Config) -> tuple[list[dict[str, list[str]]], list[str]]:
   """Each round's train / val / test prompt texts (train and val from the training split less the reward
-  classifier's training rows; test from the test split; all disjoint), and held-out test reviews for KL and
-  perplexity; every size is checked before anything trains."""
+  classifier's training rows; test from the test split; all disjoint, also between rounds on one dataset), and
+  held-out test reviews for KL and perplexity; every size is checked before anything trains."""
   n_train, n_val, n_test = cfg.data.train_prompts, cfg.data.val_prompts, cfg.data.test_prompts
-  prompts, held_out = [], []
-  for j, (_, task, _, _) in enumerate(ROUNDS):
+  prompts, held_out, used = [], [], set()
+  for name, task, _, _ in chosen_rounds(cfg):
+    j = ROUND_NAMES.index(name)    # a round's draw depends on the round, not its place in --data.rounds
     train, test = (data.load_task(task, split, cfg.data.dir).texts for split in ("train", "test"))
     # The reward's classifier was fine-tuned on some training reviews; their openings are no prompts (nor are test
-    # reviews that repeat a training one).
+    # reviews that repeat a training one, nor reviews an earlier round took).
     seen, trained = set(rewards.classifier_rows(task, cfg.rewards, cfg.data.dir).texts), set(train)
-    test = [t for t in dict.fromkeys(test) if t not in trained]
-    train = [t for t in dict.fromkeys(train) if t not in seen]
+    test = [t for t in dict.fromkeys(test) if t not in trained and t not in used]
+    train = [t for t in dict.fromkeys(train) if t not in seen and t not in used]
     for split, want, have, flags in (("train", n_train + n_val, len(train),
                                       "--data.train-prompts + --data.val-prompts"),
                                      ("test", n_test + cfg.data.held_out_texts, len(test),
@@ -152,14 +176,15 @@ def split_prompts(cfg: Config) -> tuple[list[dict[str, list[str]]], list[str]]:
     prompts.append({"train": pick(train, order[:n_train]), "val": pick(train, order[n_train:n_train + n_val]),
                     "test": pick(test, test_order[:n_test])})
     held_out += pick(test, test_order[n_test:n_test + cfg.data.held_out_texts])
+    used.update(*prompts[-1].values(), held_out)
   return prompts, held_out
 
 
 def load_rounds(cfg: Config, tokenizer, cache: runs.StageCache, progress: bool):
-  """(the two rounds, held-out text)."""
+  """(the rounds of ``--data.rounds``, held-out text)."""
   prompts, held_out = split_prompts(cfg)
   rounds = []
-  for j, ((name, task, weights, what), texts) in enumerate(zip(ROUNDS, prompts)):
+  for j, ((name, task, weights, what), texts) in enumerate(zip(chosen_rounds(cfg), prompts)):
     classifier, info = rewards.sentiment_classifier(task, cfg.rewards, data_dir=cfg.data.dir,
                                                     cache=cache, progress=progress)
     runs.log(f"round {j + 1} ({name}): reward = {what}; classifier test accuracy {info['test_accuracy']:.3f} "

@@ -96,13 +96,16 @@ def test_bad_input_is_one_paragraph(tmp_path, capsys, args, message):
   assert not (tmp_path / "run").exists() and not (tmp_path / "cache_bad").exists()
 
 
-def test_unknown_method_is_refused(tmp_path, capsys):
+def test_unknown_method_or_round_is_refused(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     _run(tmp_path, "--method", "fip")
   assert e.value.code == 2 and "preference methods are named <method>-dpo" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
     _run(tmp_path, "--method", "sgd-dpo")
   assert e.value.code == 2 and "unknown method 'sgd-dpo'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    _run(tmp_path, "--data.rounds", "imdb-positive,imdb-positive")
+  assert e.value.code == 2 and "--data.rounds must be two or more distinct names" in capsys.readouterr().err
 
 
 def test_summary_over_seeds(finished, tmp_path):
@@ -131,12 +134,25 @@ def test_the_paper_preset_runs_offline_at_small_size(tmp_path):
 
 
 def test_prompts_are_disjoint_within_and_across_rounds_and_from_the_classifiers_rows():
-  """Every split of every round (and the held-out reviews) on the cpu preset's sizes: no review twice, and no
-  training or validation prompt among the reward classifiers' fine-tuning rows."""
-  cfg, _ = continual_dpo.parse_args(["--preset", "cpu"])
+  """Every split of all three rounds (two on Yelp) and the held-out reviews on the cpu preset's sizes: no review
+  twice, no training or validation prompt among the reward classifiers' fine-tuning rows, and the first two rounds'
+  prompts those of the two-round stream."""
+  names = ",".join(continual_dpo.ROUND_NAMES)
+  cfg, _ = continual_dpo.parse_args(["--preset", "cpu", "--data.rounds", names])
   prompts, held_out = continual_dpo.split_prompts(cfg)
   texts = [t for r in prompts for split in ("train", "val", "test") for t in r[split]] + held_out
-  assert len(texts) == len(set(texts)) == 2 * (128 + 64 + 64) + 2 * 24
+  assert len(texts) == len(set(texts)) == 3 * (128 + 64 + 64) + 3 * 24
   for (_, task, _, _), rnd in zip(continual_dpo.ROUNDS, prompts):
     seen = set(rewards.classifier_rows(task, cfg.rewards, cfg.data.dir).texts)
     assert seen.isdisjoint(rnd["train"] + rnd["val"] + rnd["test"])
+  two, held_two = continual_dpo.split_prompts(continual_dpo.parse_args(["--preset", "cpu"])[0])
+  assert two == prompts[:2] and held_two == held_out[:2 * 24]
+
+
+def test_a_third_round_is_learnt_by_the_method_and_reported(tmp_path):
+  rounds = ",".join(continual_dpo.ROUND_NAMES)
+  assert _run(tmp_path, "--method", "fip-dpo", "--data.rounds", rounds, "--stages.steps", "2") == 0
+  m = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["fip-dpo"]
+  r = np.array(m["reward_matrix"])
+  assert m["rounds"] == list(continual_dpo.ROUND_NAMES) and r.shape == (4, 3) and ((0 <= r) & (r <= 1)).all()
+  assert len(m["reward_forgetting"]) == 2 and np.isfinite(m["loss_curve"]).all() and len(m["loss_curve"]) == 4
