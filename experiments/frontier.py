@@ -18,8 +18,9 @@ reward, or without rewards the preference accuracy) and its learning (the last t
 t-interval over the seeds. The baselines' front (``--baseline``, default naive and interp, or dpo and interp-dpo for
 preference runs) is the set of their points no other of theirs dominates. For every other method: the area it adds
 above that front (2-D hypervolume over the lowest retention and learning of all points), and which of its points a
-baseline point dominates (no worse in both, better in one). Writes ``frontier.json``, ``frontier.md`` and
-``frontier.png``.
+baseline point dominates (no worse in both, better in one). Each method's point is also chosen on validation
+(the highest validation (retention + learning) / 2) and compared with each baseline's chosen point by the test
+differences paired by seed. Writes ``frontier.json``, ``frontier.md`` and ``frontier.png``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ def scores(result: dict, method: str) -> tuple[float, float]:
   return float(np.mean(final[:-1])), float(final[-1])
 
 
+def validation_scores(result: dict, method: str) -> tuple[float, float] | None:
+  """(retention, learning) on the validation split, as :func:`scores` on the test split; None when a run has no
+  validation score for every task / round (then no point is chosen)."""
+  m = result["methods"][method]
+  val, names = m.get("validation") or m.get("validation_reward"), m.get("tasks") or m.get("rounds")
+  if not val or any(val.get(n) is None for n in names):
+    return None
+  return float(np.mean([val[n] for n in names[:-1]])), float(val[names[-1]])
+
+
 def interval(values: Sequence[float]) -> float:
   """The half-width of the mean's 95% t-interval (0 for one seed)."""
   v = np.asarray(values, float)
@@ -140,6 +151,22 @@ def analyse(points: list[dict], baselines: Sequence[str]) -> dict:
   return out
 
 
+def choose(points: list[dict], baselines: Sequence[str]) -> dict:
+  """Each method's point chosen on validation (the highest mean over seeds of (retention + learning) / 2 on the
+  validation split), and every other method's chosen point against each baseline's: the test differences paired by
+  seed, mean and 95% half-width. Empty when a point lacks validation scores."""
+  if any(p.get("val_retention_by_seed") is None for p in points):
+    return {}
+  val = lambda p: float(np.mean(np.add(p["val_retention_by_seed"], p["val_learning_by_seed"]))) / 2
+  best = {m: max((p for p in points if p["method"] == m), key=val) for m in dict.fromkeys(p["method"] for p in points)}
+  diff = lambda a, b, k: np.subtract(a[f"{k}_by_seed"], b[f"{k}_by_seed"])
+  pairs = [{"method": m, "baseline": b, **{f"{k}_difference": (float(diff(p, best[b], k).mean()),
+                                                                interval(diff(p, best[b], k)))
+                                             for k in ("retention", "learning")}}
+           for m, p in best.items() if m not in baselines for b in baselines if b in best]
+  return {"chosen": {m: {"value": p["value"], "validation": val(p)} for m, p in best.items()}, "paired": pairs}
+
+
 def plot(path: pathlib.Path, points: list[dict], what: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -169,6 +196,20 @@ def table(points: list[dict], analysis: dict, seeds: list[int], command: str) ->
             "| method | area added above the baselines' front | points a baseline point dominates |", "|---|---|---|"]
   lines += [f"| {m} | {a['area_above_baseline']:.4f} | {', '.join(a['dominated']) or 'none'} |"
             for m, a in analysis["methods"].items()]
+  if chosen := analysis.get("chosen"):
+    at = {(p["method"], p["value"]): p for p in points}
+    lines += ["", "Chosen on validation (the highest validation (retention + learning) / 2 of each method's points), "
+              "test scores:", "", "| method | chosen | retention | learning |", "|---|---|---|---|"]
+    lines += [f"| {m} | {c['value']} | {cell(at[m, c['value']]['retention'], at[m, c['value']]['retention_ci'])} | "
+              f"{cell(at[m, c['value']]['learning'], at[m, c['value']]['learning_ci'])} |" for m, c in chosen.items()]
+    signed = lambda d: f"{d[0]:+.3f} ± {d[1]:.3f}"
+    lines += ["", "Chosen point minus a baseline's chosen point, paired by seed (test):", "",
+              "| method | baseline | retention difference | learning difference |", "|---|---|---|---|"]
+    lines += [f"| {d['method']} | {d['baseline']} | {signed(d['retention_difference'])} | "
+              f"{signed(d['learning_difference'])} |" for d in analysis["paired"]]
+  else:
+    lines += ["", "No point is chosen: these runs have no validation score for every task (split_digits has no "
+              "validation split)."]
   return "\n".join(lines) + "\n"
 
 
@@ -229,11 +270,15 @@ def main(argv=None) -> int:
         got = [run_point(args.experiment, s, value, seed, args.out, extra) for seed in seeds]
         kinds |= {results_lib.kind_of(r) for r in got}
         ret, learn = zip(*(scores(r, s.method) for r in got))
+        val = [validation_scores(r, s.method) for r in got]
+        val_ret, val_learn = zip(*val) if None not in val else (None, None)
         points.append({"method": s.method, "knob": s.knob, "value": s.label(value), "seeds": seeds,
                        "retention_by_seed": list(ret), "learning_by_seed": list(learn),
+                       "val_retention_by_seed": val_ret and list(val_ret),
+                       "val_learning_by_seed": val_learn and list(val_learn),
                        "retention": float(np.mean(ret)), "learning": float(np.mean(learn)),
                        "retention_ci": interval(ret), "learning_ci": interval(learn)})
-    analysis = analyse(points, baselines)
+    analysis = {**analyse(points, baselines), **choose(points, baselines)}
     what = "accuracy" if kinds == {results_lib.STREAM.kind} else "score"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps({"command": command, "experiment": args.experiment,

@@ -28,6 +28,25 @@ def test_added_area_and_dominated_points():
   assert got["methods"]["ewc"] == {"area_above_baseline": pytest.approx(0.0), "dominated": ["v"]}
 
 
+def test_points_are_chosen_on_validation_and_compared_by_seed():
+  seeded = lambda m, v, test, val: {"method": m, "value": v, "retention_by_seed": test[0], "learning_by_seed": test[1],
+                                    "val_retention_by_seed": val[0], "val_learning_by_seed": val[1]}
+  points = [seeded("naive", "a", ([0.5, 0.6], [0.9, 0.9]), ([0.5, 0.5], [0.9, 0.9])),
+            seeded("naive", "b", ([0.7, 0.7], [0.8, 0.8]), ([0.2, 0.2], [0.2, 0.2])),
+            # fip's "y" is best on test, "x" on validation: the test split never chooses
+            seeded("fip", "x", ([0.8, 0.9], [0.9, 1.0]), ([0.9, 0.9], [0.9, 0.9])),
+            seeded("fip", "y", ([1.0, 1.0], [1.0, 1.0]), ([0.1, 0.1], [0.1, 0.1]))]
+  got = frontier.choose(points, ["naive"])
+  assert {m: c["value"] for m, c in got["chosen"].items()} == {"naive": "a", "fip": "x"}
+  (pair,) = got["paired"]
+  assert pair["method"] == "fip" and pair["baseline"] == "naive"
+  # differences by seed: retention (0.3, 0.3), learning (0.0, 0.1)
+  assert pair["retention_difference"] == pytest.approx((0.3, 0.0), abs=1e-12)
+  assert pair["learning_difference"][0] == pytest.approx(0.05)
+  assert pair["learning_difference"][1] == pytest.approx(frontier.interval([0.0, 0.1]))
+  assert frontier.choose([{**points[0], "val_retention_by_seed": None}], ["naive"]) == {}
+
+
 def test_a_tiny_front_runs_resumes_and_reports(tmp_path, capsys):
   argv = ["split_digits", "--sweep", "naive", "--sweep", "interp:interp.alpha=0.5", "--sweep", "fip",
           "--seeds", "0,1", "--out", str(tmp_path), "--", "--first.steps", "40", "--stages.steps", "40"]
@@ -42,7 +61,8 @@ def test_a_tiny_front_runs_resumes_and_reports(tmp_path, capsys):
   assert json.loads(run.read_text())["config"]["stages"]["steps"] == 40
   stamp = run.stat().st_mtime_ns
   assert frontier.main(argv) == 0 and run.stat().st_mtime_ns == stamp       # finished runs are reused
-  assert "area added above the baselines' front" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "area added above the baselines' front" in out and "No point is chosen" in out and "chosen" not in got
 
 
 @pytest.mark.parametrize("argv,words", [
