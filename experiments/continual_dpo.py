@@ -25,6 +25,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import frontier
 from fipjax import alignment, continual, data, experiment, rewards, runs, streams
 from fipjax import config as cf
 from fipjax import models
@@ -120,6 +121,7 @@ def parse_args(argv=None):
                       "same round-1 policy")
   p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                  help="'paper' (SmolLM2-360M from the hub, GPU) or 'cpu' (packaged SmolLM2-135M, local data)")
+  p.add_argument("--frontier", action="store_true", help=frontier.FLAG_HELP)
   p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
   p.add_argument("--cache-dir", type=pathlib.Path, default=REPO / "runs" / "cache",
                  help="where reward classifiers, pairs and round-1 policies are kept for reuse")
@@ -217,6 +219,8 @@ def build(cfg: Config, args):
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
   methods = continual.method_list(args.method, METHODS)
+  if args.frontier:
+    return frontier.from_experiment("continual_dpo", argv, cfg, methods, args.out, REPO / "runs", args.cache_dir)
   return experiment.experiment_main(
       "experiments.continual_dpo", argv, cfg, args, methods, lambda: build(cfg, args),
       title="Continual DPO: IMDB positive → Yelp negative", runs_root=REPO / "runs",

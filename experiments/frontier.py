@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 import scipy.stats
 
+from fipjax import config as cf
 from fipjax import continual, results as results_lib, runs
 
 EXPERIMENTS = {"split_digits": "experiments.split_digits", "yelp_imdb": "experiments.yelp_imdb",
@@ -241,6 +242,55 @@ def check_flags(experiment: str, extra: list[str], sweeps: list[Sweep]) -> None:
     for value in s.values:
       flags = ["--method", s.method, *s.flags(value)]
       parse([*extra, *flags, *(["--out", "frontier-check"] if "--out" not in extra else [])])
+
+
+_LORA_RANK = continual.FrontKnob("lora.rank", lambda v: sorted({max(1, v // 2), v, 2 * v}))
+
+
+def quick_sweep(name: str, cfg, on_preferences: bool) -> str:
+  """``--sweep`` for method ``name`` around ``cfg``'s values: its registry knob (:class:`fipjax.continual.FrontKnob`;
+  LoRA's rank for plain fine-tuning in LoRA), or one point."""
+  parsed = continual.parse_name(name, on_preferences=on_preferences)
+  knob = _LORA_RANK if parsed.in_lora and parsed.method == continual.PLAIN else parsed.spec.front
+  value = None if knob is None else next(l.value for l in cf.leaves(cfg) if ".".join(l.flag) == knob.flag)
+  if value is None:
+    return name
+  return f"{name}:{knob.flag}=" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in knob.values(value))
+
+
+def _without(argv: Sequence[str], flags: dict[str, int]) -> list[str]:
+  """``argv`` less each flag of ``flags`` (name → how many values follow it; ``--flag=value`` too)."""
+  out, skip = [], 0
+  for a in argv:
+    if skip:
+      skip -= 1
+    elif a.split("=", 1)[0] in flags:
+      skip = 0 if "=" in a else flags[a.split("=", 1)[0]]
+    else:
+      out.append(a)
+  return out
+
+
+FLAG_HELP = ("instead of one run, a quick retention-versus-learning front at --seed: the baselines and --method, "
+             "each at three values of its own knob (python -m experiments.frontier for seeds and intervals)")
+
+
+def from_experiment(experiment: str, argv: Sequence[str] | None, cfg, methods: Sequence[str],
+                    out: pathlib.Path | None, runs_root: pathlib.Path, cache_dir: pathlib.Path | None = None) -> int:
+  """``--frontier`` on an experiment's command line: a quick front at its ``--seed`` alone (no intervals; use this
+  command with ``--seeds`` for them) of the baselines and ``methods``, each method's registry knob at three values
+  around its configured one, the command's other flags given to every run (its cache too). Written to ``out``,
+  else ``runs_root/frontier-<digest of the command>`` (so that the same command resumes)."""
+  preference = experiment in ("continual_dpo", "align")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra = _without(argv, {"--frontier": 0, "--method": 1, "--seed": 1, "--out": 1})
+  if cache_dir is not None and "--cache-dir" not in extra:      # the command's own cache, not the sweep's
+    extra += ["--cache-dir", str(cache_dir)]
+  baselines = ["dpo", "interp-dpo"] if preference else ["naive", "interp"]
+  sweeps = [quick_sweep(m, cfg, preference) for m in dict.fromkeys([*baselines, *methods])]
+  args = [experiment, *(a for s in sweeps for a in ("--sweep", s)), "--seeds", str(cfg.seed)]
+  out = out or runs_root / f"frontier-{runs.digest({'argv': args + extra})}"
+  return main([*args, "--out", str(out), "--", *extra])
 
 
 def main(argv=None) -> int:

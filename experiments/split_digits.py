@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from experiments import frontier
 from fipjax import config as cf
 from fipjax import continual, data, experiment, runs, streams
 
@@ -94,12 +95,16 @@ def parse_args(argv=None):
                  help=f"{', '.join(METHODS)}, any lora-<method>, several comma-separated, or 'all' "
                       "(every method above)")
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
+  p.add_argument("--frontier", action="store_true", help=frontier.FLAG_HELP)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
   return cf.parse(p, PRESETS, argv)
 
 
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
+  if args.frontier:
+    return frontier.from_experiment("split_digits", argv, cfg, continual.method_list(args.method, METHODS), args.out,
+                                    args.out.parent)
   return experiment.experiment_main("experiments.split_digits", argv, cfg, args,
                                     continual.method_list(args.method, METHODS), lambda: build(cfg),
                                     title="Split digits", runs_root=args.out.parent)

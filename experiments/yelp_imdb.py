@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import frontier
 from fipjax import config as cf
 from fipjax import continual, data, experiment, parallel, runs, streams
 from fipjax import models
@@ -82,6 +83,7 @@ def parse_args(argv=None):
                       "'all' (every method above); all from the same stage-1 network")
   p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
                  help="'paper' (bert-base, hub data, GPU/TPU) or 'cpu' (offline MiniLM, local data)")
+  p.add_argument("--frontier", action="store_true", help=frontier.FLAG_HELP)
   p.add_argument("--out", type=pathlib.Path, default=None, help="output directory (default runs/<timestamp>)")
   p.add_argument("--cache-dir", type=pathlib.Path, default=REPO / "runs" / "cache",
                  help="where stage-1 networks are kept for reuse")
@@ -147,6 +149,9 @@ def build(cfg: Config, args):
 
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
+  if args.frontier:
+    return frontier.from_experiment("yelp_imdb", argv, cfg, continual.method_list(args.method, METHODS), args.out,
+                                    REPO / "runs", args.cache_dir)
   return experiment.experiment_main(
       "experiments.yelp_imdb", argv, cfg, args, continual.method_list(args.method, METHODS),
       lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(models.CheckpointError,),

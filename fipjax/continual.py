@@ -641,6 +641,22 @@ def _check_geodesic(hp: MethodConfig, outputs: str) -> list[str]:
   return []
 
 
+class FrontKnob(NamedTuple):
+  """The knob a quick retention-versus-learning front sweeps for a method (``--frontier``): a dotted flag of the
+  experiment's configuration, and the values to try from its configured value (``value -> values``; None: one
+  point at the configured value)."""
+  flag: str
+  values: Callable[[Any], list]
+
+
+def _scaled(*factors: float) -> Callable[[Any], list]:
+  return lambda v: [type(v)(v * f) for f in factors]
+
+
+_STEPS = FrontKnob("stages.steps", lambda v: sorted({max(1, v // 4), max(1, v // 2), v}))
+_BUFFER = FrontKnob("stages.buffer_size", lambda v: sorted({max(1, v // 4), v}))
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
   """A registry entry: how the method is built and what it needs from, and leaves to, the stages around it.
@@ -655,6 +671,7 @@ class MethodSpec:
       leaves for the method's later stages (SI's ω, recorded by its optimiser, and Δ), or None.
     check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
       (:data:`OUTPUT_KINDS`), one sentence each.
+    front: the knob its quick front sweeps (:class:`FrontKnob`), or None (one point).
   """
   build: Callable[[StageContext, MethodConfig, optax.GradientTransformation], Method]
   replay: str | Callable[[MethodConfig], str] = "none"
@@ -662,6 +679,7 @@ class MethodSpec:
   first_stage_program: bool = False
   keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
   check: Callable[[MethodConfig, str], list[str]] = _no_problems
+  front: FrontKnob | None = None
 
   def replays(self, hp: MethodConfig) -> str:
     return self.replay(hp) if callable(self.replay) else self.replay
@@ -672,19 +690,22 @@ def _geodesic_replay(hp: MethodConfig) -> str:
 
 
 REGISTRY: dict[str, MethodSpec] = {
-    "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True),
-    "fip": MethodSpec(_build_fip, replay="outputs", check=_check_fip),
-    "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic),
-    "ewc": MethodSpec(_build_ewc),
-    "replay": MethodSpec(lambda ctx, hp, opt: replay(ctx.task_loss, ctx.old_losses(), opt), replay="rows"),
-    "si": MethodSpec(_build_si, lora=False, keeps=_si_keeps),
+    "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True, front=_STEPS),
+    "fip": MethodSpec(_build_fip, replay="outputs", check=_check_fip, front=FrontKnob("fip.beta", _scaled(.25, 1, 4))),
+    "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic,
+                               front=FrontKnob("geodesic.kappa", _scaled(.25, 1, 4))),
+    "ewc": MethodSpec(_build_ewc, front=FrontKnob("ewc.strength", _scaled(.1, 1, 10))),
+    "replay": MethodSpec(lambda ctx, hp, opt: replay(ctx.task_loss, ctx.old_losses(), opt), replay="rows",
+                         front=_BUFFER),
+    "si": MethodSpec(_build_si, lora=False, keeps=_si_keeps, front=FrontKnob("si.strength", _scaled(.1, 1, 10))),
     "gem": MethodSpec(lambda ctx, hp, opt: gem(ctx.task_loss, ctx.old_losses(), opt, margin=hp.gem.margin,
-                                               space=hp.gem.space), replay="rows"),
+                                               space=hp.gem.space), replay="rows", front=_BUFFER),
     "agem": MethodSpec(lambda ctx, hp, opt: agem(ctx.task_loss, ctx.old_losses(), opt, space=hp.gem.space),
-                       replay="rows"),
+                       replay="rows", front=_BUFFER),
     "bir": MethodSpec(_build_bir, replay="generated", lora=False),
     "interp": MethodSpec(lambda ctx, hp, opt: dataclasses.replace(
-        naive(ctx.task_loss, opt), finish=lambda start, end: interpolate(hp, start, end)), first_stage_program=True),
+        naive(ctx.task_loss, opt), finish=lambda start, end: interpolate(hp, start, end)), first_stage_program=True,
+        front=FrontKnob("interp.alpha", lambda v: [0.25, 0.5, 0.75])),
 }
 """``name -> MethodSpec``: adding a method is one entry (docs/extending.md)."""
 

@@ -81,3 +81,31 @@ def test_bad_sweeps_are_one_paragraph(argv, words, tmp_path, capsys):
   err = capsys.readouterr().err
   assert words in err and "Traceback" not in err
   assert not (tmp_path / "f").exists()
+
+
+def test_quick_sweeps_take_each_methods_registry_knob_around_its_configured_value():
+  from experiments import continual_dpo, yelp_imdb
+  cfg, _ = yelp_imdb.parse_args(["--preset", "cpu"])
+  got = {m: frontier.quick_sweep(m, cfg, False) for m in ("naive", "interp", "fip", "replay", "lora", "lora-fip", "bir")}
+  assert got == {"naive": "naive:stages.steps=37,75,150", "interp": "interp:interp.alpha=0.25,0.5,0.75",
+                 "fip": "fip:fip.beta=2,8,32", "replay": "replay:stages.buffer_size=125,500",
+                 "lora": "lora:lora.rank=4,8,16", "lora-fip": "lora-fip:fip.beta=2,8,32", "bir": "bir"}
+  cfg, _ = continual_dpo.parse_args(["--preset", "cpu"])
+  assert frontier.quick_sweep("fip-dpo", cfg, True) == "fip-dpo:fip.beta=4,16,64"
+  assert frontier.quick_sweep("dpo", cfg, True) == "dpo:stages.steps=8,16,32"
+
+
+def test_frontier_flag_on_an_experiment_runs_a_quick_front_at_its_seed(tmp_path):
+  from experiments import split_digits
+  out = tmp_path / "front"
+  argv = ["--method", "fip", "--frontier", "--seed", "1", "--out", str(out), "--first.steps", "20", "--stages.steps",
+          "8", "--fip.beta", "10"]
+  assert split_digits.main(argv) == 0
+  got = json.loads((out / "frontier.json").read_text())
+  assert [(p["method"], p["value"]) for p in got["points"]] == [
+      ("naive", "stages.steps=2"), ("naive", "stages.steps=4"), ("naive", "stages.steps=8"),
+      ("interp", "interp.alpha=0.25"), ("interp", "interp.alpha=0.5"), ("interp", "interp.alpha=0.75"),
+      ("fip", "fip.beta=2.5"), ("fip", "fip.beta=10"), ("fip", "fip.beta=40")]
+  assert all(p["seeds"] == [1] for p in got["points"]) and "--frontier" not in got["flags"]
+  run = json.loads((out / "runs" / "fip" / "fip.beta=40" / "seed1" / "results.json").read_text())
+  assert run["config"]["stages"]["steps"] == 8 and run["config"]["first"]["steps"] == 20
