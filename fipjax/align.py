@@ -69,6 +69,8 @@ class EvalSettings:
                                     cf.positive)
   record_every: int = cf.option(10, "steps between records of the earlier months' drift", cf.positive)
   probe_size: int = cf.option(16, "buffered pairs per earlier month on which the drift is recorded", cf.positive)
+  samples: int = cf.option(1, "completions sampled per test prompt for a month's reward (their mean; the same keys "
+                           "for every policy)", cf.positive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,8 @@ def sections(cfg: AlignConfig, widths: tuple[int, int], rows_per_month: int) -> 
   pref = alignment.PreferenceConfig(beta=cfg.beta, loss=cfg.loss_type, label_smoothing=cfg.label_smoothing,
                                     rpo_alpha=cfg.rpo_alpha, prompt_tokens=widths[0], response_tokens=widths[1],
                                     top_k=cfg.fip.top_k, generate_batch_size=cfg.eval.batch_size,
-                                    anchor=cfg.fip.anchor, temperature=cfg.temperature)
+                                    anchor=cfg.fip.anchor, temperature=cfg.temperature,
+                                    eval_samples=cfg.eval.samples)
   return dict(
       optim=optim, first=streams.FirstStageConfig(steps=steps, epochs=cfg.num_train_epochs),
       stages=streams.StageConfig(steps=steps, epochs=cfg.num_train_epochs,

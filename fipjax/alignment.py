@@ -103,14 +103,17 @@ class PreferenceConfig:
   top_k: int = cf.option(32, "stored reference tokens per position (FIP's compressed token distributions)",
                          cf.positive)
   generate_batch_size: int = cf.option(32, "prompts per generation call", cf.positive)
+  eval_samples: int = cf.option(1, "completions sampled per evaluation prompt (its reward is their mean; the same "
+                                "sampling keys for every policy, so differences are paired)", cf.positive)
   anchor: str = cf.option(
       "chosen", "FIP's sequences on earlier rounds' buffered prompts: 'chosen' (the pairs' preferred completions, "
       "sampled before that round) or 'policy' (a completion sampled from the policy entering the round, so the "
       "penalty holds its distributions where it goes itself)", cf.one_of(*ANCHORS))
 
 
-# Fields of PreferenceConfig that only later rounds' buffers read: pairs and round 1 are cached without them.
-_BUFFER_ONLY = ("top_k", "anchor")
+# Fields of PreferenceConfig that only later rounds' buffers or the evaluation read: pairs and round 1 are cached
+# without them.
+_BUFFER_ONLY = ("top_k", "anchor", "eval_samples")
 
 
 def pair_key(pref: PreferenceConfig) -> dict:
@@ -328,16 +331,18 @@ class AlignmentRunner(stages_lib.StageLoop):
       return self.cached(f"pairs-{rnd.name}-{split}", parts, compute)[0]
 
   def evaluate(self, params, held_out_pairs: Mapping[str, dict], split: str = "test") -> dict:
-    """Each round's mean reward on its ``split`` prompts (one sampled completion each, the same keys for every
-    policy; None for a round without a reward); on the held-out pairs given, each round's preference accuracy,
-    implicit reward margin and chosen log-probability (:meth:`Policy.pair_statistics`; None for rounds not yet
+    """Each round's mean reward on its ``split`` prompts (``pref.eval_samples`` sampled completions each, the same
+    keys for every policy; None for a round without a reward); on the held-out pairs given, each round's preference
+    accuracy, implicit reward margin and chosen log-probability (:meth:`Policy.pair_statistics`; None for rounds not yet
     entered); KL to base and perplexity on the held-out text."""
     with self.timings.phase(f"eval_{split}"):
       rewards = []
       for j, rnd in enumerate(self.rounds):
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 7), j)
-        rewards.append(None if rnd.reward is None or split not in rnd.prompts else float(np.mean(rnd.reward(
-            self.policy.texts(*self.policy.sample(params, rnd.prompts[split], key))))))
+        # Sample 0 keeps the key of one-sample evaluations, so eval_samples 1 is the earlier number exactly.
+        keys = [key] + [jax.random.fold_in(key, 1 + k) for k in range(self.pref.eval_samples - 1)]
+        rewards.append(None if rnd.reward is None or split not in rnd.prompts else float(np.mean([rnd.reward(
+            self.policy.texts(*self.policy.sample(params, rnd.prompts[split], k))) for k in keys])))
       out = {"reward": rewards}
       if split == "test":
         stats = {name: self.policy.pair_statistics(params, pairs, self.run.eval_batch_size)

@@ -243,3 +243,17 @@ def test_interp_dpo_is_the_round_1_policy_at_0_and_dpo_at_1(policy, tmp_path):
   assert at0["weight_change"] == 0.0 and at0["reward_matrix"][2] == at0["reward_matrix"][1]
   assert at1["reward_matrix"] == results[1.0]["dpo"]["reward_matrix"]
   assert at1["weight_change"] == results[1.0]["dpo"]["weight_change"] > 0
+
+
+def test_evaluation_rewards_average_several_samples_a_prompt_the_first_with_the_one_sample_keys(policy):
+  pol, params = policy
+  one = tiny_runner(pol, 2)
+  three = tiny_runner(pol, 2, pref=dataclasses.replace(pol.pref, eval_samples=3))
+  r1, r3 = one.evaluate(params, {}, "val")["reward"], three.evaluate(params, {}, "val")["reward"]
+  assert alignment.pair_key(three.pref) == alignment.pair_key(one.pref)      # pairs and round 1 are shared
+  key = jax.random.fold_in(jax.random.PRNGKey(one.seed + 7), 0)
+  rnd = one.rounds[0]
+  scores = [rnd.reward(pol.texts(*pol.sample(params, rnd.prompts["val"], k)))
+            for k in (key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2))]
+  assert r1[0] == pytest.approx(float(np.mean(scores[0])))
+  assert r3[0] == pytest.approx(float(np.mean(scores))) and len({float(np.mean(s)) for s in scores}) > 1
