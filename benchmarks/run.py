@@ -7,6 +7,8 @@ Every time is the median of ``--repeats`` runs after a warm-up (compilation excl
 each other run in interleaved rounds, so drifts of the machine's speed touch them alike. Peak memory is XLA's memory
 analysis of the compiled step (:func:`fipjax.continual.peak_bytes`: temporaries counted on every backend); these steps
 do not donate their inputs, so it counts the state twice (``benchmarks.memory``: as the training loop runs them).
+Parts of their own modules join the JSON: continual DPO's costs (``benchmarks.dpo``), generation against
+transformers' (``benchmarks.generate``) and the FSDP scale figures (``benchmarks.scale``, in an 8-device process).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import dataclasses
 import json
 import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common, dpo
+from benchmarks import common, dpo, generate, scale
 from benchmarks.common import compiled_call, interleaved_times
 from fipjax import config as cf
 from fipjax import continual, geometry
@@ -34,7 +38,8 @@ TARGETS = {"gv_over_grad_time": 1.3, "fip_overhead_time": 1.05, "fip_over_naive_
            "lorafip_over_lora_peak_memory": 1.05, "ours_fip_over_authors_fip_time": 0.67,
            "ours_over_torch_step_time": 1.0, "fipdpo_over_dpo_peak_memory": 1.05,
            "lorafipdpo_over_loradpo_peak_memory": 1.05, "stored_reference_fraction": 0.02,
-           "geodesic_over_penalty_step_time": 1.5}
+           "geodesic_over_penalty_step_time": 1.5, "fsdp8_step_bytes_per_device_over_one_device": 0.2,
+           "generate_ours_over_transformers_time": 1.0}
 PRESET_METHODS = yelp_imdb.PRESETS["cpu"].method
 """The cpu preset's methods (experiments.yelp_imdb): its geodesic step (form, κ, CG budget) is timed against the
 penalty form."""
@@ -272,12 +277,17 @@ class RunOptions(BertSteps):
   dpo_model: str = common.flag("smollm2", "decoder for the continual-DPO ratios (benchmarks.dpo): 'smollm2', "
                                "'random:L:H', a .gguf, a directory or hub id; 'none' skips them")
   dpo_seq: int = common.flag(64, "tokens per sequence of the DPO ratios")
+  generate_model: str = common.flag("smollm2", "decoder whose greedy generation is timed against transformers' "
+                                    "(benchmarks.generate: batch 16, 48 new tokens); 'none' skips")
+  scale_shapes: str = common.flag("llama-3.2-1b,llama-3.1-8b", "decoder shapes whose FIP-DPO step is compiled on 1 "
+                                  f"and 8 host devices (benchmarks.scale: {', '.join(scale.SHAPES)}); 'none' skips")
 
 
 def parts(opts: RunOptions) -> list[str]:
   """The parts :func:`run` measures, in order (each written to the JSON when done)."""
   optional = {"geodesic": opts.cg_iters, "scaling": opts.sizes, "model_scaling": opts.model_sizes,
-              "dpo": opts.dpo_model != "none"}
+              "dpo": opts.dpo_model != "none", "generate": opts.generate_model != "none" and not opts.no_torch,
+              "scale": opts.scale_shapes != "none"}
   return ["steps", "geometry", "throughput", *(name for name, wanted in optional.items() if wanted)]
 
 
@@ -339,7 +349,26 @@ def run(opts: RunOptions, out: pathlib.Path | None = None) -> dict:
     with progress.part("dpo") as r:       # continual DPO's costs on a decoder (benchmarks.dpo), in the same JSON
       d = dpo.run(dpo.DpoOptions(model=opts.dpo_model, seq=opts.dpo_seq, repeats=opts.repeats))
       r.update({"dpo": d, **{k: d[k] for k in dpo.KEYS}})
+  if opts.generate_model != "none" and not opts.no_torch:
+    with progress.part("generate") as r:
+      d = generate.run(generate.GenerateOptions(model=opts.generate_model, repeats=opts.repeats))
+      r.update({"generate": d, **{k: d[k] for k in generate.KEYS}})
+  if opts.scale_shapes != "none":
+    with progress.part("scale") as r:
+      d = scale_figures(opts.scale_shapes)
+      r.update({"scale": d, **{k: d[k] for k in scale.KEYS}})
   return progress.result
+
+
+def scale_figures(shapes: str) -> dict:
+  """``benchmarks.scale``'s result, run in a process of its own: it needs 8 host devices, fixed when JAX starts."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "scale.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--shape", shapes, "--json", str(out)],
+                          capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    if done.returncode:
+      raise RuntimeError(f"benchmarks.scale failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(out.read_text())
 
 
 def geodesic_ratios(s: Setup, opts: RunOptions, calls: dict) -> dict:
@@ -362,7 +391,8 @@ def table(result: dict) -> str:
               "gv_with_linearization_over_grad_flops", "fip_overhead_time", "fip_over_naive_step_time",
               "fip_over_naive_peak_memory", "lorafip_over_lora_peak_memory", "geodesic_over_penalty_step_time",
               "ours_fip_over_authors_fip_time", "ours_over_torch_step_time", "authors_frozen_forward_share",
-              *(f"{m}_over_naive_step_time" for m in BASELINES), *dpo.KEYS):
+              *(f"{m}_over_naive_step_time" for m in BASELINES), *dpo.KEYS, *generate.KEYS,
+              *scale.KEYS):
     if key in result:
       target = TARGETS.get(key)
       mark = "" if target is None else ("  ok" if result[key] <= target else "  MISSED")

@@ -126,6 +126,7 @@ def parse_args(argv=None):
   p.add_argument("--cache-dir", type=pathlib.Path, default=REPO / "runs" / "cache",
                  help="where reward classifiers, pairs and round-1 policies are kept for reuse")
   p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+  p.add_argument("--distributed", action="store_true", help=experiment.DISTRIBUTED_HELP)
   p.add_argument("--stop-after", type=int, default=None, help=cf.argparse.SUPPRESS)   # tests: simulate a kill
   return cf.parse(p, PRESETS, argv)
 

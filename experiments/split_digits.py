@@ -97,6 +97,7 @@ def parse_args(argv=None):
   p.add_argument("--preset", default="default", choices=sorted(PRESETS), help=cf.argparse.SUPPRESS)
   p.add_argument("--frontier", action="store_true", help=frontier.FLAG_HELP)
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory (never overwritten)")
+  p.add_argument("--distributed", action="store_true", help=experiment.DISTRIBUTED_HELP)
   return cf.parse(p, PRESETS, argv)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments import frontier
 from fipjax import config as cf
-from fipjax import continual, data, experiment, parallel, runs, streams
+from fipjax import continual, data, experiment, runs, streams
 from fipjax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def parse_args(argv=None):
   p.add_argument("--cache-dir", type=pathlib.Path, default=REPO / "runs" / "cache",
                  help="where stage-1 networks are kept for reuse")
   p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  p.add_argument("--distributed", action="store_true", help=experiment.DISTRIBUTED_HELP)
   p.add_argument("--stop-after", type=int, default=None, help=cf.argparse.SUPPRESS)   # tests: simulate a kill
   return cf.parse(p, PRESETS, argv)
 
@@ -154,8 +154,7 @@ def main(argv=None) -> int:
                                     REPO / "runs", args.cache_dir)
   return experiment.experiment_main(
       "experiments.yelp_imdb", argv, cfg, args, continual.method_list(args.method, METHODS),
-      lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(models.CheckpointError,),
-      before=parallel.initialize_distributed if args.distributed else lambda: None)
+      lambda: build(cfg, args), title="Yelp → IMDB", runs_root=REPO / "runs", user_errors=(models.CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, checkpoint, continual, experiment, export, preferences, rewards, runs, streams
+from fipjax import alignment, checkpoint, continual, experiment, export, parallel, preferences, rewards, runs, streams
 from fipjax import config as cf
 from fipjax import models
 
@@ -278,6 +278,9 @@ def parse_args(argv=None):
   p.add_argument("--no-export", action="store_true", help="write no OUT/export/ (sweeps: a month's export of "
                  "SmolLM2-135M is 0.5 GB); the stored state is written as always")
   p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+  p.add_argument("--fsdp", action="store_true", help="shard the policy, its gradients and AdamW's state over every "
+                 "device (Hugging Face's fsdp=\"full_shard\"; fipjax.sharding); else replicated")
+  p.add_argument("--distributed", action="store_true", help=experiment.DISTRIBUTED_HELP)
   p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)   # tests: simulate a kill
   cfg, args = cf.parse(p, PRESETS, argv)
   args.preset = "default"
@@ -425,6 +428,7 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
     raise runs.UsageError("continual alignment needs at least two months: give two --round flags, or one with "
                           "--resume-from a finished run.")
   kw = sections(cfg, width, min(len(r.prompts["train"]) for r in all_rounds))
+  kw["run"] = dataclasses.replace(kw["run"], fsdp=args.fsdp)      # where the numbers are computed, not what they are
   parsed = continual.parse_name(args.method, on_preferences=True)
   plain = str(continual.Name(continual.PLAIN, parsed.in_lora, True))
   problems = continual.check_methods([args.method], kw["hp"], "tokens", on_preferences=True)
@@ -450,6 +454,8 @@ def main(argv=None) -> int:
             "test_fraction": args.test_fraction, "dtype": args.dtype, "pairs": args.pairs, "reward": args.rewards}
 
   def run():
+    if args.distributed:
+      parallel.initialize_distributed()
     resumed = None if args.resume_from is None else load_state(args.resume_from, args.model)
     months = parse_rounds(args.rounds, [] if resumed is None else resumed[1]["rounds"])
     if not months:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 
 PyTree = Any
 _META = "meta.json"
@@ -68,7 +69,9 @@ def load_meta(path: str | pathlib.Path) -> dict:
 
 
 def restore(path: str | pathlib.Path, template: PyTree) -> PyTree:
-  """The tree saved at ``path``, with the structure of ``template`` (dtypes and shapes checked)."""
+  """The tree saved at ``path``, with the structure of ``template`` (dtypes and shapes checked), each leaf placed
+  as the template's is where that is on a mesh (:mod:`fipjax.sharding`): a checkpoint written on any number of
+  devices restores onto this process's mesh."""
   path = pathlib.Path(path).absolute()
   leaves, treedef = jax.tree.flatten(template)
   stored = ocp.StandardCheckpointer().restore(path / "tree")
@@ -80,7 +83,9 @@ def restore(path: str | pathlib.Path, template: PyTree) -> PyTree:
     x = stored[f"{i:06d}"]
     if tuple(x.shape) != tuple(np.shape(like)):
       raise ValueError(f"checkpoint {path}: array {i} has shape {x.shape}, expected {np.shape(like)}")
-    restored.append(jax.numpy.asarray(x, dtype=jax.numpy.asarray(like).dtype))
+    x = np.asarray(x, dtype=like.dtype if hasattr(like, "dtype") else jax.numpy.asarray(like).dtype)
+    placed = isinstance(getattr(like, "sharding", None), NamedSharding)
+    restored.append(jax.device_put(x, like.sharding) if placed else jax.numpy.asarray(x))
   return jax.tree.unflatten(treedef, restored)
 
 

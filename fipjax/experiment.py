@@ -14,23 +14,31 @@ from typing import Any, Callable, Sequence
 import jax
 
 from fipjax import config as cf
-from fipjax import data, report, runs
+from fipjax import data, parallel, report, runs
 
 PyTree = Any
+
+
+DISTRIBUTED_HELP = ("one process of a multi-host run: call jax.distributed.initialize() first (one process a host; "
+                    "the coordinator from the cluster's environment: TPU slice, SLURM, or JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES, JAX_PROCESS_ID; docs/scaling.md)")
 
 
 def experiment_main(module: str, argv: Sequence[str] | None, cfg, args, methods: Sequence[str],
                     build: Callable[[], tuple[Any, PyTree]], *, title: str, runs_root: pathlib.Path,
                     before: Callable[[], None] = lambda: None, user_errors: tuple[type[Exception], ...] = (),
                     write: Callable[[pathlib.Path, dict, str], str] = report.write) -> int:
-  """An experiment's ``main`` once ``argv`` is parsed into ``cfg`` and ``args``: ``before()`` (checks that need no
-  data, set-up), then :func:`run_experiment` into ``args.out`` (else the unfinished run of this configuration under
-  ``runs_root``, else a new one). Returns the exit code; failures are one paragraph on stderr (:func:`runs.cli_main`,
+  """An experiment's ``main`` once ``argv`` is parsed into ``cfg`` and ``args``: ``jax.distributed.initialize()``
+  with ``--distributed`` (:data:`DISTRIBUTED_HELP`), ``before()`` (checks that need no data, set-up), then
+  :func:`run_experiment` into ``args.out`` (else the unfinished run of this configuration under ``runs_root``, else
+  a new one). Returns the exit code; failures are one paragraph on stderr (:func:`runs.cli_main`,
   ``user_errors`` exiting 2 beside :class:`fipjax.data.DataError`)."""
   command = " ".join([f"python -m {module}"] + list(sys.argv[1:] if argv is None else argv))
   config = cf.to_dict(cfg)
 
   def run():
+    if getattr(args, "distributed", False):
+      parallel.initialize_distributed()
     before()
     out = args.out or runs.default_out(runs_root, {"config": config, "methods": list(methods)})
     runs.log(f"configuration (preset {args.preset}):\n{cf.describe(cfg)}")

@@ -1,4 +1,5 @@
-"""Data parallelism: a 1-D ``Mesh`` over every device on the batch axis, parameters replicated.
+"""Data parallelism: a 1-D ``Mesh`` over every device on the batch axis, parameters replicated (FSDP, parameters
+split over the same kind of mesh: :mod:`fipjax.sharding`).
 
 Multi-host ready: call :func:`initialize_distributed` first on each host. Every host builds the same global batch
 (batches are a function of seed and step) and :func:`shard_batch` keeps this host's slice of it.
@@ -36,14 +37,16 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-  """Place the global host batch along the 'data' axis (on several hosts, each contributes its own slice)."""
-  sharding = NamedSharding(mesh, P("data"))
+  """Place the global host batch along the mesh's (one) axis (on several hosts, each contributes its own slice);
+  an array whose first dimension the device count does not divide (a small replay batch), or a scalar, is
+  replicated."""
+  sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
   n_proc, idx = jax.process_count(), jax.process_index()
 
   def place(x):
     x = np.asarray(x)
-    if x.ndim == 0:
-      return jax.device_put(x, NamedSharding(mesh, P()))
+    if x.ndim == 0 or x.shape[0] % mesh.devices.size:
+      return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), x)
     if n_proc > 1:
       per = x.shape[0] // n_proc
       x = x[idx * per:(idx + 1) * per]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from fipjax import checkpoint, continual, data, runs
+from fipjax import checkpoint, continual, data, parallel, runs, sharding
 from fipjax import config as cf
 from fipjax import results as results_lib
 
@@ -70,6 +70,9 @@ class StageLoop:
     self.budget = None if stop_after is None else runs.StepBudget(stop_after)
     self.timings = runs.Timings()
     self._digests: dict[int, tuple[PyTree, str]] = {}
+    # Every device: batches split over it; parameters replicated, or split too under FSDP (--run.fsdp).
+    self.mesh = sharding.fsdp_mesh() if run.fsdp else parallel.data_mesh()
+    self._placed_logged = False
     size, batch = self.buffer_flags
     if stages.buffer_size < stages.replay_batch_size:
       raise runs.UsageError(f"{size} {stages.buffer_size} keeps fewer rows than one replay batch of "
@@ -81,6 +84,26 @@ class StageLoop:
       if n < self.optim.batch_size:
         raise runs.UsageError(f"{self.stage_word} {name} has {n} training {what}, fewer than one batch of "
                               f"{self.optim.batch_size} ({self.batch_flag}); lower it or use more {what}.")
+
+  def check_batch_sizes(self, *sizes: int) -> None:
+    """Batches the devices split evenly (a usage error otherwise)."""
+    try:
+      for b in sizes:
+        parallel.check_batch_size(b, self.mesh)
+    except ValueError as e:
+      raise runs.UsageError(str(e)) from None
+
+  def place(self, params: PyTree) -> PyTree:
+    """``params`` on this loop's mesh: split by the families' rules under FSDP, else replicated."""
+    if not self.run.fsdp:
+      return parallel.replicate(params, self.mesh)
+    placed = sharding.shard_params(params, self.mesh, sharding.RULES)
+    if not self._placed_logged:
+      self._placed_logged = True
+      b = sharding.bytes_per_device(placed)
+      runs.log(f"FSDP over {self.mesh.devices.size} devices: parameters {b['total'] / 2**20:.1f} MiB, "
+               f"{b['max_per_device'] / 2**20:.1f} MiB on the fullest device")
+    return placed
 
   def stage_steps(self, rows: int) -> int:
     """A later stage's steps over ``rows`` training rows (``--stages.steps`` or ``--stages.epochs``)."""
@@ -97,8 +120,13 @@ class StageLoop:
 
     A method that ends by a ``finish`` of the trained weights (weight interpolation) trains them once per key in
     the cache, when there is one and ``data_key`` (JSON) identifies the batches and the loss: every α of a sweep
-    is then evaluated from the same fine-tuning, at no training cost after the first (optimiser state None)."""
-    go = lambda m, d: runs.train(m, params, batches, steps, name=name, ckpt_dir=d,
+    is then evaluated from the same fine-tuning, at no training cost after the first (optimiser state None).
+
+    ``params`` and every batch are placed on this loop's mesh (:meth:`place`, :func:`fipjax.parallel.shard_batch`).
+    """
+    start = self.place(params)
+    placed = lambda step0: (parallel.shard_batch(b, self.mesh) for b in batches(step0))
+    go = lambda m, d: runs.train(m, start, placed, steps, name=name, ckpt_dir=d,
                                  checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
                                  observer=observer, progress=self.progress, budget=self.budget, timings=self.timings)
     if method.finish is None or self.cache is None or data_key is None:
@@ -112,11 +140,11 @@ class StageLoop:
     unfinished = {k: v for k, v in cf.to_dict(self.hp).items() if k != "interp"}     # what finish alone reads
     parts = {"start": self.digest(params), "data": data_key, "steps": steps, "seed": seed,
              "optim": cf.to_dict(self.optim), "stages": cf.to_dict(self.stages), "hp": unfinished, "method": name}
-    tuned, meta = self.cached("tuned", parts, compute, template=params, label=f"{name}: the fine-tuning before "
+    tuned, meta = self.cached("tuned", parts, compute, template=start, label=f"{name}: the fine-tuning before "
                               "interpolation")
     if observer is not None:
       observer.restore(meta["observer"])
-    return method.finish(params, tuned), meta["history"], None
+    return method.finish(start, tuned), meta["history"], None
 
   def digest(self, params: PyTree) -> str:
     """The weights' digest, remembered for the last two trees (hashing 135M weights takes seconds)."""

@@ -147,6 +147,8 @@ class RunConfig:
   checkpoint_every: int = cf.option(500, "steps between orbax checkpoints", cf.positive)
   record_every: int = cf.option(50, "steps between path records (distance to the old outputs)", cf.positive)
   probe_size: int = cf.option(64, "buffer rows per old task on which the path is recorded", cf.positive)
+  fsdp: bool = cf.option(False, "shard the parameters, gradients and optimiser state over every device (FSDP, "
+                                "fipjax.sharding); else they are replicated. Batches are split either way")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,12 +243,7 @@ class Runner(stages_lib.StageLoop):
   def __init__(self, stream: Stream, **kw):
     super().__init__(**kw)
     self.stream, self.stage_names = stream, tuple(t.name for t in stream.tasks)
-    self.mesh = parallel.data_mesh()
-    try:
-      for b in (self.optim.batch_size, self.stages.replay_batch_size, self.run.eval_batch_size):
-        parallel.check_batch_size(b, self.mesh)
-    except ValueError as e:
-      raise runs.UsageError(str(e)) from None
+    self.check_batch_sizes(self.optim.batch_size, self.stages.replay_batch_size, self.run.eval_batch_size)
     self.check_rows({t.name: len(t.splits["train"]) for t in stream.tasks}, "rows")
     self._eval = jax.jit(lambda p, x: stream.apply(p, x))
     self._features = None if stream.split is None else jax.jit(lambda p, x: stream.split[0](p, x))
@@ -299,11 +296,11 @@ class Runner(stages_lib.StageLoop):
         batch = {"new": b}
         if buffers is not None:
           batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
-        yield parallel.shard_batch(batch, self.mesh)
+        yield batch
     return start
 
   def _train(self, method, params, task, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
-    return self.train(method, parallel.replicate(params, self.mesh),
+    return self.train(method, params,
                       self._batches(task, seed, buffers if method.needs_replay else None), steps, seed, ckpt_dir,
                       observer, name, data_key={"task": task.name, "train": task.splits["train"].digest()})
 

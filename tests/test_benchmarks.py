@@ -23,10 +23,11 @@ KEYS = ("gv_over_grad_time", "fip_overhead_time", "fip_over_naive_step_time", "f
 TINY = ["--model", "random:1:64", "--batch", "4", "--replay-batch", "4", "--seq", "16"]
 
 
-def test_benchmark_json_has_every_ratio(tmp_path):
+def test_benchmark_json_has_every_ratio(tmp_path, small_llama):
   out = tmp_path / "bench.json"
   assert bench.main([*TINY, "--repeats", "3", "--cg-iters", "1", "--model-sizes", "random:1:64",
-                     "--dpo-model", "random:1:64", "--dpo-seq", "8", "--json", str(out)]) == 0
+                     "--dpo-model", "random:1:64", "--dpo-seq", "8", "--generate-model", str(small_llama),
+                     "--scale-shapes", "tiny", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in KEYS:
     assert math.isfinite(result[key]) and result[key] > 0, key
@@ -37,8 +38,14 @@ def test_benchmark_json_has_every_ratio(tmp_path):
                                                         "fip_step_s"}
   # benchmarks.dpo's figures, run with its own options (the DPO ratios themselves: test_benchmark_dpo)
   assert set(dpo.KEYS) <= set(result) and result["dpo"]["config"]["seq"] == 8
-  assert result["parts"] == {"done": ["steps", "geometry", "throughput", "geodesic", "model_scaling", "dpo"],
-                             "pending": []}
+  # benchmarks.scale's, from a process of 8 host devices: the tiny decoder's weights and AdamW's state split 8 ways
+  tiny = result["scale"]["shapes"]["tiny"]["eight_devices"]
+  assert tiny["devices"] == 8 and tiny["state_bytes_per_device"] <= tiny["state_bytes"] / 8 * 1.05 + 4096
+  assert 0 < result["fsdp8_step_bytes_per_device_over_one_device"] < 1
+  # benchmarks.generate's: the same greedy tokens as transformers' generate from the same weights
+  assert result["generate"]["greedy_token_agreement"] == 1.0 and result["generate_ours_over_transformers_time"] > 0
+  assert result["parts"] == {"done": ["steps", "geometry", "throughput", "geodesic", "model_scaling", "dpo",
+                                      "generate", "scale"], "pending": []}
 
 
 def test_a_crash_in_a_late_part_keeps_the_earlier_figures(tmp_path, monkeypatch):
@@ -50,7 +57,7 @@ def test_a_crash_in_a_late_part_keeps_the_earlier_figures(tmp_path, monkeypatch)
   out = tmp_path / "bench.json"
   with pytest.raises(AttributeError, match="late failure"):
     bench.main([*TINY, "--repeats", "1", "--no-torch", "--cg-iters", "--dpo-model", "random:1:64",
-                "--json", str(out)])
+                "--scale-shapes", "none", "--json", str(out)])
   result = json.loads(out.read_text())
   assert result["parts"] == {"done": ["steps", "geometry", "throughput"], "pending": ["dpo"],
                              "failed": {"part": "dpo", "error": "AttributeError: late failure"}}
@@ -63,10 +70,10 @@ def test_a_crash_in_a_late_part_keeps_the_earlier_figures(tmp_path, monkeypatch)
 def test_options_come_from_the_command_line_typed():
   opts, out = bench.parse_args(["--cg-iters", "--sizes", "8", "16", "--no-torch", "--dpo-model", "none"])
   assert (opts.cg_iters, opts.sizes, opts.model_sizes, opts.no_torch, out) == ((), (8, 16), (), True, None)
-  assert bench.parts(opts) == ["steps", "geometry", "throughput", "scaling"]
+  assert bench.parts(opts) == ["steps", "geometry", "throughput", "scaling", "scale"]    # --no-torch: no generate
   default, _ = bench.parse_args([])
   assert default == bench.RunOptions() and bench.PRESET_CG_ITERS in default.cg_iters
-  assert bench.parts(default) == ["steps", "geometry", "throughput", "geodesic", "dpo"]
+  assert bench.parts(default) == ["steps", "geometry", "throughput", "geodesic", "dpo", "generate", "scale"]
   with pytest.raises(dataclasses.FrozenInstanceError):
     default.batch = 2
 
@@ -147,3 +154,21 @@ def test_benchmark_modules_import_each_other_without_a_circle():
     graph[name] = found & modules
   assert graph["dpo"] == {"common"} and "run" in graph["memory"]
   list(graphlib.TopologicalSorter(graph).static_order())      # CycleError on a circle
+
+
+def test_generate_benchmark_end_to_end(tmp_path, small_llama, capsys):
+  from benchmarks import generate
+  out = tmp_path / "generate.json"
+  assert generate.main(["--model", str(small_llama), "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+                        "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["greedy_token_agreement"] == 1.0 and set(result["times_s"]) == {"ours", "transformers"}
+  assert generate.main(["--model", str(small_llama), "--prompt-tokens", "100000"]) == 2
+  assert "lower --prompt-tokens" in capsys.readouterr().err
+
+
+def test_scale_benchmark_needs_eight_devices_and_known_shapes(capsys):
+  from benchmarks import scale
+  assert scale.main(["--shape", "tiny"]) == 2          # this process has one device: the reason, no traceback
+  assert "needs 8 devices" in capsys.readouterr().err
+  assert set(scale.SHAPES) == {"llama-3.2-1b", "llama-3.1-8b", "tiny"}
