@@ -63,6 +63,7 @@ class ModelConfig:
   name: str = cf.option("HuggingFaceTB/SmolLM2-360M-Instruct",
                          "causal LM: hub id, directory, .gguf file, or 'smollm2' (the packaged SmolLM2-135M GGUF)")
   dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)", cf.one_of(*DTYPES))
+  remat: bool = cf.option(False, "recompute each decoder layer's activations in the backward pass (less memory)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,7 @@ def build(cfg: Config, args):
   """(runner, the base policy's parameters): loads the model, the data and the rewards; input errors are raised
   here."""
   cache = runs.StageCache(args.cache_dir)
-  model = models.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+  model = models.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat)
   runs.log(str(model.report))
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model.name {cfg.model.name} is a {model.family.__name__.split('.')[-1]} model, not a "
@@ -213,7 +214,8 @@ def build(cfg: Config, args):
   rounds, held_out = load_rounds(cfg, tokenizer, cache, not args.no_progress)
   runner = alignment.AlignmentRunner(
       model.graphdef, tokenizer, rounds, held_out, family=model.family, **cfg.runner_args(), pref=cfg.dpo,
-      model_key=cf.to_dict(cfg.model), cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
+      model_key={k: v for k, v in cf.to_dict(cfg.model).items() if k != "remat"},   # remat: the same numbers
+      cache=cache, progress=not args.no_progress, stop_after=args.stop_after)
   return runner, model.params
 
 

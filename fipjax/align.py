@@ -92,6 +92,8 @@ class AlignConfig:
   max_grad_norm: float | None = cf.option(1.0, "clip gradients to this global norm (none: no clipping)", cf.positive)
   per_device_train_batch_size: int = cf.option(8, "pairs per batch", cf.positive)
   gradient_accumulation_steps: int = cf.option(1, "batches averaged into one optimiser step", cf.positive)
+  gradient_checkpointing: bool = cf.option(False, "recompute each decoder layer's activations in the backward pass "
+                                           "(less memory, about one more forward pass)")
   max_steps: int | None = cf.option(None, "optimiser steps per month (overrides --num-train-epochs)", cf.positive)
   num_train_epochs: float = cf.option(1.0, "epochs over each month's training pairs", cf.positive)
   max_prompt_length: int = cf.option(512, "prompt tokens kept (a longer prompt loses its start)", cf.positive)
@@ -388,7 +390,7 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
     raise runs.UsageError(f"--pairs on-policy ranks two sampled completions by a reward, but month(s) "
                           f"{', '.join(unscored)} have none; add --reward MODULE:FUNCTION (every month) or "
                           "--reward NAME=MODULE:FUNCTION.")
-  model = models.load(args.model, dtype=DTYPES[args.dtype])
+  model = models.load(args.model, dtype=DTYPES[args.dtype], remat=cfg.gradient_checkpointing)
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model {args.model} is not a causal LM (a {model.family.__name__.split('.')[-1]} "
                           "model); fipjax.align aligns decoders: Llama, Qwen2/3, Mistral, Gemma 2/3, a .gguf file or smollm2.")

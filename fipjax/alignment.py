@@ -367,10 +367,11 @@ class AlignmentRunner(stages_lib.StageLoop):
         yield batch
     return start
 
-  def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
+  def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name="",
+             on_compiled=None):
     return self.train(method, params, self._batches(pairs, seed, buffers if method.needs_replay else None), steps,
                       seed, ckpt_dir, observer, name, data_key={"pairs": data.digest_arrays(*jax.tree.leaves(pairs)),
-                                                                "pref": pair_key(self.pref)})
+                                                                "pref": pair_key(self.pref)}, on_compiled=on_compiled)
 
   def first_stage(self, base_params: PyTree) -> tuple[PyTree, dict, list[dict], dict]:
     """(the policy after DPO on the first round, ``{round: training pairs}`` of the rounds learnt, the evaluation
@@ -475,14 +476,19 @@ class AlignmentRunner(stages_lib.StageLoop):
       method = continual.build(parsed, ctx, self.hp, self.optim, steps)
     except ValueError as e:
       raise runs.UsageError(str(e)) from None
-    batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
-    log["peaks"].append(continual.step_peak_bytes(method, state.params, next(batches(0))))
+    peaks = []      # the training step's own compiled program (no second compilation to measure it)
     log["stored"].append(stored_bytes if parsed.spec.replays(self.hp) == "outputs" else 0)
     tracker = DriftTracker(self.policy, probes, method.to_model, self.run.record_every, len(log["history"]))
     runs.log(f"round {k + 1} ({name}): {steps} steps on {len(pairs['ref_chosen'])} {rnd.name} pairs")
     t_train = time.perf_counter()
+    start = state.params
     state.params, hist, _ = self._train(method, state.params, pairs, steps, self.seed + 100 * k, ckpt_dir, buffers,
-                                        tracker, name=f"{name} ({rnd.name})")
+                                        tracker, name=f"{name} ({rnd.name})",
+                                        on_compiled=lambda c: peaks.append(continual.peak_bytes(c)))
+    if not peaks:           # no step ran here (a cached fine-tuning): the step compiled from shapes alone
+      batches = self._batches(pairs, self.seed + 100 * k, buffers if method.needs_replay else None)
+      peaks.append(continual.step_peak_bytes(method, start, next(batches(0))))
+    log["peaks"].append(peaks[0])
     log["train_s"] += time.perf_counter() - t_train
     log["steps"].append(steps)
     log["history"] += hist

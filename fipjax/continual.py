@@ -940,7 +940,8 @@ def _placed_like(params: PyTree, tree: PyTree) -> PyTree:
 def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_steps: int, *,
         state: TrainState | None = None, callback: Callable[[HostState | None, dict], None] | None = None,
         rng: jax.Array | None = None, sync_every: int = 1,
-        keep_state: Callable[[int], bool] | None = None) -> tuple[PyTree, TrainState, list[dict]]:
+        keep_state: Callable[[int], bool] | None = None,
+        on_compiled: Callable[[Any], None] | None = None) -> tuple[PyTree, TrainState, list[dict]]:
   """Train ``method`` for ``num_steps`` on ``batches`` (an iterator of batch dicts), starting at ``model_params``.
 
   Frozen parameters never enter the optimiser and stay bitwise unchanged. ``state`` resumes a run (its
@@ -952,6 +953,8 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   order (logging, checkpointing, path records); ``state`` is a :class:`HostState`, whose arrays stay valid, at the
   steps where ``keep_state`` holds, and None at the others. A NaN or infinite loss raises :class:`NonFiniteLoss`
   naming its step (found at most ``sync_every`` steps later; never after a state was handed to the callback).
+  ``on_compiled(compiled)`` gets the step's compiled program once, after the first step (for its memory analysis:
+  :func:`peak_bytes`), from JAX's cache: no second compilation.
 
   Returns:
     (final model parameters, final train state, per-step metrics as host floats).
@@ -974,6 +977,8 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
     if rng is not None:
       batch["rng"] = jax.random.fold_in(rng, step)
     trainable, opt_state, loss, metrics = step_fn(trainable, frozen, opt_state, batch)
+    if on_compiled is not None and step == state.step:      # the outputs have the arguments' types: a cache hit
+      on_compiled(step_fn.lower(trainable, frozen, opt_state, batch).compile())
     done = step + 1
     pending.append((done, loss, metrics))
     kept = keep_state(done)

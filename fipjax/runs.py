@@ -13,9 +13,11 @@ resumable checkpointed training, and one-paragraph errors with the exit code a s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import errno
 import fcntl
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -110,6 +112,19 @@ def memory_now() -> dict[str, int]:
   return out
 
 
+def release_memory(*, compiled: bool = False) -> None:
+  """Give freed memory back to the system (glibc's ``malloc_trim``: XLA's CPU client frees buffers into the C heap,
+  which otherwise keeps them resident); with ``compiled``, first drop every compiled program JAX holds (a later call
+  compiles again, from the persistent compilation cache where there is one)."""
+  if compiled:
+    jax.clear_caches()
+    gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):         # not glibc: nothing to trim
+    pass
+
+
 class Timings(dict):
   """Wall-clock seconds by phase, flat: ``{"stage1": s, "stage1/train": s, "stage1/train/compile": s, …}``.
 
@@ -134,6 +149,7 @@ class Timings(dict):
       self._open.pop()
       self[key] = self.get(key, 0.0) + time.perf_counter() - t0
       self[f"{key}/compile"] = self.get(f"{key}/compile", 0.0) + compile_seconds() - c0
+      release_memory()
       self.memory[key] = memory_now()
 
 
@@ -376,7 +392,8 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
           name: str, ckpt_dir: pathlib.Path | None, checkpoint_every: int, rng: jax.Array,
           observer: Observer | None = None, progress: bool = True, budget: StepBudget | None = None,
           log_every: int | None = None, sync_every: int = SYNC_EVERY,
-          timings: Timings | None = None) -> tuple[PyTree, list[dict], PyTree]:
+          timings: Timings | None = None,
+          on_compiled: Callable[[Any], None] | None = None) -> tuple[PyTree, list[dict], PyTree]:
   """:func:`continual.fit` with orbax checkpoints every ``checkpoint_every`` steps and exact resume.
 
   Checkpoints are written on a background thread (:class:`checkpoint.Writer`): the steps go on while one is
@@ -390,6 +407,7 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
     budget: simulate a kill once it is spent (tests).
     log_every: without progress bars, log a line every this many steps (default: 10% of the run).
     timings: gets the phases ``train``, ``train/checkpoint`` and ``train/records`` (with their compilation).
+    on_compiled: :func:`continual.fit`'s (the step's compiled program, once it has run).
 
   Returns:
     (final model parameters, per-step history, final optimiser state).
@@ -437,7 +455,7 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
   try:
     with timings.phase("train"), writer:       # the last write finishes inside the phase
       final, end, _ = continual.fit(method, params, batches(start), steps, state=state, callback=callback, rng=rng,
-                                    sync_every=sync_every, keep_state=keep_state)
+                                    sync_every=sync_every, keep_state=keep_state, on_compiled=on_compiled)
   except continual.NonFiniteLoss as e:
     last = next((r["loss"] for r in reversed(history) if math.isfinite(r["loss"])), None)
     raise UsageError(f"{name}: the loss became {e.loss} at step {e.step}"

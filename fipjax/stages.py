@@ -114,7 +114,7 @@ class StageLoop:
 
   def train(self, method: continual.Method, params: PyTree, batches: Callable[[int], Iterator[dict]], steps: int,
             seed: int, ckpt_dir: pathlib.Path | None, observer: runs.Observer | None = None, name: str = "",
-            data_key: Any = None):
+            data_key: Any = None, on_compiled: Callable[[Any], None] | None = None):
     """:func:`fipjax.runs.train` with this loop's checkpoints, progress, timings and kill budget; batches and
     dropout keyed by ``seed``: (final parameters, history, final optimiser state).
 
@@ -123,12 +123,14 @@ class StageLoop:
     is then evaluated from the same fine-tuning, at no training cost after the first (optimiser state None).
 
     ``params`` and every batch are placed on this loop's mesh (:meth:`place`, :func:`fipjax.parallel.shard_batch`).
+    ``on_compiled``: :func:`fipjax.continual.fit`'s (not called when the fine-tuning comes from the cache).
     """
     start = self.place(params)
     placed = lambda step0: (parallel.shard_batch(b, self.mesh) for b in batches(step0))
     go = lambda m, d: runs.train(m, start, placed, steps, name=name, ckpt_dir=d,
                                  checkpoint_every=self.run.checkpoint_every, rng=jax.random.PRNGKey(seed),
-                                 observer=observer, progress=self.progress, budget=self.budget, timings=self.timings)
+                                 observer=observer, progress=self.progress, budget=self.budget, timings=self.timings,
+                                 on_compiled=on_compiled)
     if method.finish is None or self.cache is None or data_key is None:
       return go(method, ckpt_dir)
     dump = lambda: None if observer is None else observer.dump()
@@ -230,6 +232,9 @@ class StageLoop:
     for name in methods:
       with self.timings.phase(name):
         results["methods"][name] = self.run_method(name, first, run_dir)
+        # The method's compiled programs (its step, records, evaluation at its shapes) are not needed by the next:
+        # resident memory grew by about 2 GB a method on SmolLM2 without this (docs/performance.md).
+        runs.release_memory(compiled=True)
     results["timings"] = self.timings
     results["memory"] = {**self.timings.memory, "end": runs.memory_now()}
     return results

@@ -59,6 +59,32 @@ def test_fit_trains_only_the_mask_and_is_deterministic():
   chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
 
 
+def test_fit_hands_over_its_compiled_step_without_compiling_again():
+  """on_compiled gets the step fit runs (its memory analysis: the alignment runner's peak step memory), from JAX's
+  cache: a fit with it compiles as many programs as one without."""
+  params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+  y = (x[:, 0] > 0).astype(jnp.int32)
+  loss = lambda p, b, rng=None: optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1]).mean()
+  method = continual.naive(loss, optax.adamw(0.05))
+  compiles, peaks = [], []
+  listen = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
+
+  def count(**kw):
+    jax.clear_caches()
+    before = len(compiles)
+    continual.fit(method, params, iter([{"new": (x, y)}] * 3), 3, **kw)
+    return len(compiles) - before
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    plain, handed = count(), count(on_compiled=lambda c: peaks.append(continual.peak_bytes(c)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert plain > 0 and handed == plain
+  assert len(peaks) == 1 and peaks[0] > 0
+
+
 def test_methods_losses():
   params = init_mlp(jax.random.PRNGKey(0), (3, 8, 2), jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))

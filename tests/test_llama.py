@@ -239,3 +239,21 @@ def test_lora_dpo_trains_adapters_only():
   assert len(grads) == 2 * 2 * cfg.num_hidden_layers                      # A and B of q and v in each layer
   assert all(re.search(r"self_attn/(q_proj|v_proj)/kernel/", n) for n in grads), sorted(grads)
   assert max(float(jnp.abs(g).max()) for n, g in grads.items()) > 0
+
+
+def test_remat_gives_the_same_dpo_loss_and_gradients(tmp_path):
+  """``remat`` (continual_dpo's --model.remat, fipjax.align's --gradient-checkpointing) recomputes each layer in the
+  backward pass: the same loss and gradients."""
+  from fipjax import dpo
+  _tiny_dir(tmp_path)
+  ids, mask = _left_padded()
+  seq = lambda ids: {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+                     "response_mask": jnp.asarray((np.arange(10) >= 6)[None].repeat(3, 0), jnp.int32)}
+  batch = {"chosen": seq(ids), "rejected": seq(ids[::-1])}
+  out = []
+  for remat in (False, True):
+    graphdef, params, _, _ = hub.load_llama(tmp_path, remat=remat)
+    apply = llama.make_apply(graphdef)
+    b = {**batch, "ref_chosen": jnp.zeros(3), "ref_rejected": jnp.zeros(3)}
+    out.append(jax.jit(jax.value_and_grad(lambda p: dpo.task_loss(apply, beta=0.1)(p, b)[0]))(params))
+  chex.assert_trees_all_close(out[0], out[1], rtol=1e-6, atol=1e-7)
