@@ -107,7 +107,8 @@ PRESETS = {
         "data.text_tokens": 48, "optim.batch_size": 4, "optim.lr": 5e-5, "optim.dropout": False, "first.steps": 32,
         "stages.steps": 32, "stages.replay_batch_size": 4, "stages.buffer_size": 64, "lora.targets": _LLAMA_LORA,
         "lora.optim.lr": 5e-4, "dpo.response_tokens": 24, "dpo.generate_batch_size": 64, "run.eval_batch_size": 16,
-        "run.checkpoint_every": 16, "run.record_every": 8, "run.probe_size": 16,
+        "run.checkpoint_every": 32, "run.record_every": 8, "run.probe_size": 16,   # 32: between rounds only
+        # (a mid-round checkpoint held 4 GiB more resident while written; a round is 32 steps, about 2 minutes)
         "fip.beta": 16.0,        # β chosen on validation rewards (docs/results-dpo-cpu.md)
         **_GEODESIC}),
 }

@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from fipjax import memory
+
 PyTree = Any
 _META = "meta.json"
 _STRUCTURE = "structure.pkl"
@@ -134,13 +136,16 @@ class Writer:
     """Write ``tree`` and ``meta`` as ``step_<step>``, as they are now: the arrays are copied to the host, the
     metadata to JSON, before this returns (the caller may go on changing its lists and reusing device buffers)."""
     self.wait()
-    tree, meta = jax.device_get(tree), json.loads(json.dumps(meta or {}))
+    held = [jax.device_get(tree)]      # popped by the write: freed once written
+    meta = json.loads(json.dumps(meta or {}))
 
     def write():
       try:
-        save_step(directory, step, tree, meta, keep)
+        save_step(directory, step, held.pop(), meta, keep)
       except BaseException as e:       # raised in the caller's thread by wait()
         self._error = e
+      finally:
+        memory.release()               # the host copy and orbax's own, freed: not left resident for the run
 
     self._thread = threading.Thread(target=write, name=f"checkpoint-step-{step}")
     self._thread.start()

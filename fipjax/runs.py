@@ -13,11 +13,9 @@ resumable checkpointed training, and one-paragraph errors with the exit code a s
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import errno
 import fcntl
-import gc
 import hashlib
 import importlib.metadata
 import json
@@ -33,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from fipjax import checkpoint, continual
+from fipjax import checkpoint, continual, memory
 
 PyTree = Any
 VERSION = importlib.metadata.version("fipjax")
@@ -112,19 +110,6 @@ def memory_now() -> dict[str, int]:
   return out
 
 
-def release_memory(*, compiled: bool = False) -> None:
-  """Give freed memory back to the system (glibc's ``malloc_trim``: XLA's CPU client frees buffers into the C heap,
-  which otherwise keeps them resident); with ``compiled``, first drop every compiled program JAX holds (a later call
-  compiles again, from the persistent compilation cache where there is one)."""
-  if compiled:
-    jax.clear_caches()
-    gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):         # not glibc: nothing to trim
-    pass
-
-
 class Timings(dict):
   """Wall-clock seconds by phase, flat: ``{"stage1": s, "stage1/train": s, "stage1/train/compile": s, …}``.
 
@@ -149,7 +134,7 @@ class Timings(dict):
       self._open.pop()
       self[key] = self.get(key, 0.0) + time.perf_counter() - t0
       self[f"{key}/compile"] = self.get(f"{key}/compile", 0.0) + compile_seconds() - c0
-      release_memory()
+      memory.release()
       self.memory[key] = memory_now()
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from fipjax import checkpoint, continual, data, parallel, runs, sharding
+from fipjax import checkpoint, continual, data, memory, parallel, runs, sharding
 from fipjax import config as cf
 from fipjax import results as results_lib
 
@@ -211,8 +211,8 @@ class StageLoop:
         continue
       self.stage(name, k, state, ckpt / f"{self.stage_word}{k + 1}")
       if k < last:
-        memory = self.checkpointed_memory(state)
-        checkpoint.save(stage_dir, {"params": state.params, **({"memory": memory} if memory else {})},
+        kept = self.checkpointed_memory(state)
+        checkpoint.save(stage_dir, {"params": state.params, **({"memory": kept} if kept else {})},
                         {"log": state.log, **self.checkpoint_meta(state)}, keep_structure=True)
     state.scratch["wall_time_s"] = time.perf_counter() - t0
     result = self.result(name, state)
@@ -234,7 +234,7 @@ class StageLoop:
         results["methods"][name] = self.run_method(name, first, run_dir)
         # The method's compiled programs (its step, records, evaluation at its shapes) are not needed by the next:
         # resident memory grew by about 2 GB a method on SmolLM2 without this (docs/performance.md).
-        runs.release_memory(compiled=True)
+        memory.release(compiled=True)
     results["timings"] = self.timings
     results["memory"] = {**self.timings.memory, "end": runs.memory_now()}
     return results

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fipjax import checkpoint, report, runs
+from fipjax import checkpoint, memory, report, runs
 from fipjax import config as cf
 
 
@@ -190,17 +190,17 @@ def test_each_phase_records_the_memory_when_it_ended():
 
 
 def test_released_memory_keeps_programs_working():
-  """release_memory(compiled=True) drops JAX's compiled programs: a jitted function compiles again and gives the
+  """memory.release(compiled=True) drops JAX's compiled programs: a jitted function compiles again and gives the
   same result; freed heap memory goes back (resident memory does not grow)."""
   f = jax.jit(lambda x: jnp.sin(x) * 2)
   x = jnp.arange(4.0)
   before = np.asarray(f(x))
   assert f._cache_size() == 1
-  runs.release_memory(compiled=True)
+  memory.release(compiled=True)
   assert f._cache_size() == 0
   np.testing.assert_array_equal(np.asarray(f(x)), before)
   junk = [np.ones(1000, np.uint8) for _ in range(20000)]          # many small blocks: the C heap, not mmap
   del junk
   rss = runs.memory_now()["rss_bytes"]
-  runs.release_memory()
+  memory.release()
   assert runs.memory_now()["rss_bytes"] <= rss
