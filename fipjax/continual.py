@@ -1055,16 +1055,24 @@ def cl_metrics(r: np.ndarray) -> dict[str, float]:
 # How far the weights moved.
 
 
+# Each a single program: eager per-leaf reductions of parameters sharded over a mesh dispatch one collective each,
+# and XLA's CPU client can deadlock interleaving them (seen with FSDP on 4 host devices).
+_relative_norm = jax.jit(lambda final, ref: tu.tree_norm(tu.tree_sub(final, ref)) / tu.tree_norm(ref))
+_squared_sums = jax.jit(lambda final, ref: jax.tree.map(
+    lambda a, b: (jnp.sum((a - b).astype(jnp.float32) ** 2), jnp.sum(b.astype(jnp.float32) ** 2)), final, ref))
+
+
 def fractional_weight_change(final: PyTree, reference: PyTree) -> float:
   """``‖θ_final − θ_ref‖_F / ‖θ_ref‖_F`` over every leaf."""
-  return float(tu.tree_norm(tu.tree_sub(final, reference)) / tu.tree_norm(reference))
+  return float(_relative_norm(final, reference))
 
 
 def weight_change_by_group(final: PyTree, reference: PyTree, group: Callable[[str], str]) -> dict[str, float]:
   """Fractional weight change per group of leaves, ``group(path) -> name`` (e.g. one group per layer)."""
+  sums = jax.device_get(_squared_sums(final, reference))
   num, den = {}, {}
-  for (name, a), (_, b) in zip(tu.named_leaves(final), tu.named_leaves(reference)):
+  for (name, _), (d, r) in zip(tu.named_leaves(final), jax.tree.leaves(sums, is_leaf=lambda x: isinstance(x, tuple))):
     g = group(name)
-    num[g] = num.get(g, 0.0) + float(jnp.sum((a - b).astype(jnp.float32) ** 2))
-    den[g] = den.get(g, 0.0) + float(jnp.sum(b.astype(jnp.float32) ** 2))
+    num[g] = num.get(g, 0.0) + float(d)
+    den[g] = den.get(g, 0.0) + float(r)
   return {g: float(np.sqrt(num[g] / den[g])) if den[g] > 0 else float("nan") for g in num}
