@@ -42,6 +42,7 @@ from fipjax import continual, results as results_lib, runs
 EXPERIMENTS = {"split_digits": "experiments.split_digits", "yelp_imdb": "experiments.yelp_imdb",
                "continual_dpo": "experiments.continual_dpo", "align": "fipjax.align"}
 CACHED = ("yelp_imdb", "continual_dpo", "align")        # the experiments that take --cache-dir
+PREFERENCE_EXPERIMENTS = ("continual_dpo", "align")     # their methods are named on preferences (dpo, fip-dpo, …)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,12 +282,12 @@ def from_experiment(experiment: str, argv: Sequence[str] | None, cfg, methods: S
   command with ``--seeds`` for them) of the baselines and ``methods``, each method's registry knob at three values
   around its configured one, the command's other flags given to every run (its cache too). Written to ``out``,
   else ``runs_root/frontier-<digest of the command>`` (so that the same command resumes)."""
-  preference = experiment in ("continual_dpo", "align")
+  preference = experiment in PREFERENCE_EXPERIMENTS
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = _without(argv, {"--frontier": 0, "--method": 1, "--seed": 1, "--out": 1})
   if cache_dir is not None and "--cache-dir" not in extra:      # the command's own cache, not the sweep's
     extra += ["--cache-dir", str(cache_dir)]
-  baselines = ["dpo", "interp-dpo"] if preference else ["naive", "interp"]
+  baselines = continual.baselines(on_preferences=preference)
   sweeps = [quick_sweep(m, cfg, preference) for m in dict.fromkeys([*baselines, *methods])]
   args = [experiment, *(a for s in sweeps for a in ("--sweep", s)), "--seeds", str(cfg.seed)]
   out = out or runs_root / f"frontier-{runs.digest({'argv': args + extra})}"
@@ -303,14 +304,13 @@ def main(argv=None) -> int:
       seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
       raise runs.UsageError(f"--seeds {args.seeds!r} is not a comma-separated list of integers.") from None
-    preference = args.experiment in ("continual_dpo", "align")
+    preference = args.experiment in PREFERENCE_EXPERIMENTS
     for s in sweeps:      # a name the registry does not know fails here, before any run
       try:
         continual.parse_name(s.method, on_preferences=preference)
       except ValueError as e:
         raise runs.UsageError(f"--sweep {s.method}: {e}") from None
-    baselines = (args.baseline.split(",") if args.baseline else
-                 ["dpo", "interp-dpo"] if preference else ["naive", "interp"])
+    baselines = args.baseline.split(",") if args.baseline else continual.baselines(on_preferences=preference)
     if not any(s.method in baselines for s in sweeps):
       raise runs.UsageError(f"no --sweep runs a baseline ({', '.join(baselines)}); sweep one, or name others with "
                             "--baseline.")

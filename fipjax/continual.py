@@ -82,6 +82,8 @@ class Method:
       (features drawn from a generator with the old network's outputs on them, brain-inspired replay).
     finish: ``(model weights at the start, trained model weights) -> the weights`` :func:`fit` returns (weight
       interpolation), or None.
+    finish_reads: the :class:`MethodConfig` section that ``finish`` alone reads: the fine-tuning before it does not
+      depend on it (one fine-tuning serves a sweep of that section).
   """
 
   name: str
@@ -95,6 +97,7 @@ class Method:
   needs_replay: bool = False
   replays: str = "buffer"
   finish: Callable[[PyTree, PyTree], PyTree] | None = None
+  finish_reads: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -672,6 +675,7 @@ class MethodSpec:
     check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
       (:data:`OUTPUT_KINDS`), one sentence each.
     front: the knob its quick front sweeps (:class:`FrontKnob`), or None (one point).
+    baseline: what a practitioner tries first: a front's default comparison (:func:`baselines`).
   """
   build: Callable[[StageContext, MethodConfig, optax.GradientTransformation], Method]
   replay: str | Callable[[MethodConfig], str] = "none"
@@ -680,6 +684,7 @@ class MethodSpec:
   keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
   check: Callable[[MethodConfig, str], list[str]] = _no_problems
   front: FrontKnob | None = None
+  baseline: bool = False
 
   def replays(self, hp: MethodConfig) -> str:
     return self.replay(hp) if callable(self.replay) else self.replay
@@ -690,7 +695,8 @@ def _geodesic_replay(hp: MethodConfig) -> str:
 
 
 REGISTRY: dict[str, MethodSpec] = {
-    "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True, front=_STEPS),
+    "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True, front=_STEPS,
+                        baseline=True),
     "fip": MethodSpec(_build_fip, replay="outputs", check=_check_fip, front=FrontKnob("fip.beta", _scaled(.25, 1, 4))),
     "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic,
                                front=FrontKnob("geodesic.kappa", _scaled(.25, 1, 4))),
@@ -704,8 +710,8 @@ REGISTRY: dict[str, MethodSpec] = {
                        replay="rows", front=_BUFFER),
     "bir": MethodSpec(_build_bir, replay="generated", lora=False),
     "interp": MethodSpec(lambda ctx, hp, opt: dataclasses.replace(
-        naive(ctx.task_loss, opt), finish=lambda start, end: interpolate(hp, start, end)), first_stage_program=True,
-        front=FrontKnob("interp.alpha", lambda v: [0.25, 0.5, 0.75])),
+        naive(ctx.task_loss, opt), finish=lambda start, end: interpolate(hp, start, end), finish_reads="interp"),
+        first_stage_program=True, front=FrontKnob("interp.alpha", lambda v: [0.25, 0.5, 0.75]), baseline=True),
 }
 """``name -> MethodSpec``: adding a method is one entry (docs/extending.md)."""
 
@@ -729,6 +735,11 @@ class Name(NamedTuple):
   def __str__(self) -> str:
     parts = [LORA] * self.in_lora + [self.method] * (self.method != PLAIN) + [PREFERENCE] * self.on_preferences
     return "-".join(parts) or PLAIN
+
+
+def baselines(*, on_preferences: bool = False) -> list[str]:
+  """The registry's baselines (:attr:`MethodSpec.baseline`) by name: ``naive, interp`` or ``dpo, interp-dpo``."""
+  return [str(Name(m, False, on_preferences)) for m, spec in REGISTRY.items() if spec.baseline]
 
 
 def method_names(lora_variants: tuple[str, ...] = ("naive", "fip", "fip-geodesic"), *,

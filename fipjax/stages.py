@@ -139,7 +139,7 @@ class StageLoop:
       tuned, history, _ = go(dataclasses.replace(method, finish=None), steps_dir)
       return tuned, {"history": history, "observer": dump()}
 
-    unfinished = {k: v for k, v in cf.to_dict(self.hp).items() if k != "interp"}     # what finish alone reads
+    unfinished = {k: v for k, v in cf.to_dict(self.hp).items() if k != method.finish_reads}
     parts = {"start": self.digest(params), "data": data_key, "steps": steps, "seed": seed,
              "optim": cf.to_dict(self.optim), "stages": cf.to_dict(self.stages), "hp": unfinished, "method": name}
     tuned, meta = self.cached("tuned", parts, compute, template=start, label=f"{name}: the fine-tuning before "

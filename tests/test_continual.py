@@ -338,3 +338,9 @@ def test_the_training_step_is_compiled_once_on_a_mesh(monkeypatch, in_lora):
     method = continual.with_lora(method, lora.LoraConfig(targets=("kernel",), rank=2), jax.random.PRNGKey(3))
   continual.fit(method, params, iter([batch] * 3), 3, rng=jax.random.PRNGKey(2))
   assert len(made) == 1 and made[0]._cache_size() == 1
+
+
+def test_the_registry_names_the_baselines_and_what_interp_finish_reads():
+  assert continual.baselines() == ["naive", "interp"]
+  assert continual.baselines(on_preferences=True) == ["dpo", "interp-dpo"]
+  assert continual.REGISTRY["interp"].baseline and not continual.REGISTRY["fip"].baseline
