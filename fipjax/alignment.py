@@ -356,16 +356,10 @@ class AlignmentRunner(stages_lib.StageLoop):
   # -- training ----------------------------------------------------------------------------------------------------
 
   def _batches(self, pairs: dict, seed: int, buffers: Mapping[str, data.ReplayBuffer] | None):
+    """:meth:`batches` of the DPO pairs (the step's inputs: sequences and their stored reference log-probabilities)."""
     rows = data.Arrays({k: pairs[k] for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")},
                        np.zeros(len(pairs["ref_chosen"]), np.int32))
-
-    def start(step0):
-      for step, b in enumerate(data.train_batches(rows, self.optim.batch_size, seed, start_step=step0), start=step0):
-        batch = {"new": b}
-        if buffers is not None:
-          batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
-        yield batch
-    return start
+    return self.batches(rows, seed, buffers)
 
   def _train(self, method, params, pairs, steps, seed, ckpt_dir, buffers=None, observer=None, name="",
              on_compiled=None):

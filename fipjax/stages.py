@@ -105,6 +105,19 @@ class StageLoop:
                f"{b['max_per_device'] / 2**20:.1f} MiB on the fullest device")
     return placed
 
+  def batches(self, rows: data.Dataset, seed: int,
+              buffers: Mapping[str, Any] | None) -> Callable[[int], Iterator[dict]]:
+    """``start step -> iterator`` of training batches: ``{"new": a batch of rows}`` (:func:`fipjax.data.train_batches`,
+    keyed by ``seed``) and, with ``buffers``, ``"replay"``: step k's batch of each (a function of k alone, so a
+    resumed run sees what an uninterrupted one would)."""
+    def start(step0):
+      for step, b in enumerate(data.train_batches(rows, self.optim.batch_size, seed, start_step=step0), start=step0):
+        batch = {"new": b}
+        if buffers is not None:
+          batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
+        yield batch
+    return start
+
   def stage_steps(self, rows: int) -> int:
     """A later stage's steps over ``rows`` training rows (``--stages.steps`` or ``--stages.epochs``)."""
     return continual.num_steps(self.stages.steps, self.stages.epochs, rows, self.optim.batch_size)

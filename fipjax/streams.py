@@ -289,19 +289,10 @@ class Runner(stages_lib.StageLoop):
 
   # -- training ----------------------------------------------------------------------------------------------------
 
-  def _batches(self, task: TaskSpec, seed: int, buffers: Mapping[str, Any] | None):
-    def start(step0):
-      stream = data.train_batches(task.splits["train"], self.optim.batch_size, seed, start_step=step0)
-      for step, b in enumerate(stream, start=step0):
-        batch = {"new": b}
-        if buffers is not None:
-          batch["replay"] = {n: buf.sample(step, self.stages.replay_batch_size) for n, buf in buffers.items()}
-        yield batch
-    return start
-
   def _train(self, method, params, task, steps, seed, ckpt_dir, buffers=None, observer=None, name=""):
     return self.train(method, params,
-                      self._batches(task, seed, buffers if method.needs_replay else None), steps, seed, ckpt_dir,
+                      self.batches(task.splits["train"], seed, buffers if method.needs_replay else None), steps, seed,
+                      ckpt_dir,
                       observer, name, data_key={"task": task.name, "train": task.splits["train"].digest()})
 
   def first_stage(self, init_params: PyTree) -> tuple[PyTree, dict, tuple[list, list]]:

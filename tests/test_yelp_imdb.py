@@ -113,7 +113,7 @@ def test_naive_stage_two_is_the_first_stages_program(tmp_path, data_dir, monkeyp
   seen, train = [], streams.Runner._train
 
   def spy(self, method, params, task, steps, seed, *args, **kw):
-    seen.append((method, params, next(self._batches(task, seed, None)(0))))
+    seen.append((method, params, next(self.batches(task.splits["train"], seed, None)(0))))
     return train(self, method, params, task, steps, seed, *args, **kw)
 
   monkeypatch.setattr(streams.Runner, "_train", spy)
