@@ -228,7 +228,7 @@ class MonthlyRunner(alignment.AlignmentRunner):
       first = super().first_stage(base_params)
       self.export_fn(self.rounds[0].name, first[0])
       return first
-    self.base = base_params if self.held_out is not None else None
+    self.remember_base(base_params)
     params, memory, rows, held_out = self.resumed
     t = len(self.rounds)        # the earlier rows gain a column (None: not yet entered) for every new month
     widen = lambda v: v + [None] * (t - len(v)) if isinstance(v, list) else v

@@ -158,10 +158,14 @@ def fip_outputs(apply: Callable) -> Callable:
 
 class Policy:
   """A causal LM's sampling, reference log-probabilities, stored top-k references and held-out statistics,
-  each jitted once; ``family`` is its model family's module (:data:`fipjax.models.FAMILIES`)."""
+  each jitted once; ``family`` is its model family's module (:data:`fipjax.models.FAMILIES`). Completions are
+  sampled ``pref.generate_batch_size`` prompts at a time; the teacher-forced passes over them (reference
+  log-probabilities, top-k references) take ``score_batch_size`` sequences at a time (default the same): their
+  full-vocabulary logits are the larger array (64 pairs × 32 tokens × 49,152 at SmolLM2: 0.8 GB)."""
 
-  def __init__(self, graphdef, tokenizer, pref: PreferenceConfig, family=llama):
+  def __init__(self, graphdef, tokenizer, pref: PreferenceConfig, family=llama, score_batch_size: int | None = None):
     self.graphdef, self.apply, self.tokenizer, self.pref = graphdef, family.make_apply(graphdef), tokenizer, pref
+    self.score_batch_size = score_batch_size or pref.generate_batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     self._generate = jax.jit(lambda p, ids, m, key: family.generate(
         graphdef, p, ids, m, key, max_new_tokens=pref.response_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
@@ -171,17 +175,17 @@ class Policy:
     distance = jax.jit(lambda p, b: sequences.bhattacharyya_topk(self.apply(p, b)[:, :-1], sequences.TopK(*b["ref"])))
     self._distance = lambda p, b: (distance(p, b), sequences.response_positions(b))
 
-    def text_stats(p, base, b):
-      """Per row: summed next-token NLL, summed KL(π ‖ π_base), predicted tokens ``[B]``."""
+    def text_stats(p, b):
+      """Per row: summed next-token NLL, summed KL(π ‖ π_base) (``b["base_logprobs"]``), predicted tokens ``[B]``."""
       logits = self.apply(p, b)
       logp = jax.nn.log_softmax(logits[:, :-1], -1)
-      logq = jax.nn.log_softmax(self.apply(base, b)[:, :-1], -1)
       m = b["attention_mask"][:, 1:].astype(jnp.float32)
       nll = -common.token_logprobs(logits, b["input_ids"])
-      kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
+      kl = jnp.sum(jnp.exp(logp) * (logp - b["base_logprobs"]), -1)
       return jnp.sum(nll * m, -1), jnp.sum(kl * m, -1), jnp.sum(m, -1)
 
     self._text_stats = jax.jit(text_stats)
+    self._logprobs = jax.jit(lambda p, b: jax.nn.log_softmax(self.apply(p, b)[:, :-1], -1))
     self._pair_stats = jax.jit(lambda p, b: dpo.pair_statistics(self.apply, p, b, kind=pref.loss))
 
   def sample(self, params, prompts: Prompts, key) -> tuple[np.ndarray, np.ndarray]:
@@ -203,14 +207,13 @@ class Policy:
     pick = lambda a, b: {k: np.where(first[:, None], a[k], b[k]) for k in a}
     out = {"chosen": pick(*seqs), "rejected": pick(*seqs[::-1]),
            "reward_chosen": np.where(first, *rewards), "reward_rejected": np.where(first, *rewards[::-1])}
-    out.update(in_batches(lambda b, _: self._ref(params, b), {k: out[k] for k in ("chosen", "rejected")},
-                          self.pref.generate_batch_size))
+    out.update(self.reference_logprobs(params, out))
     return out
 
   def reference_logprobs(self, params, pairs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"ref_chosen", "ref_rejected"} [N]`` of ``params`` on pairs (the reference stored with them)."""
     rows = {k: pairs[k] for k in ("chosen", "rejected")}
-    return in_batches(lambda b, _: self._ref(params, b), rows, self.pref.generate_batch_size)
+    return in_batches(lambda b, _: self._ref(params, b), rows, self.score_batch_size)
 
   def pair_statistics(self, params, pairs: Mapping[str, Any], batch_size: int) -> dict[str, float]:
     """Over the pairs whose rewards differ (a tie prefers neither): the share whose implicit reward ranks the chosen
@@ -226,16 +229,24 @@ class Policy:
 
   def reference_topk(self, params, seqs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """The stored top-k reference of ``params`` on sequences: (ids, logprobs, log_tail) ``[N, T−1(, k)]``."""
-    return in_batches(lambda b, _: self._topk(params, b), dict(seqs), self.pref.generate_batch_size)
+    return in_batches(lambda b, _: self._topk(params, b), dict(seqs), self.score_batch_size)
 
   def mean_distance(self, params, probe: Mapping[str, Any]) -> float:
     """Mean compressed Bhattacharyya distance to the stored reference over the probe's response tokens."""
     d, m = jax.device_get(self._distance(params, probe))
     return float(np.sum(d * m) / max(np.sum(m), 1.0))
 
-  def text_statistics(self, params, base, texts: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
-    """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced)."""
-    stats = in_batches(lambda b, _: self._text_stats(params, base, b), dict(texts), batch_size)
+  def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32 (the base model's, kept
+    for KL instead of its weights: N·(T−1)·V·4 bytes, 0.22 GB for 24 texts of 48 tokens at SmolLM2's vocabulary)."""
+    return in_batches(lambda b, _: self._logprobs(params, b), dict(texts), batch_size)
+
+  def text_statistics(self, params, base_logprobs: np.ndarray, texts: Mapping[str, np.ndarray],
+                      batch_size: int) -> dict[str, float]:
+    """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced), the base model's
+    distributions given by :meth:`full_logprobs`."""
+    stats = in_batches(lambda b, _: self._text_stats(params, b), {**texts, "base_logprobs": base_logprobs},
+                       batch_size)
     nll, kl, n = (float(np.sum(s)) for s in stats)
     return {"perplexity": float(np.exp(nll / n)), "kl_to_base": kl / n}
 
@@ -298,10 +309,10 @@ class AlignmentRunner(stages_lib.StageLoop):
       if len(r.prompts["train"]) < self.stages.replay_batch_size:
         raise runs.UsageError(f"round {r.name} keeps at most {len(r.prompts['train'])} pairs for replay, fewer "
                               f"than --stages.replay-batch-size {self.stages.replay_batch_size}; lower it.")
-    self.rounds, self.held_out, self.base, self.pref = tuple(rounds), held_out_text, None, pref
+    self.rounds, self.held_out, self.base_logprobs, self.pref = tuple(rounds), held_out_text, None, pref
     self.first_method = continual.parse_name(first_method, on_preferences=True)
     self.stage_names = tuple(r.name for r in rounds)
-    self.policy = Policy(graphdef, tokenizer, pref, family)
+    self.policy = Policy(graphdef, tokenizer, pref, family, score_batch_size=self.run.eval_batch_size)
     self.task_loss = self._pair_loss()
 
   def _pair_loss(self) -> continual.TaskLoss:
@@ -350,7 +361,8 @@ class AlignmentRunner(stages_lib.StageLoop):
         for column in ("preference_accuracy", "reward_margin", "chosen_logp"):
           out[column] = [stats[r.name][column] if r.name in stats else None for r in self.rounds]
         if self.held_out is not None:
-          out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
+          out.update(self.policy.text_statistics(params, self.base_logprobs, self.held_out,
+                                                 self.run.eval_batch_size))
     return out
 
   # -- training ----------------------------------------------------------------------------------------------------
@@ -369,11 +381,12 @@ class AlignmentRunner(stages_lib.StageLoop):
 
   def first_stage(self, base_params: PyTree) -> tuple[PyTree, dict, list[dict], dict]:
     """(the policy after DPO on the first round, ``{round: training pairs}`` of the rounds learnt, the evaluation
-    rows of the base model and of that policy, ``{round: held-out pairs}``); the policy trained once per key."""
-    self.base = base_params
-    pairs = self.pairs(self.base, 0, "train")
+    rows of the base model and of that policy, ``{round: held-out pairs}``); the policy trained once per key.
+    Nothing here keeps ``base_params`` afterwards (:meth:`remember_base`)."""
+    self.remember_base(base_params)
+    pairs = self.pairs(base_params, 0, "train")
     steps = self.first_steps(len(pairs["ref_chosen"]))
-    ctx = continual.StageContext(self.task_loss, {}, self.base, None, (), self.seed)
+    ctx = continual.StageContext(self.task_loss, {}, base_params, None, (), self.seed)
     try:
       method = continual.build(self.first_method, ctx, self.hp, self.optim, steps)
     except ValueError as e:
@@ -383,15 +396,15 @@ class AlignmentRunner(stages_lib.StageLoop):
     def compute(ckpt_dir):
       runs.log(f"{name}: DPO for {steps} steps on {len(pairs['ref_chosen'])} pairs")
       with self.timings.phase("round1"):
-        params, history, _ = self._train(method, self.base, pairs, steps, self.seed, ckpt_dir, name=name)
+        params, history, _ = self._train(method, base_params, pairs, steps, self.seed, ckpt_dir, name=name)
       return params, {"history": history}
 
-    parts = {"init": self.digest(self.base) if self.cache is not None else None, "method": str(self.first_method),
+    parts = {"init": self.digest(base_params) if self.cache is not None else None, "method": str(self.first_method),
              "pairs": data.digest_arrays(*jax.tree.leaves(pairs)), "optim": cf.to_dict(self.optim),
              "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
-    params, _ = self.cached("round1", parts, compute, template=self.base, label=name)
-    held_out = {self.rounds[0].name: self.pairs(self.base, 0, "test")}
-    rows01 = [self.evaluate(self.base, {}), self.evaluate(params, held_out)]
+    params, _ = self.cached("round1", parts, compute, template=base_params, label=name)
+    held_out = {self.rounds[0].name: self.pairs(base_params, 0, "test")}
+    rows01 = [self.evaluate(base_params, {}), self.evaluate(params, held_out)]
     if any(x is not None for x in rows01[1]["reward"]):
       runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
                                               zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])
@@ -399,6 +412,12 @@ class AlignmentRunner(stages_lib.StageLoop):
     if (accuracy := rows01[1]["preference_accuracy"][0]) is not None:
       runs.log(f"round 1: preference accuracy on its test pairs {accuracy:.3f}")
     return params, {self.rounds[0].name: pairs}, rows01, held_out
+
+  def remember_base(self, base_params: PyTree) -> None:
+    """What later evaluations need of the base model: its distributions on the held-out text (KL to base), not its
+    weights, which the caller can then free (0.54 GB at SmolLM2-135M)."""
+    if self.held_out is not None:
+      self.base_logprobs = self.policy.full_logprobs(base_params, self.held_out, self.run.eval_batch_size)
 
   def describe(self) -> dict:
     return {"rewards": {r.name: r.reward_id for r in self.rounds}}

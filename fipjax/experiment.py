@@ -53,7 +53,8 @@ def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence
                    write: Callable[[pathlib.Path, dict, str], str] = report.write) -> dict:
   """Everything an experiment's command line does after parsing: check ``out`` and ``cache_dir`` (writing
   nothing), ``build()`` the stage loop and the initial parameters (loading the model and data: bad input fails
-  here), open the run directory, ``loop.run_all(methods, init, run_dir)``, write ``results.json`` (last,
+  here), open the run directory, the loop's first stage and then its methods (``run_all``, the initial parameters
+  dropped in between), write ``results.json`` (last,
   atomically), and ``write`` ``report.md`` and the figures (a :class:`fipjax.stages.StageLoop`)."""
   identity = {"config": config, "methods": list(methods)}
   runs.RunDir.check(out, identity)
@@ -64,7 +65,9 @@ def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence
   run_dir, resuming = runs.RunDir.open(pathlib.Path(out), identity)
   runs.log(f"{'resuming' if resuming else 'writing'} {out}; devices: {jax.device_count()} "
            f"({jax.devices()[0].device_kind})")
-  results = loop.run_all(methods, init_params, run_dir)
+  first = loop.first_stage(init_params)
+  del init_params          # the alignment runner keeps the base model's statistics, not its weights
+  results = loop.run_methods(methods, first, run_dir)
   results = {"config": config, "seed": loop.seed, "command": command, "versions": report.versions(), **results}
   print(write(run_dir.path, results, title))
   run_dir.finish(results)

@@ -401,11 +401,11 @@ def train(method: continual.Method, params: PyTree, batches: Callable[[int], Ite
   """
   timings = Timings() if timings is None else timings
   state, history, start = None, [], 0
-  init_state, _ = continual.init_train_state(method, params)
-  template = {"train_params": init_state.train_params, "opt_state": init_state.opt_state}
   latest = None if ckpt_dir is None else checkpoint.latest_step(ckpt_dir)
   if latest is not None:
-    tree = checkpoint.restore(latest, template)
+    template, _ = continual.init_train_state(method, params)
+    tree = checkpoint.restore(latest, {"train_params": template.train_params, "opt_state": template.opt_state})
+    del template         # not held through training: a fresh optimiser state is as large as two parameter copies
     meta = checkpoint.load_meta(latest)
     start, history = meta["step"], meta["history"]
     if observer is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -69,7 +70,7 @@ class StageLoop:
     self.seed, self.model_key, self.cache, self.progress = seed, model_key, cache, progress
     self.budget = None if stop_after is None else runs.StepBudget(stop_after)
     self.timings = runs.Timings()
-    self._digests: dict[int, tuple[PyTree, str]] = {}
+    self._digests: list[tuple[list[weakref.ref], str]] = []
     # Every device: batches split over it; parameters replicated, or split too under FSDP (--run.fsdp).
     self.mesh = sharding.fsdp_mesh() if run.fsdp else parallel.data_mesh()
     self._placed_logged = False
@@ -162,11 +163,15 @@ class StageLoop:
     return method.finish(start, tuned), meta["history"], None
 
   def digest(self, params: PyTree) -> str:
-    """The weights' digest, remembered for the last two trees (hashing 135M weights takes seconds)."""
-    if (hit := self._digests.get(id(params))) is None or hit[0] is not params:
-      hit = (params, data.digest_arrays(*map(np.asarray, jax.tree.leaves(params))))
-      self._digests = {**dict(list(self._digests.items())[-1:]), id(params): hit}
-    return hit[1]
+    """The weights' digest, remembered for the last two trees (hashing 135M weights takes seconds) by weak
+    references to their arrays: remembering a digest never keeps the weights alive."""
+    leaves = jax.tree.leaves(params)
+    for refs, value in self._digests:
+      if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+        return value
+    value = data.digest_arrays(*map(np.asarray, leaves))
+    self._digests = [*self._digests[-1:], ([weakref.ref(x) for x in leaves], value)]
+    return value
 
   def cached(self, name: str, parts: dict, compute: Callable, **kw) -> tuple[PyTree, dict]:
     """:func:`fipjax.runs.cached` in this loop's cache, keyed also by the model."""
@@ -240,7 +245,11 @@ class StageLoop:
 
   def run_all(self, methods: Sequence[str], init_params: PyTree, run_dir: runs.RunDir) -> dict:
     """The first stage (cached), then every method over the later stages: ``{"methods", …, "timings"}``."""
-    first = self.first_stage(init_params)
+    return self.run_methods(methods, self.first_stage(init_params), run_dir)
+
+  def run_methods(self, methods: Sequence[str], first, run_dir: runs.RunDir) -> dict:
+    """:meth:`run_all` after its first stage (``first``: what :meth:`first_stage` returned). A caller that drops the
+    initial parameters between the two lets them be freed where the loop keeps nothing of them."""
     results = {"kind": self.kind, "methods": {}, **self.describe()}
     for name in methods:
       with self.timings.phase(name):

@@ -95,14 +95,21 @@ def test_pairs_are_ranked_by_the_reward_and_store_the_policy_log_probabilities(p
 def test_held_out_statistics(policy):
   pol, params = policy
   texts = alignment.encode_texts(["5 6 7 8 9 10", "3 4", "11 12 13"], Tokenizer(), 6)
-  same = pol.text_statistics(params, params, texts, batch_size=2)
+  base = pol.full_logprobs(params, texts, batch_size=2)        # the base model's distributions, not its weights
+  same = pol.text_statistics(params, base, texts, batch_size=2)
   assert abs(same["kl_to_base"]) < 1e-6
   logits = pol.apply(params, texts)
   m = texts["attention_mask"][:, 1:]
   nll = -np.sum(np.asarray(llama.token_logprobs(logits, texts["input_ids"])) * m) / m.sum()
   np.testing.assert_allclose(same["perplexity"], np.exp(nll), rtol=1e-5)
   other = jax.tree.map(lambda a: a * 1.1, params)
-  assert pol.text_statistics(other, params, texts, batch_size=2)["kl_to_base"] > 1e-4
+  # KL(π ‖ π_base) per token from both models' logits in float64, independently of the stored distributions.
+  logp, logq = (np.asarray(jax.nn.log_softmax(np.asarray(pol.apply(p, texts), np.float64)[:, :-1], -1))
+                for p in (other, params))
+  kl = np.sum(np.sum(np.exp(logp) * (logp - logq), -1) * m) / m.sum()
+  got = pol.text_statistics(other, base, texts, batch_size=2)["kl_to_base"]
+  assert got > 1e-4
+  np.testing.assert_allclose(got, kl, rtol=1e-4)
 
 
 def test_fip_on_token_distributions_through_the_registry(policy):
@@ -171,6 +178,23 @@ def tiny_runner(pol, n_rounds, pref=None, **kwargs):
   return alignment.AlignmentRunner(pol.graphdef, Tokenizer(), rounds, alignment.encode_texts(texts[:4], Tokenizer(), 6),
                                    **sections.runner_args(), pref=pref or pol.pref, model_key={"tiny": 1},
                                    progress=False, **kwargs)
+
+
+def test_the_runner_keeps_the_base_models_statistics_not_its_weights(policy, tmp_path):
+  """After the first stage nothing in the runner holds the base model's weights (its held-out distributions are kept
+  for KL to base, a weak reference remembers its digest), so a caller that drops them frees them."""
+  import gc
+  import weakref
+  from fipjax import runs
+  pol, params = policy
+  runner = tiny_runner(pol, 2, cache=runs.StageCache(tmp_path / "cache"))
+  base = jax.tree.map(jnp.copy, params)
+  alive = weakref.ref(jax.tree.leaves(base)[0])
+  first = runner.first_stage(base)
+  assert first[2][1]["kl_to_base"] > 0 and first[2][0]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+  del base
+  gc.collect()
+  assert alive() is None
 
 
 def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):

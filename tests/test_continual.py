@@ -143,6 +143,26 @@ def test_callback_states_stay_valid_and_resume_twice():
     chex.assert_trees_all_close(resumed, final, rtol=1e-6, atol=1e-7)
 
 
+def test_fit_donates_its_fresh_optimiser_state_but_never_the_callers_arrays(monkeypatch):
+  """A fresh optimiser state is fit's own and is donated without a copy (AdamW's moments are two parameter copies);
+  an optimiser state that holds the caller's arrays themselves (here: the initial parameters) or one array twice is
+  copied first, so the caller's parameters stay valid and nothing is donated twice."""
+  params, batches, loss = _mlp_problem()
+  holds = optax.GradientTransformation(lambda p: (p, p), lambda u, s, p=None: (u, s))    # the params, twice
+  adam = continual.naive(loss, optax.adam(0.05))
+  for method in (adam, continual.naive(loss, optax.chain(holds, optax.adam(0.05)))):
+    calls, real_init = [], continual.init_train_state
+    monkeypatch.setattr(continual, "init_train_state", lambda *a: calls.append(real_init(*a)) or calls[-1])
+    final, _, _ = continual.fit(method, params, iter(batches), 3)
+    monkeypatch.undo()
+    fresh = [x for x in jax.tree.leaves(calls[0][0].opt_state) if x.ndim == 2]
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))          # the caller's: never donated
+    if method is adam:
+      assert all(x.is_deleted() for x in fresh)      # the moments built inside fit: donated, not copied
+    again, _, _ = continual.fit(method, params, iter(batches), 3)
+    chex.assert_trees_all_equal(final, again)
+
+
 def test_metrics_read_every_k_steps_give_the_same_run_and_states_where_asked():
   params, batches, loss = _mlp_problem()
   method = continual.naive(loss, optax.adam(0.05))

@@ -133,6 +133,8 @@ def quiet_transformers():
 
 
 def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-  """``log p(x_{t+1} | x_{≤t})`` ``[B, T-1]`` from logits ``[B, T, V]``."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(wide(logits.dtype)), -1)
-  return jnp.take_along_axis(logp, input_ids[:, 1:, None], -1)[..., 0]
+  """``log p(x_{t+1} | x_{≤t})`` ``[B, T-1]`` from logits ``[B, T, V]``: the token's logit less the log-normaliser,
+  so that no second ``[B, T-1, V]`` array (a full log-softmax) is built beside the logits."""
+  logits = logits[:, :-1].astype(wide(logits.dtype))
+  picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], -1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, -1)
