@@ -30,6 +30,7 @@ from fipjax import continual, data, dpo, runs, sequences
 from fipjax import config as cf
 from fipjax import results as results_lib
 from fipjax import stages as stages_lib
+from fipjax import tree as tu
 from fipjax.models import common, llama
 
 PyTree = Any
@@ -237,16 +238,21 @@ class Policy:
     return float(np.sum(d * m) / max(np.sum(m), 1.0))
 
   def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32 (the base model's, kept
-    for KL instead of its weights: N·(T−1)·V·4 bytes, 0.22 GB for 24 texts of 48 tokens at SmolLM2's vocabulary)."""
+    """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32."""
     return in_batches(lambda b, _: self._logprobs(params, b), dict(texts), batch_size)
 
-  def text_statistics(self, params, base_logprobs: np.ndarray, texts: Mapping[str, np.ndarray],
-                      batch_size: int) -> dict[str, float]:
-    """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced), the base model's
-    distributions given by :meth:`full_logprobs`."""
-    stats = in_batches(lambda b, _: self._text_stats(params, b), {**texts, "base_logprobs": base_logprobs},
-                       batch_size)
+  def full_logprobs_bytes(self, params, texts: Mapping[str, np.ndarray]) -> int:
+    """The bytes of :meth:`full_logprobs` (from shapes: nothing is computed)."""
+    out = jax.eval_shape(self._logprobs, params, {k: v[:1] for k, v in texts.items()})
+    return len(next(iter(texts.values()))) * out.size // out.shape[0] * out.dtype.itemsize
+
+  def text_statistics(self, params, base, texts: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced); ``base``: the base
+    model's weights, or its distributions on ``texts`` (:meth:`full_logprobs`, an array)."""
+    stored = isinstance(base, np.ndarray)
+    rows = {**texts, "base_logprobs": base} if stored else dict(texts)
+    stats = in_batches(lambda b, _: self._text_stats(params, b if stored else {
+        **b, "base_logprobs": self._logprobs(base, b)}), rows, batch_size)
     nll, kl, n = (float(np.sum(s)) for s in stats)
     return {"perplexity": float(np.exp(nll / n)), "kl_to_base": kl / n}
 
@@ -309,7 +315,7 @@ class AlignmentRunner(stages_lib.StageLoop):
       if len(r.prompts["train"]) < self.stages.replay_batch_size:
         raise runs.UsageError(f"round {r.name} keeps at most {len(r.prompts['train'])} pairs for replay, fewer "
                               f"than --stages.replay-batch-size {self.stages.replay_batch_size}; lower it.")
-    self.rounds, self.held_out, self.base_logprobs, self.pref = tuple(rounds), held_out_text, None, pref
+    self.rounds, self.held_out, self.base, self.pref = tuple(rounds), held_out_text, None, pref
     self.first_method = continual.parse_name(first_method, on_preferences=True)
     self.stage_names = tuple(r.name for r in rounds)
     self.policy = Policy(graphdef, tokenizer, pref, family, score_batch_size=self.run.eval_batch_size)
@@ -361,8 +367,7 @@ class AlignmentRunner(stages_lib.StageLoop):
         for column in ("preference_accuracy", "reward_margin", "chosen_logp"):
           out[column] = [stats[r.name][column] if r.name in stats else None for r in self.rounds]
         if self.held_out is not None:
-          out.update(self.policy.text_statistics(params, self.base_logprobs, self.held_out,
-                                                 self.run.eval_batch_size))
+          out.update(self.policy.text_statistics(params, self.base, self.held_out, self.run.eval_batch_size))
     return out
 
   # -- training ----------------------------------------------------------------------------------------------------
@@ -414,10 +419,16 @@ class AlignmentRunner(stages_lib.StageLoop):
     return params, {self.rounds[0].name: pairs}, rows01, held_out
 
   def remember_base(self, base_params: PyTree) -> None:
-    """What later evaluations need of the base model: its distributions on the held-out text (KL to base), not its
-    weights, which the caller can then free (0.54 GB at SmolLM2-135M)."""
-    if self.held_out is not None:
-      self.base_logprobs = self.policy.full_logprobs(base_params, self.held_out, self.run.eval_batch_size)
+    """What later evaluations need of the base model for KL to base on the held-out text (``self.base``): its
+    distributions there where they take fewer bytes than its weights (``N·(T−1)·V·4``: the cpu preset's 48 texts of
+    48 tokens are 0.44 GB against SmolLM2-135M's 0.54 GB), else the weights; nothing without held-out text. A
+    caller that drops its own reference to ``base_params`` then frees them, or keeps them at the same cost."""
+    if self.held_out is None:
+      self.base = None
+    elif self.policy.full_logprobs_bytes(base_params, self.held_out) < tu.tree_bytes(base_params):
+      self.base = self.policy.full_logprobs(base_params, self.held_out, self.run.eval_batch_size)
+    else:
+      self.base = base_params
 
   def describe(self) -> dict:
     return {"rewards": {r.name: r.reward_id for r in self.rounds}}
@@ -435,7 +446,7 @@ class AlignmentRunner(stages_lib.StageLoop):
                                                                          "ref_rejected")})
       rows["anchor"] = self._anchors(params, rows["chosen"], k, j)
       rows["ref"] = self.policy.reference_topk(params, rows["anchor"])
-      stored += sum(a.nbytes for a in rows["ref"])
+      stored += tu.tree_bytes(rows["ref"])
       buffers[name] = data.ReplayBuffer(data.Arrays(rows, np.zeros(len(idx), np.int32)), None, seed=self.seed + j)
       probe = min(self.run.probe_size, len(idx))
       probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["anchor"]),

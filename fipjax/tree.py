@@ -24,6 +24,11 @@ def tree_norm(a: PyTree) -> jax.Array:
   return jnp.sqrt(tree_vdot(a, a))
 
 
+def tree_bytes(a: PyTree) -> int:
+  """The bytes of a pytree's arrays."""
+  return sum(x.nbytes for x in jax.tree.leaves(a))
+
+
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(jnp.add, a, b)
 

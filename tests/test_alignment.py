@@ -110,6 +110,10 @@ def test_held_out_statistics(policy):
   got = pol.text_statistics(other, base, texts, batch_size=2)["kl_to_base"]
   assert got > 1e-4
   np.testing.assert_allclose(got, kl, rtol=1e-4)
+  # The base model given by its weights rather than its stored distributions: the same numbers.
+  from_weights = pol.text_statistics(other, params, texts, batch_size=2)
+  np.testing.assert_allclose(from_weights["kl_to_base"], got, rtol=1e-5)
+  assert pol.full_logprobs_bytes(params, texts) == base.nbytes
 
 
 def test_fip_on_token_distributions_through_the_registry(policy):
