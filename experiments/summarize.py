@@ -18,9 +18,8 @@ import pathlib
 import sys
 
 import numpy as np
-import scipy.stats
 
-from fipjax import results as results_lib
+from fipjax import fronts, results as results_lib
 
 # What fixes the months of a fipjax.align run (its results' "config" holds "rounds"): methods of a seed join a table
 # when these agree.
@@ -117,7 +116,7 @@ def interval(diffs: np.ndarray) -> str:
   n = len(diffs)
   if n < 2:
     return f"{diffs.mean():+.3f} (1 seed, no interval)" if n else "n/a"
-  half = scipy.stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n)
+  half = fronts.interval(diffs)
   return f"{diffs.mean():+.3f} [{diffs.mean() - half:+.3f}, {diffs.mean() + half:+.3f}] ({n})"
 
 
