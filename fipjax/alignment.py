@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import continual, data, dpo, runs, sequences
+from fipjax import continual, data, dpo, memory, runs, sequences
 from fipjax import config as cf
 from fipjax import results as results_lib
 from fipjax import stages as stages_lib
@@ -126,17 +126,22 @@ def pair_key(pref: PreferenceConfig) -> dict:
 # Batched, jitted calls of the policy.
 
 
-def in_batches(fn: Callable[[PyTree, int], PyTree], rows: PyTree, size: int) -> PyTree:
+def in_batches(fn: Callable[[PyTree, int], PyTree], rows: PyTree, size: int, into: np.ndarray | None = None) -> PyTree:
   """``fn(batch, i)`` over ``rows`` (leaves ``[N, ...]``) in batches of ``size`` (the last one padded with its
-  first row, so one shape compiles), outputs ``[N, ...]`` concatenated on the host."""
+  first row, so one shape compiles), outputs ``[N, ...]`` concatenated on the host, or written into ``into`` (one
+  output array ``[N, ...]``, e.g. a memory map) batch by batch."""
   n = len(jax.tree.leaves(rows)[0])
   outs = []
   for i, start in enumerate(range(0, n, size)):
     idx = np.arange(start, min(start + size, n))
     padded = np.concatenate([idx, np.repeat(idx[:1], size - len(idx))])
-    out = jax.device_get(fn(jax.tree.map(lambda a: a[padded], rows), i))
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out))
-  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    out = jax.tree.map(lambda a: np.asarray(a)[:len(idx)], jax.device_get(fn(jax.tree.map(lambda a: a[padded], rows),
+                                                                             i)))
+    if into is None:
+      outs.append(out)
+    else:
+      into[start:start + len(idx)] = out
+  return into if into is not None else jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 def response_sequences(prompts: Prompts, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -237,22 +242,25 @@ class Policy:
     d, m = jax.device_get(self._distance(params, probe))
     return float(np.sum(d * m) / max(np.sum(m), 1.0))
 
-  def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32."""
-    return in_batches(lambda b, _: self._logprobs(params, b), dict(texts), batch_size)
+  def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> memory.OnDisk:
+    """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32, kept on disk (read a
+    batch at a time)."""
+    stored = memory.OnDisk(self.full_logprobs_shape(params, texts), np.float32)
+    return in_batches(lambda b, _: self._logprobs(params, b), dict(texts), batch_size, into=stored)
 
-  def full_logprobs_bytes(self, params, texts: Mapping[str, np.ndarray]) -> int:
-    """The bytes of :meth:`full_logprobs` (from shapes: nothing is computed)."""
+  def full_logprobs_shape(self, params, texts: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+    """The shape of :meth:`full_logprobs` (from shapes: nothing is computed)."""
     out = jax.eval_shape(self._logprobs, params, {k: v[:1] for k, v in texts.items()})
-    return len(next(iter(texts.values()))) * out.size // out.shape[0] * out.dtype.itemsize
+    return (len(next(iter(texts.values()))), *out.shape[1:])
 
   def text_statistics(self, params, base, texts: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
     """Perplexity of ``params`` and its per-token KL(π ‖ π_base) on held-out text (teacher-forced); ``base``: the base
-    model's weights, or its distributions on ``texts`` (:meth:`full_logprobs`, an array)."""
-    stored = isinstance(base, np.ndarray)
-    rows = {**texts, "base_logprobs": base} if stored else dict(texts)
-    stats = in_batches(lambda b, _: self._text_stats(params, b if stored else {
-        **b, "base_logprobs": self._logprobs(base, b)}), rows, batch_size)
+    model's weights, or its distributions on ``texts`` (:meth:`full_logprobs`)."""
+    if isinstance(base, memory.OnDisk):
+      stats = in_batches(lambda b, _: self._text_stats(params, b), {**texts, "base_logprobs": base}, batch_size)
+    else:
+      stats = in_batches(lambda b, _: self._text_stats(params, {**b, "base_logprobs": self._logprobs(base, b)}),
+                         dict(texts), batch_size)
     nll, kl, n = (float(np.sum(s)) for s in stats)
     return {"perplexity": float(np.exp(nll / n)), "kl_to_base": kl / n}
 
@@ -409,7 +417,7 @@ class AlignmentRunner(stages_lib.StageLoop):
              "first": cf.to_dict(self.first), "pref": pair_key(self.pref), "seed": self.seed}
     params, _ = self.cached("round1", parts, compute, template=base_params, label=name)
     held_out = {self.rounds[0].name: self.pairs(base_params, 0, "test")}
-    rows01 = [self.evaluate(base_params, {}), self.evaluate(params, held_out)]
+    rows01 = self._first_rows(base_params, params, held_out, parts)
     if any(x is not None for x in rows01[1]["reward"]):
       runs.log("round 1: reward " + ", ".join(f"{r.name} {a:.3f} → {b:.3f}" for r, a, b in
                                               zip(self.rounds, rows01[0]["reward"], rows01[1]["reward"])
@@ -418,14 +426,30 @@ class AlignmentRunner(stages_lib.StageLoop):
       runs.log(f"round 1: preference accuracy on its test pairs {accuracy:.3f}")
     return params, {self.rounds[0].name: pairs}, rows01, held_out
 
+  def _first_rows(self, base_params, params, held_out: Mapping[str, dict], round1_key: dict) -> list[dict]:
+    """The evaluation rows of the base model and of the round-1 policy, cached with that policy's key and everything
+    the evaluation reads: every method and run with the same key gets the same rows, and a cached round 1 never
+    samples from the base model again (its weights beside the policy's were the peak of a cached LoRA run)."""
+    key = {**round1_key, "rows": {
+        "rounds": [(r.name, r.reward_id, {s: data.digest_arrays(*p) for s, p in r.prompts.items()})
+                   for r in self.rounds],
+        "held_out_pairs": data.digest_arrays(*jax.tree.leaves(held_out)),
+        "held_out_text": None if self.held_out is None else data.digest_arrays(*jax.tree.leaves(self.held_out)),
+        "eval_samples": self.pref.eval_samples, "eval_batch_size": self.run.eval_batch_size}}
+    # orbax saves no empty tree: a one-byte marker beside the rows (the entry's meta)
+    compute = lambda _: ({"evaluated": np.ones(1, np.int8)},
+                         {"rows": [self.evaluate(base_params, {}), self.evaluate(params, held_out)]})
+    return self.cached("round1-rows", key, compute)[1]["rows"]
+
   def remember_base(self, base_params: PyTree) -> None:
     """What later evaluations need of the base model for KL to base on the held-out text (``self.base``): its
-    distributions there where they take fewer bytes than its weights (``N·(T−1)·V·4``: the cpu preset's 48 texts of
-    48 tokens are 0.44 GB against SmolLM2-135M's 0.54 GB), else the weights; nothing without held-out text. A
-    caller that drops its own reference to ``base_params`` then frees them, or keeps them at the same cost."""
+    distributions there, kept on disk and read a batch at a time by each evaluation, where they take fewer bytes
+    than its weights (``N·(T−1)·V·4``: the cpu preset's 48 texts of 48 tokens are 0.44 GB against SmolLM2-135M's
+    0.54 GB; the paper preset's 400 texts of 64 tokens would be 4.9 GB), else the weights; nothing without held-out
+    text. A caller that drops its own reference to ``base_params`` then frees them."""
     if self.held_out is None:
       self.base = None
-    elif self.policy.full_logprobs_bytes(base_params, self.held_out) < tu.tree_bytes(base_params):
+    elif (np.prod(self.policy.full_logprobs_shape(base_params, self.held_out)) * 4) < tu.tree_bytes(base_params):
       self.base = self.policy.full_logprobs(base_params, self.held_out, self.run.eval_batch_size)
     else:
       self.base = base_params

@@ -113,7 +113,8 @@ def test_held_out_statistics(policy):
   # The base model given by its weights rather than its stored distributions: the same numbers.
   from_weights = pol.text_statistics(other, params, texts, batch_size=2)
   np.testing.assert_allclose(from_weights["kl_to_base"], got, rtol=1e-5)
-  assert pol.full_logprobs_bytes(params, texts) == base.nbytes
+  assert base.shape == pol.full_logprobs_shape(params, texts) and base.dtype == np.float32
+  np.testing.assert_allclose(base[:], jax.nn.log_softmax(pol.apply(params, texts)[:, :-1], -1), atol=1e-5)
 
 
 def test_fip_on_token_distributions_through_the_registry(policy):
@@ -199,6 +200,25 @@ def test_the_runner_keeps_the_base_models_statistics_not_its_weights(policy, tmp
   del base
   gc.collect()
   assert alive() is None
+
+
+def test_the_first_stages_evaluation_rows_are_cached_with_its_policy(policy, tmp_path):
+  """A second first stage with the same cache reads the base model's and the round-1 policy's evaluation rows
+  rather than sampling again; a change the evaluation reads (more samples per prompt) evaluates anew."""
+  from fipjax import runs
+  pol, params = policy
+  cache = runs.StageCache(tmp_path / "cache")
+  first = tiny_runner(pol, 2, cache=cache).first_stage(params)
+  again = tiny_runner(pol, 2, cache=cache)
+  again.evaluate = lambda *a, **k: pytest.fail("evaluated again")
+  assert again.first_stage(params)[2] == first[2]
+  more = dataclasses.replace(pol.pref, eval_samples=2)
+  calls = []
+  other = tiny_runner(pol, 2, cache=cache, pref=more)
+  real = other.evaluate
+  other.evaluate = lambda *a, **k: calls.append(1) or real(*a, **k)
+  other.first_stage(params)
+  assert len(calls) == 2
 
 
 def test_three_rounds_resume_after_a_kill_in_the_last_round(policy, tmp_path):

@@ -132,3 +132,20 @@ MODULES = sorted("fipjax.models" + ("" if p.stem == "__init__" else f".{p.stem}"
 def test_each_module_imports_alone(module):
   done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_checkpoints_tokenizer_is_autotokenizers_without_importing_torch():
+  """The class tokenizer_config.json names, loaded alone, encodes as AutoTokenizer does; loading it imports no
+  torch (AutoTokenizer's import does wherever torch is installed: 0.2 GB resident)."""
+  from transformers import AutoTokenizer
+  d = hub.packaged_minilm_dir()
+  ours, auto = hub.load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+  assert type(ours) is type(auto)
+  texts = ["Hello World! This movie was GREAT, 10/10.", "Ünïcödé café naïve — résumé", "a " * 600]
+  encode = lambda t: t(texts, padding="max_length", truncation=True, max_length=64, return_tensors="np")
+  got, want = encode(ours), encode(auto)
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  code = ("import sys; from fipjax.models import hub; hub.load_tokenizer(hub.packaged_minilm_dir()); "
+          "print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"

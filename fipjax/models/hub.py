@@ -304,8 +304,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, offline_hint: str = _BERT
       return gguf.build_tokenizer(gguf.open_reader(path))
     except gguf.GGUFError as e:
       raise CheckpointError(str(e)) from e
-  with quiet_transformers():
-    from transformers import AutoTokenizer
   model_dir = resolve_model_dir(name_or_path, offline_hint=offline_hint)
   read_config_dict(model_dir)    # AutoTokenizer reads config.json too: a broken one is named as such, first
   if not any((model_dir / f).exists() for f in ("tokenizer.json", "vocab.txt")):
@@ -313,11 +311,29 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, offline_hint: str = _BERT
     raise CheckpointError(f"{model_dir} holds no tokenizer (tokenizer.json or vocab.txt); "
                           f"{_refetch_hint(model_dir)}.")
   try:
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return _tokenizer_class(model_dir).from_pretrained(str(model_dir))
   except ImportError:
     raise                   # a missing optional dependency, not a broken checkpoint
   except Exception as e:    # JSONDecodeError, KeyError, OSError, tokenizers' plain Exception, ...
     raise _unreadable(model_dir, "holds tokenizer files that cannot be read", e, model_dir) from e
+
+
+def _tokenizer_class(model_dir: pathlib.Path):
+  """The class ``tokenizer_config.json`` names (what AutoTokenizer picks), imported alone where transformers has it,
+  else AutoTokenizer: importing AutoTokenizer imports torch wherever torch is installed (0.2 GB resident on CPU)."""
+  try:
+    name = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):      # no or unreadable config: AutoTokenizer decides (and reports)
+    name = None
+  with quiet_transformers():
+    import transformers
+    try:
+      cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    except ImportError:        # a class whose optional dependency is missing: AutoTokenizer's message says which
+      cls = None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+      from transformers import AutoTokenizer as cls
+  return cls
 
 
 def load_llama_tokenizer(name_or_path: str | os.PathLike):
