@@ -972,9 +972,11 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   """
   method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
   if state is None:
+    existing = {id(x) for x in jax.live_arrays()}
     state, mask = init_train_state(method, model_params)
-    callers = {id(x) for x in jax.tree.leaves(model_params)}
-    owned = lambda x: id(x) not in callers       # built here, not the caller's arrays
+    # Built by this init, not an array anyone else holds (the parameters, a frozen copy, an array a method's closure
+    # keeps): an id met before is copied (a reused id costs a copy, never a wrong donation).
+    owned = lambda x: isinstance(x, jax.Array) and id(x) not in existing
   else:
     mask = None if method.trainable is None else method.trainable(state.train_params)
     owned = lambda x: False                      # the caller's state (a state resumes twice)
