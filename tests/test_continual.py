@@ -149,14 +149,17 @@ def test_fit_donates_its_fresh_optimiser_state_but_never_the_callers_arrays(monk
   copied first, so the caller's parameters stay valid and nothing is donated twice."""
   params, batches, loss = _mlp_problem()
   holds = optax.GradientTransformation(lambda p: (p, p), lambda u, s, p=None: (u, s))    # the params, twice
+  kept = jnp.ones(3)                                       # an array a closure holds, returned by init as state
+  closure = optax.GradientTransformation(lambda p: kept, lambda u, s, p=None: (u, s))
   adam = continual.naive(loss, optax.adam(0.05))
-  for method in (adam, continual.naive(loss, optax.chain(holds, optax.adam(0.05)))):
+  for method in (adam, *(continual.naive(loss, optax.chain(t, optax.adam(0.05))) for t in (holds, closure))):
     calls, real_init = [], continual.init_train_state
     monkeypatch.setattr(continual, "init_train_state", lambda *a: calls.append(real_init(*a)) or calls[-1])
     final, _, _ = continual.fit(method, params, iter(batches), 3)
     monkeypatch.undo()
     fresh = [x for x in jax.tree.leaves(calls[0][0].opt_state) if x.ndim == 2]
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))          # the caller's: never donated
+    assert not kept.is_deleted()                                             # nor an array held elsewhere
     if method is adam:
       assert all(x.is_deleted() for x in fresh)      # the moments built inside fit: donated, not copied
     again, _, _ = continual.fit(method, params, iter(batches), 3)
