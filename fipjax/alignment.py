@@ -135,8 +135,8 @@ def in_batches(fn: Callable[[PyTree, int], PyTree], rows: PyTree, size: int, int
   for i, start in enumerate(range(0, n, size)):
     idx = np.arange(start, min(start + size, n))
     padded = np.concatenate([idx, np.repeat(idx[:1], size - len(idx))])
-    out = jax.tree.map(lambda a: np.asarray(a)[:len(idx)], jax.device_get(fn(jax.tree.map(lambda a: a[padded], rows),
-                                                                             i)))
+    out = jax.device_get(fn(jax.tree.map(lambda a: a[padded], rows), i))
+    out = jax.tree.map(lambda a: np.asarray(a)[:len(idx)], out)
     if into is None:
       outs.append(out)
     else:
@@ -160,6 +160,10 @@ def fip_outputs(apply: Callable) -> Callable:
     return apply(params, seq)[:, :-1] * sequences.response_positions(seq)[..., None]
 
   return f
+
+
+FULL_LOGPROBS_DTYPE = np.float32
+"""The stored full-vocabulary log-probabilities' dtype (:meth:`Policy.full_logprobs`)."""
 
 
 class Policy:
@@ -245,7 +249,7 @@ class Policy:
   def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> memory.OnDisk:
     """log π(· | prefix) of ``params`` at every position of ``texts``: ``[N, T−1, V]`` float32, kept on disk (read a
     batch at a time)."""
-    stored = memory.OnDisk(self.full_logprobs_shape(params, texts), np.float32)
+    stored = memory.OnDisk(self.full_logprobs_shape(params, texts), FULL_LOGPROBS_DTYPE)
     return in_batches(lambda b, _: self._logprobs(params, b), dict(texts), batch_size, into=stored)
 
   def full_logprobs_shape(self, params, texts: Mapping[str, np.ndarray]) -> tuple[int, ...]:
@@ -449,7 +453,8 @@ class AlignmentRunner(stages_lib.StageLoop):
     text. A caller that drops its own reference to ``base_params`` then frees them."""
     if self.held_out is None:
       self.base = None
-    elif (np.prod(self.policy.full_logprobs_shape(base_params, self.held_out)) * 4) < tu.tree_bytes(base_params):
+    elif (np.prod(self.policy.full_logprobs_shape(base_params, self.held_out)) * np.dtype(FULL_LOGPROBS_DTYPE).itemsize
+          < tu.tree_bytes(base_params)):
       self.base = self.policy.full_logprobs(base_params, self.held_out, self.run.eval_batch_size)
     else:
       self.base = base_params

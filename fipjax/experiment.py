@@ -54,8 +54,8 @@ def run_experiment(build: Callable[[], tuple[Any, PyTree]], *, methods: Sequence
   """Everything an experiment's command line does after parsing: check ``out`` and ``cache_dir`` (writing
   nothing), ``build()`` the stage loop and the initial parameters (loading the model and data: bad input fails
   here), open the run directory, the loop's first stage and then its methods (``run_all``, the initial parameters
-  dropped in between), write ``results.json`` (last,
-  atomically), and ``write`` ``report.md`` and the figures (a :class:`fipjax.stages.StageLoop`)."""
+  dropped in between), write ``results.json`` (last, atomically), and ``write`` ``report.md`` and the figures (a
+  :class:`fipjax.stages.StageLoop`)."""
   identity = {"config": config, "methods": list(methods)}
   runs.RunDir.check(out, identity)
   if cache_dir is not None:
