@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import common, dpo as dpo_bench
-from fipjax import continual, sharding
+from fipjax import continual, precision, sharding
 from fipjax import tree as tu
 from fipjax.models import llama
 
@@ -46,6 +46,10 @@ SHAPES = {
     "llama-3.1-8b": llama.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                       head_dim=128, rope_theta=500000.0, tie_word_embeddings=False),
+    # huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/config.json: the model the CPU runs align
+    "smollm2-135m": llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                                      tie_word_embeddings=True),
     "tiny": llama.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
 }
@@ -61,12 +65,16 @@ class ScaleOptions(dpo_bench.DecoderSteps):
   old: int = common.flag(8, "earlier rounds' sequences per step (FIP's replay)")
   no_remat: bool = common.flag(False, "keep every layer's activations for the backward pass (default: each decoder "
                                "layer rematerialised, as large-model FSDP runs do)")
+  param_dtype: str = common.flag("float32", "float32, or bfloat16: the weights stored in bfloat16 with float32 master "
+                                 "weights and moments in the optimiser (fipjax.precision)")
+  dtype: str = common.flag("float32", "compute dtype: float32 or bfloat16")
 
 
-def abstract_params(cfg: llama.LlamaConfig) -> dict:
-  """The decoder's parameters as float32 shapes (nothing allocated)."""
+def abstract_params(cfg: llama.LlamaConfig, dtype=jnp.float32) -> dict:
+  """The decoder's parameters as shapes of ``dtype`` (nothing allocated)."""
   module = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                      nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 def abstract_batch(cfg: llama.LlamaConfig, opts: ScaleOptions) -> dict:
@@ -84,10 +92,12 @@ def step_bytes(cfg: llama.LlamaConfig, batch: dict, opts: ScaleOptions, devices)
   """Compile one FIP-DPO step on an FSDP mesh over ``devices``: per-device bytes (XLA's memory analysis) and the
   logical and per-device bytes of the weights and AdamW's state."""
   mesh = sharding.fsdp_mesh(devices)
-  module = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, remat=not opts.no_remat, rngs=nnx.Rngs(0)))
+  module = nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, dtype=jnp.dtype(opts.dtype), remat=not opts.no_remat,
+                                                          rngs=nnx.Rngs(0)))
   graphdef = nnx.graphdef(module)
   method = dpo_bench.methods(llama.make_apply(graphdef), opts)["fip-dpo"]
-  step, trainable, frozen, opt_state = continual.train_step(method, abstract_params(cfg), abstract=True)
+  step, trainable, frozen, opt_state = continual.train_step(
+      method, abstract_params(cfg, precision.PARAM_DTYPES[opts.param_dtype]), abstract=True)
   placed = lambda tree: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)), tree,
       sharding.param_specs(tree, sharding.RULES, mesh))        # AdamW's moments: the rules match their path ends
@@ -108,14 +118,18 @@ def step_bytes(cfg: llama.LlamaConfig, batch: dict, opts: ScaleOptions, devices)
 
 
 def run(opts: ScaleOptions) -> dict:
+  for flag, value in (("--param-dtype", opts.param_dtype), ("--dtype", opts.dtype)):
+    if value not in ("float32", "bfloat16"):
+      raise common.OptionError(f"{flag} {value}: float32 or bfloat16.")
   if jax.device_count() < 8:
     raise common.OptionError(f"benchmarks.scale needs 8 devices, this process has {jax.device_count()}: run it as "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.scale (as a module it "
                      "sets the flag itself).")
   out = {"config": {"remat": not opts.no_remat, "seq": opts.seq, "pairs": opts.pairs, "old_sequences": opts.old,
-                    "top_k": opts.top_k,
-                    "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}", "param_dtype": "float32",
-                    "optimizer": "adamw (float32 moments)"}, "shapes": {}}
+                    "top_k": opts.top_k, "device": f"{jax.devices()[0].device_kind} ×{jax.device_count()}",
+                    "param_dtype": opts.param_dtype, "dtype": opts.dtype,
+                    "optimizer": "adamw (float32 moments" + (
+                        ", float32 master weights)" if opts.param_dtype != "float32" else ")")}, "shapes": {}}
   for name in opts.shape.split(","):
     if name not in SHAPES:
       raise common.OptionError(f"--shape {name}: not one of {', '.join(SHAPES)}.")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import frontier
-from fipjax import alignment, continual, data, experiment, rewards, runs, streams
+from fipjax import alignment, continual, data, experiment, precision, rewards, runs, streams
 from fipjax import config as cf
 from fipjax import models
 from fipjax.models import llama
@@ -62,7 +62,8 @@ class ModelConfig:
   """The causal LM and its precision."""
   name: str = cf.option("HuggingFaceTB/SmolLM2-360M-Instruct",
                          "causal LM: hub id, directory, .gguf file, or 'smollm2' (the packaged SmolLM2-135M GGUF)")
-  dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)", cf.one_of(*DTYPES))
+  dtype: str = cf.option("bfloat16", "compute dtype", cf.one_of(*DTYPES))
+  param_dtype: str = cf.option("auto", precision.PARAM_DTYPE_HELP, cf.one_of(*precision.PARAM_DTYPES))
   remat: bool = cf.option(False, "recompute each decoder layer's activations in the backward pass (less memory)")
 
 
@@ -205,7 +206,8 @@ def build(cfg: Config, args):
   """(runner, the base policy's parameters): loads the model, the data and the rewards; input errors are raised
   here."""
   cache = runs.StageCache(args.cache_dir)
-  model = models.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat)
+  model = models.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat,
+                      param_dtype=precision.PARAM_DTYPES[cfg.model.param_dtype])
   runs.log(str(model.report))
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model.name {cfg.model.name} is a {model.family.__name__.split('.')[-1]} model, not a "

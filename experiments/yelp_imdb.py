@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments import frontier
 from fipjax import config as cf
-from fipjax import continual, data, experiment, runs, streams
+from fipjax import continual, data, experiment, precision, runs, streams
 from fipjax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,8 +35,9 @@ class ModelConfig:
   name: str = cf.option("bert-base-uncased", "hub id, local directory, or 'minilm' (the packaged offline BERT)")
   heads: str = cf.option("shared", "'shared': one 7-way head (Yelp 0–4, IMDB 5–6); 'per-task': one head each",
                          cf.one_of("shared", "per-task"))
-  dtype: str = cf.option("bfloat16", "compute dtype (parameters stay float32)",
+  dtype: str = cf.option("bfloat16", "compute dtype",
                          cf.one_of("float32", "bfloat16", "float64"))
+  param_dtype: str = cf.option("auto", precision.PARAM_DTYPE_HELP, cf.one_of(*precision.PARAM_DTYPES))
   remat: bool = cf.option(False, "recompute each layer's activations in the backward pass (less memory)")
 
 
@@ -132,7 +133,8 @@ def build(cfg: Config, args):
     jax.config.update("jax_enable_x64", True)
   tasks = tuple(load_tasks(cfg, models.load_tokenizer(cfg.model.name), shared))
   model = models.load(cfg.model.name, family="bert", heads={"shared": 7} if shared else {"yelp": 5, "imdb": 2},
-                      dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat, seed=cfg.seed)
+                      dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat, seed=cfg.seed,
+                      param_dtype=precision.PARAM_DTYPES[cfg.model.param_dtype])
   runs.log(str(model.report))
   graphdef, params, bert_config = model.graphdef, model.params, model.config
   if cfg.data.max_len > bert_config.max_position_embeddings:

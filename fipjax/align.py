@@ -32,7 +32,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fipjax import alignment, checkpoint, continual, experiment, export, parallel, preferences, rewards, runs, streams
+from fipjax import (alignment, checkpoint, continual, experiment, export, parallel, precision, preferences, rewards,
+                    runs, streams)
 from fipjax import config as cf
 from fipjax import models
 
@@ -137,7 +138,8 @@ def sections(cfg: AlignConfig, widths: tuple[int, int], rows_per_month: int) -> 
   optim = continual.OptimConfig(lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 batch_size=cfg.per_device_train_batch_size, dropout=False,
                                 schedule=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio,
-                                max_grad_norm=cfg.max_grad_norm, accumulation=k)
+                                max_grad_norm=cfg.max_grad_norm,
+                                gradient_accumulation_steps=k)
   steps = None if cfg.max_steps is None else cfg.max_steps * k
   hp = dataclasses.replace(
       continual.MethodConfig(), fip=continual.FipConfig(beta=cfg.fip.beta, distance=cfg.fip.distance),
@@ -192,8 +194,9 @@ def stored_policy(tree: dict, base_params) -> Any:
   return export.apply_deltas(base_params, {p: (d["a"], d["b"]) for p, d in tree["deltas"].items()})
 
 
-def load_state(path: pathlib.Path, model: str) -> tuple[Any, dict]:
-  """(the tree, the metadata) of a finished run's ``state``; a one-paragraph error for anything else."""
+def load_state(path: pathlib.Path, model: str, param_dtype: str) -> tuple[Any, dict]:
+  """(the tree, the metadata) of a finished run's ``state``; a one-paragraph error for anything else (another
+  model, or its weights stored in another dtype: a LoRA state's changes apply to the base as that run rounded it)."""
   state = pathlib.Path(path) / STATE
   if not (pathlib.Path(path) / "results.json").exists() or not checkpoint.is_complete(state):
     raise runs.UsageError(f"--resume-from {path} is not a finished fipjax.align run (no results.json and {STATE}/); "
@@ -202,6 +205,10 @@ def load_state(path: pathlib.Path, model: str) -> tuple[Any, dict]:
   if meta.get("model") != str(model):
     raise runs.UsageError(f"--resume-from {path} aligned --model {meta.get('model')!r}, not {model!r}; a later month "
                           "continues the same model: pass --model as that run did.")
+  if meta.get("param_dtype", "auto") != param_dtype:
+    raise runs.UsageError(f"--resume-from {path} stored the model's weights as --param-dtype "
+                          f"{meta.get('param_dtype', 'auto')}, not {param_dtype}; a later month continues the same "
+                          "weights: pass --param-dtype as that run did.")
   return checkpoint.restore_tree(state), meta
 
 
@@ -273,7 +280,8 @@ def parse_args(argv=None):
                  "pairs (seeded by --seed)")
   p.add_argument("--held-out-text", type=pathlib.Path, default=None, help="JSON Lines of {\"text\"}: perplexity and "
                  "per-token KL to the base model after every month")
-  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (parameters float32)")
+  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
+  p.add_argument("--param-dtype", default="auto", choices=list(precision.PARAM_DTYPES), help=precision.PARAM_DTYPE_HELP)
   p.add_argument("--cache-dir", type=pathlib.Path, default=None, help="where month 1's policy and sampled pairs "
                  "are kept for reuse (sweeps: runs of the same model, months, settings and seed share them; a "
                  "--reward is known by its spec and its file's contents); none: nothing is kept")
@@ -390,7 +398,8 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
     raise runs.UsageError(f"--pairs on-policy ranks two sampled completions by a reward, but month(s) "
                           f"{', '.join(unscored)} have none; add --reward MODULE:FUNCTION (every month) or "
                           "--reward NAME=MODULE:FUNCTION.")
-  model = models.load(args.model, dtype=DTYPES[args.dtype], remat=cfg.gradient_checkpointing)
+  model = models.load(args.model, dtype=DTYPES[args.dtype], remat=cfg.gradient_checkpointing,
+                      param_dtype=precision.PARAM_DTYPES[args.param_dtype])
   if not hasattr(model.family, "generate"):
     raise runs.UsageError(f"--model {args.model} is not a causal LM (a {model.family.__name__.split('.')[-1]} "
                           "model); fipjax.align aligns decoders: Llama, Qwen2/3, Mistral, Gemma 2/3, a .gguf file or smollm2.")
@@ -439,11 +448,13 @@ def build(cfg: AlignConfig, args, months: list[tuple[str, pathlib.Path]], resume
   exporter = (lambda month, params: None) if args.no_export else export.Exporter(
       args.out / "export", model, tokenizer, lora_targets=kw["hp"].lora.targets if parsed.in_lora else None,
       base_model_path=base_model_path(args.model))
+  weights = {"model": str(args.model), "param_dtype": args.param_dtype}
   runner = MonthlyRunner(
       model.graphdef, tokenizer, all_rounds, held_out_text(args.held_out_text, tokenizer, width[0] + width[1]),
-      family=model.family, first_method=plain, model_key={"model": str(args.model), "dtype": args.dtype},
-      cache=None if args.cache_dir is None else runs.StageCache(args.cache_dir), progress=not args.no_progress, stop_after=args.stop_after, out=args.out, resumed=first,
-      export_fn=exporter, state_meta={"model": str(args.model), "method": args.method, "width": list(width)},
+      family=model.family, first_method=plain, model_key={**weights, "dtype": args.dtype},
+      cache=None if args.cache_dir is None else runs.StageCache(args.cache_dir), progress=not args.no_progress,
+      stop_after=args.stop_after, out=args.out, resumed=first, export_fn=exporter,
+      state_meta={**weights, "method": args.method, "width": list(width)},
       lora_state=(model.params, kw["hp"].lora.targets) if parsed.in_lora else None, **kw)
   return runner, model.params
 
@@ -453,12 +464,13 @@ def main(argv=None) -> int:
   command = " ".join(["python -m fipjax.align"] + list(sys.argv[1:] if argv is None else argv))
   config = {"config": cf.to_dict(cfg), "model": str(args.model), "rounds": args.rounds,
             "resume_from": None if args.resume_from is None else str(args.resume_from),
-            "test_fraction": args.test_fraction, "dtype": args.dtype, "pairs": args.pairs, "reward": args.rewards}
+            "test_fraction": args.test_fraction, "dtype": args.dtype,
+            "param_dtype": args.param_dtype, "pairs": args.pairs, "reward": args.rewards}
 
   def run():
     if args.distributed:
       parallel.initialize_distributed()
-    resumed = None if args.resume_from is None else load_state(args.resume_from, args.model)
+    resumed = None if args.resume_from is None else load_state(args.resume_from, args.model, args.param_dtype)
     months = parse_rounds(args.rounds, [] if resumed is None else resumed[1]["rounds"])
     if not months:
       raise runs.UsageError("give at least one --round NAME=PATH (a month of preference pairs).")

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from fipjax import config as cf
 from fipjax import gem as gem_lib
-from fipjax import generative, geometry, lora, parallel, paths, sequences, si as si_lib
+from fipjax import generative, geometry, lora, parallel, paths, precision, sequences, si as si_lib
 from fipjax import tree as tu
 
 PyTree = Any
@@ -340,8 +340,8 @@ class OptimConfig:
                                   "from 0", cf.interval(0, 1))
   max_grad_norm: float | None = cf.option(None, "clip the gradient to this global norm (none: no clipping)",
                                           cf.positive)
-  accumulation: int = cf.option(1, "batches whose gradients are averaged into one optimiser step (a stage's steps "
-                                "count batches)", cf.positive)
+  gradient_accumulation_steps: int = cf.option(1, "batches whose gradients are averaged into one optimiser step "
+                                               "(a stage's steps count batches; TRL's name)", cf.positive)
 
 
 def learning_rate(optim: OptimConfig, steps: int | None = None) -> float | optax.Schedule:
@@ -360,8 +360,9 @@ def learning_rate(optim: OptimConfig, steps: int | None = None) -> float | optax
 
 def adamw(optim: OptimConfig, steps: int | None = None) -> optax.GradientTransformation:
   """The one optimiser builder: AdamW at ``optim``'s learning rate (its schedule over ``steps`` batches) and weight
-  decay, after clipping the gradient's norm, averaging ``optim.accumulation`` batches' gradients a step."""
-  k = optim.accumulation
+  decay, after clipping the gradient's norm, averaging ``optim.gradient_accumulation_steps`` batches' gradients a
+  step."""
+  k = optim.gradient_accumulation_steps
   opt = optax.adamw(learning_rate(optim, None if steps is None else max(steps // k, 1)),
                     weight_decay=optim.weight_decay)
   if optim.max_grad_norm is not None:
@@ -864,6 +865,7 @@ def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True)
 
   With ``donate`` the trainable parameters' and optimiser state's buffers are reused for the outputs.
   """
+  method = _float32_steps(method)
 
   def step(trainable, frozen, opt_state, batch):
     model_fn = lambda t: method.to_model(t if mask is None else tu.merge(t, mask, frozen))
@@ -886,13 +888,18 @@ def make_train_step(method: Method, mask: PyTree | None, *, donate: bool = True)
   return jax.jit(step, donate_argnums=(0, 2) if donate else ())
 
 
+def _float32_steps(method: Method) -> Method:
+  """``method`` whose optimiser takes extra arguments and keeps float32 master weights of narrow (bfloat16)
+  trainable parameters (:func:`fipjax.precision.float32_master`; unchanged for float32 ones)."""
+  return dataclasses.replace(method, optimizer=precision.float32_master(method.optimizer))
+
+
 def init_train_state(method: Method, model_params: PyTree) -> tuple[TrainState, PyTree | None]:
   """(initial state, trainable mask or None) for ``method`` starting from ``model_params``."""
   train_params = method.init(model_params)
   mask = None if method.trainable is None else method.trainable(train_params)
   trainable = train_params if mask is None else tu.select(train_params, mask)
-  optimizer = optax.with_extra_args_support(method.optimizer)
-  return TrainState(0, train_params, optimizer.init(trainable)), mask
+  return TrainState(0, train_params, _float32_steps(method).optimizer.init(trainable)), mask
 
 
 def num_steps(explicit: int | None, epochs: float, rows: int, batch_size: int) -> int:
@@ -904,7 +911,7 @@ def train_step(method: Method, model_params: PyTree, *, donate: bool = True, abs
   """(jitted step, its arguments but the batch: trainable, frozen, optimiser state) of ``method`` at
   ``model_params``: the step :func:`fit` runs. ``abstract``: the arguments as shapes (``jax.ShapeDtypeStruct``),
   for lowering without allocating a training state."""
-  method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
+  method = _float32_steps(method)
   if abstract:
     def arrays(p):
       state, _ = init_train_state(method, p)
@@ -970,7 +977,7 @@ def fit(method: Method, model_params: PyTree, batches: Iterable[Batch], num_step
   Returns:
     (final model parameters, final train state, per-step metrics as host floats).
   """
-  method = dataclasses.replace(method, optimizer=optax.with_extra_args_support(method.optimizer))
+  method = _float32_steps(method)
   if state is None:
     existing = {id(x) for x in jax.live_arrays()}
     state, mask = init_train_state(method, model_params)

@@ -2,8 +2,9 @@
 loads (``config.json``, ``model.safetensors``, the tokenizer's files with its chat template).
 
 Weights are written under Hugging Face's names (the family's ``hf_name`` map inverted: ``a/b/kernel`` →
-``a.b.weight``, kernels transposed back to torch's ``[out, in]``), in float32; a tied output head is not written
-twice. The directory appears whole: it is written under a temporary name and renamed.
+``a.b.weight``, kernels transposed back to torch's ``[out, in]``), in float32, or in bfloat16 where every floating
+parameter is bfloat16 (``--param-dtype bfloat16``: the policy that was evaluated, at half the size); a tied output
+head is not written twice. The directory appears whole: it is written under a temporary name and renamed.
 
 For LoRA methods the policy is ``W_base + Σ_k ΔW_k`` on the adapted kernels only; :func:`export_peft` writes that
 difference as a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) that
@@ -21,18 +22,26 @@ import shutil
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fipjax import tree as tu
 from fipjax.models.hub import Loaded
 
 
+def export_dtype(params: Mapping) -> np.dtype:
+  """The dtype the weights are written in: a narrow dtype (bfloat16) where every floating parameter has it, else
+  float32 (a LoRA policy's merged kernels on a bfloat16 base are float32)."""
+  dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}
+  return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).itemsize < 4 else np.dtype(np.float32)
+
+
 def hf_tensors(params: Mapping) -> dict[str, np.ndarray]:
-  """Flax parameter paths → Hugging Face tensor names and torch layouts (float32)."""
-  out = {}
+  """Flax parameter paths → Hugging Face tensor names and torch layouts (in :func:`export_dtype`)."""
+  out, dtype = {}, export_dtype(params)
   for path, value in tu.named_leaves(params):
     parts = path.split("/")
-    value = np.asarray(value, np.float32)
+    value = np.asarray(value, dtype)
     if parts[-1] == "kernel":
       value = value.T
     if parts[-1] in ("kernel", "embedding"):
@@ -123,7 +132,8 @@ def save_pretrained(out: pathlib.Path, params: Mapping, config: Mapping[str, Any
     if config.get("tie_word_embeddings"):
       tensors.pop("lm_head.weight", None)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
+    dtype = {"torch_dtype": str(export_dtype(params))} if "torch_dtype" in config else {}
+    (tmp / "config.json").write_text(json.dumps({**config, **dtype}, indent=2))
     tokenizer.save_pretrained(str(tmp))
     if also is not None:
       also(tmp)
@@ -182,12 +192,13 @@ def kernel_deltas(base_params: Mapping, params: Mapping, targets: str) -> tuple[
 
 
 def apply_deltas(base_params: Mapping, factors: Mapping[str, tuple]) -> dict:
-  """``base_params`` with each kernel of ``factors`` moved by ``(B A)ᵀ`` (summed in float64, then in its dtype)."""
+  """``base_params`` with each kernel of ``factors`` moved by ``(B A)ᵀ`` (summed in float64, then in its dtype or
+  float32 where that is wider: a bfloat16 base's merged kernels are float32, as LoRA's merge makes them)."""
   def move(path, w):
     if path not in factors:
       return w
     a, b = (np.asarray(x, np.float64) for x in factors[path])
-    return (np.asarray(w, np.float64) + a.T @ b.T).astype(np.asarray(w).dtype)
+    return (np.asarray(w, np.float64) + a.T @ b.T).astype(np.promote_types(np.asarray(w).dtype, np.float32))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(base_params)
   return jax.tree_util.tree_unflatten(treedef, [move(tu.path_str(p), w) for p, w in leaves])
 
@@ -249,14 +260,17 @@ class Exporter:
 
   With ``lora_targets`` (LoRA methods) also ``root/<name>/adapter/``, the PEFT adapter from ``model``'s parameters
   (the base) to the policy, on ``base_model_path`` (a Hugging Face directory or hub id holding exactly those
-  weights); without one (a GGUF base) the base is exported once, with the first month, as ``root/base/`` and the
-  adapters name it."""
+  weights); without one (a GGUF base), or where the base is stored narrower than float32 (``--param-dtype
+  bfloat16``: the checkpoint's weights rounded), the base is exported once, with the first month, as ``root/base/``
+  and the adapters name it."""
 
   def __init__(self, root: pathlib.Path, model: Loaded, tokenizer, *, lora_targets: str | None = None,
                base_model_path: str | None = None):
     self.root, self.tokenizer = pathlib.Path(root), tokenizer
     self.config = llama_config(model.config, tokenizer)
     self.base, self.targets, self.base_model_path = model.params, lora_targets, base_model_path
+    if export_dtype(model.params).itemsize < 4:       # the adapters were trained on the rounded weights
+      self.base_model_path = None
 
   def __call__(self, name: str, params: Mapping) -> pathlib.Path:
     if self.targets is not None and self.base_model_path is None:      # written with the first export, not before

@@ -46,7 +46,8 @@ def target_mask(params: PyTree, config: LoraConfig) -> PyTree:
 
 
 def init(params: PyTree, key: jax.Array, config: LoraConfig = LoraConfig()) -> PyTree:
-  """Adapters for ``params``: A ~ N(0, 1/d_in) (Kaiming-uniform-like scale), B = 0."""
+  """Adapters for ``params``: A ~ N(0, 1/d_in) (Kaiming-uniform-like scale), B = 0; float32 on a bfloat16 base
+  (PEFT's ``autocast_adapter_dtype``), the base's dtype otherwise."""
   mask = target_mask(params, config)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
@@ -56,7 +57,8 @@ def init(params: PyTree, key: jax.Array, config: LoraConfig = LoraConfig()) -> P
       return optax.MaskedNode()
     d_in, d_out = w.shape[0], math.prod(w.shape[1:])
     a = jax.random.normal(k, (d_in, config.rank), jnp.float32) / math.sqrt(d_in)
-    return {"a": a.astype(w.dtype), "b": jnp.zeros((config.rank, d_out), w.dtype)}
+    dtype = jnp.promote_types(w.dtype, jnp.float32)
+    return {"a": a.astype(dtype), "b": jnp.zeros((config.rank, d_out), dtype)}
 
   return jax.tree.map(make, mask, params, keys)
 
@@ -66,8 +68,10 @@ def _is_adapter(node) -> bool:
 
 
 def _delta(adapter, w, scale, feature_mask=None):
+  """``s·A·B`` shaped like ``w``, in the adapters' dtype: a float32 delta added to a bfloat16 kernel gives a
+  float32 kernel (rounding the merged kernel to bfloat16 would drop most of a small delta)."""
   a = adapter["a"] if feature_mask is None else adapter["a"] * feature_mask[:, None]
-  return (scale * (a @ adapter["b"])).reshape(w.shape).astype(w.dtype)
+  return (scale * (a @ adapter["b"])).reshape(w.shape).astype(jnp.promote_types(w.dtype, a.dtype))
 
 
 def merge(params: PyTree, adapters: PyTree, config: LoraConfig = LoraConfig(), *,

@@ -41,8 +41,10 @@ def path_integral(inner: optax.GradientTransformation) -> optax.GradientTransfor
 
 
 def recorded(opt_state) -> PyTree | None:
-  """The ``ω`` a :func:`path_integral` optimiser state holds, or None for any other state."""
-  return opt_state.omega if isinstance(opt_state, PathIntegralState) else None
+  """The ``ω`` a :func:`path_integral` optimiser state holds (at its top or inside a wrapping state), or None."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PathIntegralState))
+           if isinstance(s, PathIntegralState)]
+  return found[0].omega if found else None
 
 
 def importance(omega: PyTree, change: PyTree, *, xi: float) -> PyTree:

@@ -106,6 +106,27 @@ def test_a_killed_run_resumes_to_the_same_numbers(two_months, tmp_path):
     assert a[key] == b[key], key
 
 
+
+def test_bfloat16_weights_align_export_exactly_and_resume_only_as_bfloat16(tmp_path):
+  out = tmp_path / "bf16"
+  assert run(out, *MONTHS, "--param-dtype", "bfloat16") == 0
+  m = result(out)
+  assert np.isfinite(np.array(m["preference_accuracy_matrix"][2], dtype=float)).all()
+  assert np.isfinite(m["loss_curve"]).all()
+  # LoRA on bfloat16 weights: the base the adapters were trained on (the checkpoint rounded) is exported in bfloat16,
+  # the policy (float32 merged kernels on it) in float32: the stored policy (its changes factored exactly by SVD).
+  config = lambda d: json.loads((out / "export" / d / "config.json").read_text())["torch_dtype"]
+  assert (config("base"), config("m2")) == ("bfloat16", "float32")
+  from safetensors.numpy import load_file
+  assert {str(x.dtype) for x in load_file(out / "export" / "base" / "model.safetensors").values()} == {"bfloat16"}
+  base = models.load(out / "export" / "base").params          # widened to float32 exactly
+  stored = align.stored_policy(checkpoint.restore_tree(out / "state"), base)
+  for a, b in zip(*(jax_leaves(t) for t in (stored, models.load(out / "export" / "m2").params))):
+    np.testing.assert_allclose(a.astype(np.float32), b, rtol=0, atol=1e-6)
+  assert run(tmp_path / "m3", "--resume-from", str(out), "--round", f"m3={EXAMPLES / 'm3.jsonl'}") == 2
+  assert not (tmp_path / "m3").exists()
+
+
 REWARDS = EXAMPLES / "rewards.py"
 
 

@@ -171,4 +171,6 @@ def test_scale_benchmark_needs_eight_devices_and_known_shapes(capsys):
   from benchmarks import scale
   assert scale.main(["--shape", "tiny"]) == 2          # this process has one device: the reason, no traceback
   assert "needs 8 devices" in capsys.readouterr().err
-  assert set(scale.SHAPES) == {"llama-3.2-1b", "llama-3.1-8b", "tiny"}
+  assert scale.main(["--shape", "tiny", "--param-dtype", "float16"]) == 2
+  assert "--param-dtype float16: float32 or bfloat16" in capsys.readouterr().err
+  assert set(scale.SHAPES) == {"llama-3.2-1b", "llama-3.1-8b", "smollm2-135m", "tiny"}

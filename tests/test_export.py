@@ -121,3 +121,17 @@ def test_a_subset_of_layers_names_its_modules_in_full():
   a = adapter["tensors"]["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
   b = adapter["tensors"]["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
   np.testing.assert_allclose(b @ a, np.outer(np.arange(4), np.ones(4)).T, atol=1e-6)
+
+
+def test_bfloat16_weights_are_written_in_bfloat16_and_merged_kernels_in_float32():
+  import ml_dtypes
+  bf16 = lambda x: np.asarray(x, ml_dtypes.bfloat16)
+  base = {"model": {"embed_tokens": {"embedding": bf16(np.ones((3, 4)))},
+                    "q_proj": {"kernel": bf16(np.eye(4))}}, "steps": np.int32(3)}
+  assert export.export_dtype(base) == ml_dtypes.bfloat16
+  assert export.hf_tensors(base)["model.q_proj.weight"].dtype == ml_dtypes.bfloat16
+  a, b = np.full((1, 4), 1e-3), np.full((4, 1), 1.0)                    # a change under bfloat16's resolution at 1
+  merged = export.apply_deltas(base, {"model/q_proj/kernel": (a, b)})
+  assert merged["model"]["q_proj"]["kernel"].dtype == np.float32 and export.export_dtype(merged) == np.float32
+  np.testing.assert_allclose(merged["model"]["q_proj"]["kernel"], np.eye(4) + 1e-3, rtol=1e-6)
+  assert export.export_dtype({"w": np.ones(2, np.float64)}) == np.float32

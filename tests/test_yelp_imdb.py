@@ -148,6 +148,16 @@ def test_four_devices_give_the_same_losses(tmp_path, data_dir, all_methods):
   assert four["accuracy_matrix"] == one["accuracy_matrix"]
 
 
+
+def test_bfloat16_weights_train_the_float32_runs_curve(tmp_path, data_dir, all_methods):
+  """``--model.param-dtype bfloat16``: the weights stored in bfloat16 (float32 master weights and moments in the
+  optimiser) follow the float32 run's loss curve to bfloat16's resolution."""
+  assert _run(tmp_path, "--method", "fip", "--model.param-dtype", "bfloat16", "--data.dir", str(data_dir)) == 0
+  got = json.loads((tmp_path / "run" / "results.json").read_text())
+  want = json.loads((all_methods / "results.json").read_text())["methods"]["fip"]
+  assert got["config"]["model"]["param_dtype"] == "bfloat16"
+  np.testing.assert_allclose(got["methods"]["fip"]["loss_curve"], want["loss_curve"], rtol=0.05)
+
 @pytest.mark.slow
 def test_per_task_heads(tmp_path, data_dir):
   assert _run(tmp_path, "--method", "lora", "--model.heads", "per-task", "--data.dir", str(data_dir)) == 0

@@ -24,6 +24,7 @@ from typing import Any, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from fipjax import precision
 from fipjax.models import bert, gguf, llama
 from fipjax.models.common import CheckpointError, PyTree, quiet_transformers
 from fipjax.models.common import convert_checkpoint as _convert
@@ -234,18 +235,24 @@ def family_of(config: dict, family: str | None = None, *, where: Any = "the chec
   raise CheckpointError(f"{where}: model_type {kind!r} is not a model family fipjax loads ({known})")
 
 
-def load(name_or_path: str | os.PathLike, *, family: str | None = None, **kw) -> Loaded:
+def load(name_or_path: str | os.PathLike, *, family: str | None = None, param_dtype=None, **kw) -> Loaded:
   """Load any supported checkpoint, its family chosen from its config (:func:`family_of`).
 
   Args:
     name_or_path: ``'minilm'``, ``'smollm2'``, a ``.gguf`` file, a local Hugging Face directory or a hub id.
     family: a :data:`FAMILIES` name to insist on (``None``: from the config's ``model_type``).
+    param_dtype: the dtype the floating parameters are stored in (``None``: the compute dtype's wide dtype,
+      float32 for float32 and bfloat16 compute); bfloat16 halves them, and training keeps float32 master weights
+      (:mod:`fipjax.precision`).
     **kw: the family's ``from_checkpoint`` options: ``dtype``, ``remat``; BERT also ``heads`` (name → labels;
       None for the bare encoder), ``seed``, ``num_layers``.
 
   GGUF weights are dequantised to float32 (the quantised values exactly, not the original model's).
   """
-  return _load(name_or_path, family, _ANY_OFFLINE, **kw)
+  loaded = _load(name_or_path, family, _ANY_OFFLINE, **kw)
+  if param_dtype is None:
+    return loaded
+  return loaded._replace(params=precision.cast_floating(loaded.params, param_dtype))
 
 
 def _load(name_or_path, family: str | None, offline_hint: str, **kw) -> Loaded:

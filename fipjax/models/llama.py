@@ -471,18 +471,20 @@ class Generated(NamedTuple):
 
 def generate(graphdef, params, input_ids, attention_mask, key, *, max_new_tokens: int, eos_id: int | None,
              pad_id: int = 0, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             cache_dtype=jnp.float32) -> Generated:
+             cache_dtype=None) -> Generated:
   """Sample continuations of left-padded prompts ``[B, P]`` with a KV cache (jit-able; a row stops at
   ``eos_id``, the loop once every row has).
 
   ``greedy`` takes the argmax; otherwise tokens are drawn from softmax(logits / temperature) restricted to the
-  smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
+  smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling). The KV cache is kept in
+  ``cache_dtype`` (default: the model's compute dtype, bfloat16 halving it).
   """
   if not (0 < top_p <= 1 and temperature > 0):
     raise ValueError(f"generate needs 0 < top_p ≤ 1 and temperature > 0 (got top_p={top_p}, "
                      f"temperature={temperature}); for the most likely token pass greedy=True")
   model = nnx.merge(graphdef, params)
   b, p = input_ids.shape
+  cache_dtype = model.model.embed_tokens.dtype if cache_dtype is None else cache_dtype
   cache = KVCache.empty(model.cfg, b, p + max_new_tokens, cache_dtype)
   logits, cache = model.extend(input_ids, attention_mask, cache)
 
