@@ -192,14 +192,11 @@ def check_flags(experiment: str, extra: list[str], sweeps: list[Sweep]) -> None:
       parse([*extra, *flags, *(["--out", "frontier-check"] if "--out" not in extra else [])])
 
 
-_LORA_RANK = continual.FrontKnob("lora.rank", lambda v: sorted({max(1, v // 2), v, 2 * v}))
-
-
 def quick_sweep(name: str, cfg, on_preferences: bool) -> str:
   """``--sweep`` for method ``name`` around ``cfg``'s values: its registry knob (:class:`fipjax.continual.FrontKnob`;
   LoRA's rank for plain fine-tuning in LoRA), or one point."""
   parsed = continual.parse_name(name, on_preferences=on_preferences)
-  knob = _LORA_RANK if parsed.in_lora and parsed.method == continual.PLAIN else parsed.spec.front
+  knob = parsed.spec.front_knob(parsed.in_lora)
   value = None if knob is None else next(l.value for l in cf.leaves(cfg) if ".".join(l.flag) == knob.flag)
   if value is None:
     return name

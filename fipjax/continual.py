@@ -659,6 +659,7 @@ def _scaled(*factors: float) -> Callable[[Any], list]:
 
 _STEPS = FrontKnob("stages.steps", lambda v: sorted({max(1, v // 4), max(1, v // 2), v}))
 _BUFFER = FrontKnob("stages.buffer_size", lambda v: sorted({max(1, v // 4), v}))
+_LORA_RANK = FrontKnob("lora.rank", lambda v: sorted({max(1, v // 2), v, 2 * v}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -676,6 +677,7 @@ class MethodSpec:
     check: ``(hyperparameters, output kind) -> problems``: values it cannot run with on those old outputs
       (:data:`OUTPUT_KINDS`), one sentence each.
     front: the knob its quick front sweeps (:class:`FrontKnob`), or None (one point).
+    lora_front: the knob its LoRA form's quick front sweeps instead of ``front`` (None: ``front``).
     baseline: what a practitioner tries first: a front's default comparison (:func:`baselines`).
   """
   build: Callable[[StageContext, MethodConfig, optax.GradientTransformation], Method]
@@ -685,10 +687,15 @@ class MethodSpec:
   keeps: Callable[[PyTree, PyTree, PyTree], dict] | None = None
   check: Callable[[MethodConfig, str], list[str]] = _no_problems
   front: FrontKnob | None = None
+  lora_front: FrontKnob | None = None
   baseline: bool = False
 
   def replays(self, hp: MethodConfig) -> str:
     return self.replay(hp) if callable(self.replay) else self.replay
+
+  def front_knob(self, in_lora: bool) -> FrontKnob | None:
+    """The knob a quick front sweeps for this method, on the full model or in LoRA."""
+    return self.lora_front if in_lora and self.lora_front is not None else self.front
 
 
 def _geodesic_replay(hp: MethodConfig) -> str:
@@ -697,7 +704,7 @@ def _geodesic_replay(hp: MethodConfig) -> str:
 
 REGISTRY: dict[str, MethodSpec] = {
     "naive": MethodSpec(lambda ctx, hp, opt: naive(ctx.task_loss, opt), first_stage_program=True, front=_STEPS,
-                        baseline=True),
+                        lora_front=_LORA_RANK, baseline=True),      # plain LoRA: its rank
     "fip": MethodSpec(_build_fip, replay="outputs", check=_check_fip, front=FrontKnob("fip.beta", _scaled(.25, 1, 4))),
     "fip-geodesic": MethodSpec(_build_geodesic, replay=_geodesic_replay, check=_check_geodesic,
                                front=FrontKnob("geodesic.kappa", _scaled(.25, 1, 4))),
