@@ -138,8 +138,7 @@ def sections(cfg: AlignConfig, widths: tuple[int, int], rows_per_month: int) -> 
   optim = continual.OptimConfig(lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 batch_size=cfg.per_device_train_batch_size, dropout=False,
                                 schedule=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio,
-                                max_grad_norm=cfg.max_grad_norm,
-                                gradient_accumulation_steps=k)
+                                max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=k)
   steps = None if cfg.max_steps is None else cfg.max_steps * k
   hp = dataclasses.replace(
       continual.MethodConfig(), fip=continual.FipConfig(beta=cfg.fip.beta, distance=cfg.fip.distance),
@@ -281,7 +280,8 @@ def parse_args(argv=None):
   p.add_argument("--held-out-text", type=pathlib.Path, default=None, help="JSON Lines of {\"text\"}: perplexity and "
                  "per-token KL to the base model after every month")
   p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
-  p.add_argument("--param-dtype", default="auto", choices=list(precision.PARAM_DTYPES), help=precision.PARAM_DTYPE_HELP)
+  p.add_argument("--param-dtype", default="auto", choices=list(precision.PARAM_DTYPES),
+                 help=precision.PARAM_DTYPE_HELP)
   p.add_argument("--cache-dir", type=pathlib.Path, default=None, help="where month 1's policy and sampled pairs "
                  "are kept for reuse (sweeps: runs of the same model, months, settings and seed share them; a "
                  "--reward is known by its spec and its file's contents); none: nothing is kept")
