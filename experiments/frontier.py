@@ -9,7 +9,8 @@
 
 Each ``--sweep METHOD:KNOB=V1,V2,…`` runs the experiment (``split_digits``, ``yelp_imdb``, ``continual_dpo`` or
 ``align``, i.e. ``fipjax.align``) once per value and seed, with ``--method METHOD --KNOB V --seed S`` and the flags
-after ``--``; ``--sweep METHOD`` is one point. Runs go to ``OUT/runs/<method>/<knob>=<value>/seed<S>/`` and share
+after ``--``; ``--sweep METHOD`` is one point. A variant of a method is its own curve: ``--sweep
+"fip-dpo[dpo.anchor=policy]:fip.beta=16,64"`` adds ``--dpo.anchor policy`` to each of its runs. Runs go to ``OUT/runs/<method>/<knob>=<value>/seed<S>/`` and share
 ``OUT/cache`` (the first stage is learnt once per seed); a finished run is reused, so a sweep killed or spread over
 sittings resumes where it stopped.
 
@@ -46,34 +47,50 @@ PREFERENCE_EXPERIMENTS = ("continual_dpo", "align")     # their methods are name
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  """One method's points: ``knob`` (a dotted flag without dashes, e.g. ``fip.beta``) at each of ``values``, or one
-  point (``knob`` None)."""
+  """One curve: ``method`` run with the ``fixed`` flags (``((knob, value), …)``, a variant of the method, e.g.
+  ``fip-dpo[dpo.anchor=policy]``) and ``knob`` (a dotted flag without dashes, e.g. ``fip.beta``) at each of
+  ``values``, or one point (``knob`` None)."""
   method: str
   knob: str | None
   values: tuple[str, ...]
+  fixed: tuple[tuple[str, str], ...] = ()
 
   @classmethod
   def parse(cls, spec: str) -> "Sweep":
-    method, _, knob = spec.partition(":")
+    head, _, knob = spec.partition(":")
+    method, bracket, rest = head.partition("[")
+    fixed = ()
+    if bracket:
+      pairs = [p.strip().partition("=") for p in rest.removesuffix("]").split(",")]
+      if not rest.endswith("]") or any(not k or not sep or not v for k, sep, v in pairs):
+        raise runs.UsageError(f"--sweep {spec!r}: write a variant's fixed flags as METHOD[KNOB=V,KNOB=V] (e.g. "
+                              "fip-dpo[dpo.anchor=policy]:fip.beta=16,64).")
+      fixed = tuple((k.strip().lstrip("-"), v.strip()) for k, _, v in pairs)
     if not method:
       raise runs.UsageError(f"--sweep {spec!r} names no method; write METHOD:KNOB=V1,V2 or METHOD.")
     if not knob:
-      return cls(method, None, ("",))
+      return cls(method, None, ("",), fixed)
     name, sep, values = knob.partition("=")
     vals = tuple(v.strip() for v in values.split(",") if v.strip())
     if not sep or not name or not vals:
       raise runs.UsageError(f"--sweep {spec!r}: write METHOD:KNOB=V1,V2,… (e.g. fip:fip.beta=1,10,100).")
-    return cls(method, name.lstrip("-"), vals)
+    return cls(method, name.lstrip("-"), vals, fixed)
+
+  @property
+  def name(self) -> str:
+    """The curve's name: the method, with its fixed flags in brackets where it has any."""
+    return self.method + (f"[{','.join(f'{k}={v}' for k, v in self.fixed)}]" if self.fixed else "")
 
   def flags(self, value: str) -> list[str]:
-    return [] if self.knob is None else [f"--{self.knob.replace('_', '-')}", value]
+    knobs = [*self.fixed, *([] if self.knob is None else [(self.knob, value)])]
+    return [a for k, v in knobs for a in (f"--{k.replace('_', '-')}", v)]
 
   def label(self, value: str) -> str:
     return "default" if self.knob is None else f"{self.knob}={value}"
 
 
 def run_dir(out: pathlib.Path, sweep: Sweep, value: str, seed: int) -> pathlib.Path:
-  return out / "runs" / sweep.method / sweep.label(value) / f"seed{seed}"
+  return out / "runs" / sweep.name / sweep.label(value) / f"seed{seed}"
 
 
 def run_point(experiment: str, sweep: Sweep, value: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
@@ -83,10 +100,10 @@ def run_point(experiment: str, sweep: Sweep, value: str, seed: int, out: pathlib
     argv = [*extra, "--method", sweep.method, *sweep.flags(value), "--seed", str(seed), "--out", str(path)]
     if experiment in CACHED and "--cache-dir" not in extra:
       argv += ["--cache-dir", str(out / "cache")]
-    runs.log(f"frontier: {sweep.method} {sweep.label(value)} seed {seed}")
+    runs.log(f"frontier: {sweep.name} {sweep.label(value)} seed {seed}")
     code = importlib.import_module(EXPERIMENTS[experiment]).main(argv)
     if code != 0:
-      raise runs.UsageError(f"the run of {sweep.method} at {sweep.label(value)}, seed {seed} failed (exit {code}; "
+      raise runs.UsageError(f"the run of {sweep.name} at {sweep.label(value)}, seed {seed} failed (exit {code}; "
                             f"its message is above): python -m {EXPERIMENTS[experiment]} {' '.join(argv)}")
   return json.loads((path / "results.json").read_text())
 
@@ -116,6 +133,13 @@ def validation_scores(result: dict, method: str) -> tuple[float, float] | None:
   return float(np.mean([val[n] for n in names[:-1]])), float(val[names[-1]])
 
 
+def distances(result: dict, method: str) -> tuple[float, float] | None:
+  """(buffer, held-out) old rounds' distance to the policy entering the last round, after it (continual alignment:
+  ``old_round_distance``); None where a run did not record it."""
+  d = result["methods"][method].get("old_round_distance")
+  return (d[-1]["buffer"], d[-1]["held_out"]) if d else None
+
+
 def plot(path: pathlib.Path, points: list[dict], what: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -141,6 +165,13 @@ def table(points: list[dict], analysis: dict, seeds: list[int], command: str) ->
            "| method | knob | retention | learning |", "|---|---|---|---|"]
   lines += [f"| {p['method']} | {p['value']} | {cell(p['retention'], p['retention_ci'])} | "
             f"{cell(p['learning'], p['learning_ci'])} |" for p in points]
+  if measured := [p for p in points if "distance_buffer" in p]:
+    lines += ["", "The old rounds' token distributions after the last round: mean Bhattacharyya distance to the policy "
+              "entering it (mean over seeds), on the buffered anchor sequences and on completions to unseen test "
+              "prompts, and their ratio (how much of the buffer's hold carries to prompts no method saw):", "",
+              "| method | knob | on the buffer | on unseen prompts | unseen / buffer |", "|---|---|---|---|---|"]
+    lines += [f"| {p['method']} | {p['value']} | {p['distance_buffer']:.4f} | {p['distance_held_out']:.4f} | "
+              f"{p['distance_held_out'] / max(p['distance_buffer'], 1e-12):.2f} |" for p in measured]
   lines += ["", "Baselines' front: " + ", ".join(f"{m} {v}" for m, v in analysis["baseline_front"]), "",
             "| method | area added above the baselines' front | points a baseline point dominates |", "|---|---|---|"]
   lines += [f"| {m} | {a['area_above_baseline']:.4f} | {', '.join(a['dominated']) or 'none'} |"
@@ -166,8 +197,8 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m experiments.frontier", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("experiment", choices=sorted(EXPERIMENTS))
-  p.add_argument("--sweep", action="append", default=[], required=True, help="METHOD:KNOB=V1,V2,… or METHOD "
-                 "(repeat the flag)")
+  p.add_argument("--sweep", action="append", default=[], required=True, help="METHOD:KNOB=V1,V2,… or METHOD, "
+                 "METHOD[KNOB=V,…] for a variant with fixed flags (repeat the flag)")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
   p.add_argument("--baseline", default=None, help="comma-separated methods whose points make the baselines' front "
                  "(default naive,interp; dpo,interp-dpo for preference runs)")
@@ -255,7 +286,7 @@ def main(argv=None) -> int:
       except ValueError as e:
         raise runs.UsageError(f"--sweep {s.method}: {e}") from None
     baselines = args.baseline.split(",") if args.baseline else continual.baselines(on_preferences=preference)
-    if not any(s.method in baselines for s in sweeps):
+    if not any(s.name in baselines for s in sweeps):
       raise runs.UsageError(f"no --sweep runs a baseline ({', '.join(baselines)}); sweep one, or name others with "
                             "--baseline.")
     points, kinds = [], set()
@@ -266,12 +297,15 @@ def main(argv=None) -> int:
         ret, learn = zip(*(scores(r, s.method) for r in got))
         val = [validation_scores(r, s.method) for r in got]
         val_ret, val_learn = zip(*val) if None not in val else (None, None)
-        points.append({"method": s.method, "knob": s.knob, "value": s.label(value), "seeds": seeds,
+        dist = [distances(r, s.method) for r in got] if preference else [None]
+        points.append({"method": s.name, "knob": s.knob, "value": s.label(value), "seeds": seeds,
                        "retention_by_seed": list(ret), "learning_by_seed": list(learn),
                        "val_retention_by_seed": val_ret and list(val_ret),
                        "val_learning_by_seed": val_learn and list(val_learn),
                        "retention": float(np.mean(ret)), "learning": float(np.mean(learn)),
-                       "retention_ci": fronts.interval(ret), "learning_ci": fronts.interval(learn)})
+                       "retention_ci": fronts.interval(ret), "learning_ci": fronts.interval(learn),
+                       **({} if None in dist else {"distance_buffer": float(np.mean([d[0] for d in dist])),
+                                                   "distance_held_out": float(np.mean([d[1] for d in dist]))})})
     analysis = {**fronts.analyse(points, baselines), **fronts.choose(points, baselines)}
     what = "accuracy" if kinds == {results_lib.STREAM.kind} else "score"
     args.out.mkdir(parents=True, exist_ok=True)

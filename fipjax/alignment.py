@@ -203,6 +203,10 @@ class Policy:
     fn = lambda b, i: self._generate(params, b.input_ids, b.attention_mask, jax.random.fold_in(key, i))
     return in_batches(fn, prompts, self.pref.generate_batch_size)
 
+  def completions(self, params, prompts: Prompts, key) -> dict[str, np.ndarray]:
+    """Each prompt with one completion sampled from ``params``, as sequences (:func:`response_sequences`)."""
+    return response_sequences(prompts, *self.sample(params, prompts, key))
+
   def texts(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
     return [self.tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
 
@@ -242,8 +246,9 @@ class Policy:
     return in_batches(lambda b, _: self._topk(params, b), dict(seqs), self.score_batch_size)
 
   def mean_distance(self, params, probe: Mapping[str, Any]) -> float:
-    """Mean compressed Bhattacharyya distance to the stored reference over the probe's response tokens."""
-    d, m = jax.device_get(self._distance(params, probe))
+    """Mean compressed Bhattacharyya distance to the stored reference (``probe["ref"]``) over the probe's response
+    tokens, ``score_batch_size`` sequences at a time."""
+    d, m = in_batches(lambda b, _: self._distance(params, b), dict(probe), self.score_batch_size)
     return float(np.sum(d * m) / max(np.sum(m), 1.0))
 
   def full_logprobs(self, params, texts: Mapping[str, np.ndarray], batch_size: int) -> memory.OnDisk:
@@ -463,10 +468,10 @@ class AlignmentRunner(stages_lib.StageLoop):
     return {"rewards": {r.name: r.reward_id for r in self.rounds}}
 
   def _old_rounds(self, params, old_pairs: Mapping[str, dict], k: int):
-    """(OldTask per earlier round, its replay buffer, its drift probe, the bytes of the stored top-k references):
-    each buffer holds pairs with their own reference log-probabilities and anchor sequences (``--dpo.anchor``) with
-    the top-k distributions of ``params`` (the policy entering round k) at every position."""
-    olds, buffers, probes, stored = {}, {}, {}, 0
+    """(OldTask per earlier round, its replay buffer, its anchor sequences with their references, the bytes of the
+    stored top-k references): each buffer holds pairs with their own reference log-probabilities and anchor sequences
+    (``--dpo.anchor``) with the top-k distributions of ``params`` (the policy entering round k) at every position."""
+    olds, buffers, anchored, stored = {}, {}, {}, 0
     for j, (name, pairs) in enumerate(old_pairs.items()):
       n = len(pairs["ref_chosen"])
       idx = np.sort(np.random.default_rng([self.seed, 11 + j]).choice(n, size=min(self.stages.buffer_size, n),
@@ -477,13 +482,31 @@ class AlignmentRunner(stages_lib.StageLoop):
       rows["ref"] = self.policy.reference_topk(params, rows["anchor"])
       stored += tu.tree_bytes(rows["ref"])
       buffers[name] = data.ReplayBuffer(data.Arrays(rows, np.zeros(len(idx), np.int32)), None, seed=self.seed + j)
-      probe = min(self.run.probe_size, len(idx))
-      probes[name] = {**jax.tree.map(lambda a: a[:probe], rows["anchor"]),
-                      "ref": tuple(a[:probe] for a in rows["ref"])}
+      anchored[name] = {**rows["anchor"], "ref": rows["ref"]}
       olds[name] = continual.OldTask(
           fip_outputs(self.policy.apply), fip_outputs(self.policy.apply), self.task_loss,
           lambda m, rows=rows: jax.tree.map(lambda a: a[:m], rows), reference_distance=self._reference_distance)
-    return olds, buffers, probes, stored
+    return olds, buffers, anchored, stored
+
+  def _held_out_anchors(self, params, k: int, size: int) -> dict[str, dict]:
+    """Per earlier round: a completion sampled from ``params`` (the policy entering round k) to each of its first
+    ``size`` test prompts, with ``params``' top-k references: where the round-k change of the old rounds' token
+    distributions is measured on prompts no method trained or anchored on."""
+    out = {}
+    for j, rnd in enumerate(self.rounds[:k]):
+      prompts = Prompts(*(a[:size] for a in rnd.prompts["test"]))
+      key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + 500 + j)
+      with self.timings.phase("anchors"):
+        seqs = self.policy.completions(params, prompts, key)
+        out[rnd.name] = {**seqs, "ref": self.policy.reference_topk(params, seqs)}
+    return out
+
+  def old_round_distance(self, params, anchored: Mapping[str, dict], held_out: Mapping[str, dict]) -> dict:
+    """The mean compressed Bhattacharyya distance of ``params``' token distributions to those of the policy entering
+    the round, over the earlier rounds: on their buffered anchor sequences (``buffer``: what FIP's penalty holds) and
+    on completions to their unseen test prompts (``held_out``: whether holding the buffer generalises)."""
+    mean = lambda probes: float(np.mean([self.policy.mean_distance(params, p) for p in probes.values()]))
+    return {"buffer": mean(anchored), "held_out": mean(held_out)}
 
   def _anchors(self, params, chosen: Mapping[str, np.ndarray], k: int, j: int) -> dict[str, np.ndarray]:
     """Round j's anchor sequences entering round k: its buffered chosen sequences, or (``--dpo.anchor policy``) a
@@ -494,7 +517,7 @@ class AlignmentRunner(stages_lib.StageLoop):
     prompts = Prompts(chosen["input_ids"][:, :n], chosen["attention_mask"][:, :n])
     key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 1000 * k + 100 + j)
     with self.timings.phase("anchors"):
-      return response_sequences(prompts, *self.policy.sample(params, prompts, key))
+      return self.policy.completions(params, prompts, key)
 
   def _reference_distance(self, params, batch, distance: str) -> jax.Array:
     if distance not in sequences.DISTANCES:
@@ -521,7 +544,9 @@ class AlignmentRunner(stages_lib.StageLoop):
 
   def stage(self, name, k, state, ckpt_dir):
     rnd, pairs, log = self.rounds[k], state.scratch["pairs"], state.log
-    olds, buffers, probes, stored_bytes = self._old_rounds(state.params, state.memory, k)
+    olds, buffers, anchored, stored_bytes = self._old_rounds(state.params, state.memory, k)
+    probes = {n: jax.tree.map(lambda a: a[:self.run.probe_size], rows) for n, rows in anchored.items()}
+    held_out = self._held_out_anchors(state.params, k, max(len(r["input_ids"]) for r in anchored.values()))
     ctx = continual.StageContext(self.task_loss, olds, state.params, None, (), self.seed)
     steps = self.stage_steps(len(pairs["ref_chosen"]))
     try:
@@ -547,6 +572,7 @@ class AlignmentRunner(stages_lib.StageLoop):
     log["history"] += hist
     log["drift"] += [{**r, "round": k + 1} for r in tracker.rows]
     log["rows"].append(self.evaluate(state.params, state.scratch["held_out"]))
+    log.setdefault("distance", []).append(self.old_round_distance(state.params, anchored, held_out))
     state.memory[rnd.name] = pairs
 
   def result(self, name, state):
@@ -575,6 +601,7 @@ class AlignmentRunner(stages_lib.StageLoop):
         "loss_curve": [r["loss"] for r in log["history"]],
         **continual.solver_curves(log["history"]),
         "drift": {k_: [r[k_] for r in log["drift"]] for k_ in ("step", "distance", "new_loss")},
+        "old_round_distance": log.get("distance", []),      # after each later round (round 2 on)
     }
 
   def summary(self, name, result):
@@ -586,4 +613,10 @@ class AlignmentRunner(stages_lib.StageLoop):
     return (f"{name}: {key.replace('_matrix', '').replace('_', ' ')} after its round → after round {t}: " +
             ", ".join(f"{n} {fmt(m[j + 1][j])} → {fmt(m[-1][j])}" for j, n in enumerate(names)
                       if m[j + 1][j] is not None)
-            + ("" if kl is None else f"; KL to base {kl:.4f}") + continual.solver_summary(result))
+            + ("" if kl is None else f"; KL to base {kl:.4f}") + _distance_summary(result)
+            + continual.solver_summary(result))
+
+
+def _distance_summary(result: dict) -> str:
+  d = (result.get("old_round_distance") or [None])[-1]
+  return "" if d is None else f"; old rounds' distance buffer {d['buffer']:.4f}, held-out {d['held_out']:.4f}"

@@ -164,7 +164,9 @@ memory = XLA's memory analysis of one training step. Stored references = the byt
 token distributions (top-k ids, log-probabilities and the tail's mass at every position of the buffer's
 sequences). Time = the training loops of the later rounds. Drift = mean
 compressed Bhattacharyya distance of the old rounds' token distributions to those of the policy entering the
-round, on a probe of each buffer."""
+round, on a probe of each buffer. Old rounds' distance = the same after each later round, on every buffered anchor
+sequence and on completions (sampled from the policy entering the round) to as many of the old rounds' unseen test
+prompts."""
 
 
 def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
@@ -203,6 +205,12 @@ def write_alignment(out: pathlib.Path, results: dict, title: str) -> str:
                  f"{_fmt(m['perplexity'][-1], '.2f')} | "
                  f"{m['peak_step_memory_bytes'] / 2**20:.0f} | {m['stored_reference_bytes'] / 1024:.1f} | "
                  f"{m['train_time_s']:.0f} |")
+  if any(m.get("old_round_distance") for m in methods.values()):
+    lines += ["", "## Table 3: old rounds' distance to the policy entering each later round, buffer / unseen prompts",
+              "", "| method | " + " | ".join(f"after {i + 2}" for i in range(t - 1)) + " |", "|---" * t + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{d['buffer']:.4f} / {d['held_out']:.4f}"
+                                           for d in m.get("old_round_distance") or []) + " |"
+              for name, m in methods.items()]
   lines += [*_every_scalar(results), "", ALIGNMENT_DEFINITIONS, "",
             timings_line(results["timings"]), memory_line(results.get("memory")), "",
             "![rewards](rewards.png)", "![drift](drift.png)"]

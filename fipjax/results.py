@@ -79,6 +79,9 @@ ALIGNMENT = Schema("alignment", (
     Column("peak_step_memory_bytes", "{:.0f}", "peak memory of one training step (XLA's analysis, temporaries in)"),
     Column("stored_reference_bytes", "{:.0f}", "bytes of the stored top-k reference distributions"),
     Column("drift", None, "per record: step, old rounds' distance to the entering policy, new-round loss"),
+    Column("old_round_distance", None, "after each later round: the old rounds' mean Bhattacharyya distance to the "
+           "policy entering it, on their buffered anchors (buffer) and on completions to their test prompts "
+           "(held_out)"),
     Column("stored_state_bytes", "{:.0f}", "bytes of the stored state a later month continues from (fipjax.align)",
            optional=True),
 ))

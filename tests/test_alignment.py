@@ -268,6 +268,11 @@ def test_fip_anchors_are_the_chosen_completions_or_the_entering_policys_own(poli
     np.testing.assert_array_equal(got, want)
   assert pol.mean_distance(entering, probes["r0"]) < 1e-6 < pol.mean_distance(params, probes["r0"])
   assert stored == sum(a.nbytes for a in rows["ref"])
+  # the held-out anchors: completions sampled from the entering policy to the old round's first test prompts
+  held = runner._held_out_anchors(entering, 1, 3)["r0"]
+  test = runner.rounds[0].prompts["test"]
+  np.testing.assert_array_equal(held["input_ids"][:, :4], test.input_ids[:3])
+  assert pol.mean_distance(entering, held) < 1e-6 < pol.mean_distance(params, held)
 
 
 def test_pairs_and_the_first_round_are_cached_without_the_buffer_only_options(policy):
@@ -291,6 +296,9 @@ def test_interp_dpo_is_the_round_1_policy_at_0_and_dpo_at_1(policy, tmp_path):
   assert at0["weight_change"] == 0.0 and at0["reward_matrix"][2] == at0["reward_matrix"][1]
   assert at1["reward_matrix"] == results[1.0]["dpo"]["reward_matrix"]
   assert at1["weight_change"] == results[1.0]["dpo"]["weight_change"] > 0
+  # the old round's token distributions: unchanged at α = 0, moved by DPO on its buffer and its test prompts
+  assert max(at0["old_round_distance"][0].values()) < 1e-6
+  assert min(results[1.0]["dpo"]["old_round_distance"][0].values()) > 1e-5
 
 
 def test_evaluation_rewards_average_several_samples_a_prompt_the_first_with_the_one_sample_keys(policy):

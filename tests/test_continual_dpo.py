@@ -55,6 +55,8 @@ def test_every_method_reports(finished):
     assert set(m["validation_reward"]) == set(m["rounds"])
     assert m["peak_step_memory_bytes"] > 0 and m["weight_change"] > 0
     assert m["drift"]["step"] == [2, 4] and np.isfinite(m["loss_curve"]).all() and len(m["loss_curve"]) == 4
+    (distance,) = m["old_round_distance"]          # after round 2: its old round's, on the buffer and unseen prompts
+    assert distance["buffer"] > 0 and distance["held_out"] > 0, name
   # Every method starts round 2 from the one round-1 policy; only FIP stores token distributions.
   assert len({json.dumps(m["reward_matrix"][:2]) for m in results["methods"].values()}) == 1
   stored = {n: m["stored_reference_bytes"] for n, m in results["methods"].items()}
@@ -63,7 +65,7 @@ def test_every_method_reports(finished):
   assert results["methods"]["lora-fip-dpo"]["peak_step_memory_bytes"] < results["methods"]["dpo"][
       "peak_step_memory_bytes"]
   text = (finished / "run" / "report.md").read_text()
-  assert "Table 1" in text and "test accuracy" in text
+  assert "Table 1" in text and "test accuracy" in text and "Table 3: old rounds' distance" in text
   for f in ("rewards.png", "drift.png"):
     assert (finished / "run" / f).stat().st_size > 0
   assert not (finished / "run" / "checkpoints").exists()
