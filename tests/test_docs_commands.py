@@ -30,7 +30,8 @@ def commands() -> list[tuple[str, str, list[str]]]:
         text = re.split(r"`|\s#|\s\|", text)[0]
         if "..." in text or "…" in text:
           continue
-        words = shlex.split(text.replace("[", " ").replace("]", " "))
+        # a bracketed [--optional flag] is read without its brackets; a bracket inside a word (fip-dpo[k=v]) stays
+        words = shlex.split(re.sub(r"(?:(?<=\s)|^)\[|\](?=\s|$)", " ", text))
         words = ["1" if PLACEHOLDER.match(w) else re.sub(r"\{([^,}]*),[^}]*\}", r"\1", w) for w in words]
         out.append((f"{path.name}:{i + 1}", match.group(1), words))
   return out
